@@ -1,0 +1,125 @@
+"""The classic loop: batch -> forward -> cross-entropy -> backward -> Adam step, epoch after epoch."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnexp.data import Split
+from cnnexp.evaluate import predict, score
+from cnnexp.model import Network, to_inputs
+
+EpochCallback = Callable[[dict], None]
+BatchCallback = Callable[[int, torch.Tensor], None]
+
+
+class NonFiniteLoss(ArithmeticError):
+    """Training diverged; carries the epoch so callers can say where."""
+
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"training loss became {loss} in epoch {epoch}; try a smaller lr")
+        self.epoch = epoch
+
+
+@dataclass
+class TrainingState:
+    """Everything that determines the rest of a run: enough to checkpoint and resume it exactly."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    epoch: int = 0  # epochs completed
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+
+
+def new_training_state(lr: float, seed: int, device: torch.device) -> TrainingState:
+    torch.manual_seed(seed)  # weight init
+    model = Network().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # Shuffling draws from its own generator so evaluation or logging cannot shift the batch order.
+    generator = torch.Generator().manual_seed(seed)
+    return TrainingState(model, optimizer, generator)
+
+
+def train_epoch(
+    state: TrainingState,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    on_batch_end: BatchCallback | None = None,
+) -> tuple[float, float]:
+    """One pass over a shuffled copy of the resident split; returns mean loss and accuracy."""
+    model, optimizer = state.model, state.optimizer
+    model.train()
+    order = torch.randperm(len(labels), generator=state.generator).to(inputs.device)
+    inputs, labels = inputs[order], labels[order]
+    # Sums stay on the device so the loop never waits for a metric.
+    loss_sum = torch.zeros((), device=inputs.device)
+    correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
+    for batch, start in enumerate(range(0, len(labels), batch_size)):
+        x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        if on_batch_end is not None:
+            on_batch_end(batch, loss)
+    return loss_sum.item() / len(labels), correct.item() / len(labels)
+
+
+def fit(
+    state: TrainingState,
+    train: Split,
+    val: Split,
+    *,
+    batch_size: int,
+    epochs: int,
+    on_epoch_end: EpochCallback | None = None,
+    on_batch_end: BatchCallback | None = None,
+) -> list[dict]:
+    """Trains from state.epoch up to `epochs`; returns one metrics dict per epoch run here."""
+    device = next(state.model.parameters()).device
+    train_x, train_y = to_inputs(train.images.to(device)), train.labels.to(device)
+    val_x, val_y = to_inputs(val.images.to(device)), val.labels.to(device)
+    history = []
+    while state.epoch < epochs:
+        epoch = state.epoch + 1
+        started = time.perf_counter()
+        train_loss, train_accuracy = train_epoch(state, train_x, train_y, batch_size, on_batch_end)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(epoch, train_loss)
+        val_scores = score(predict(state.model, val_x), val_y)
+        state.epoch = epoch
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "val_loss": val_scores["loss"],
+            "val_accuracy": val_scores["accuracy"],
+            "epoch_time_s": time.perf_counter() - started,
+        }
+        history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+    return history

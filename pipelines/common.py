@@ -1,0 +1,93 @@
+"""What every entry point shares: flags generated from a config dataclass, one-line errors, run endings."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from cnnexp.config import ConfigError
+
+C = TypeVar("C")
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per dataclass field, with its default and allowed values in --help."""
+    for f in dataclasses.fields(config_class):
+        kind = {"bool": parse_bool, "int": int, "float": float}.get(str(f.type), str)
+        help_text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_text += f" (one of: {', '.join(f.metadata['choices'])})"
+        aliases = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
+        parser.add_argument(
+            *aliases,
+            dest=f.name,
+            type=kind,
+            default=f.default,
+            metavar=f.name.upper(),
+            help=f"{help_text} [default: {f.default!r}]",
+        )
+
+
+def config_from_args(config_class: type[C], args: argparse.Namespace) -> C:
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own messages name the flag already
+        raise ConfigError("arguments", message)
+
+
+def make_parser(prog: str, description: str, config_class: type) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, description=description)
+    add_config_arguments(parser, config_class)
+    parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
+    return parser
+
+
+def _raise_interrupt(signum, frame):
+    # `mlflow run` stops a script with SIGTERM; handling it like Ctrl-C lets runs end KILLED, not RUNNING.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main: Callable[[C], Any],
+                    argv: list[str] | None = None) -> int:
+    """Parses, runs main, and turns every failure into one line on stderr and a non-zero exit code."""
+    from cnnexp import tracking  # imported here so --help stays fast
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        main(config_from_args(config_class, args))
+        return 0
+    except KeyboardInterrupt as err:
+        tracking.end_pending_run("KILLED")
+        print(f"{parser.prog}: interrupted; the run is marked KILLED", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        tracking.end_pending_run("FAILED", err)
+        if verbose:
+            traceback.print_exc()
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_FAILED

@@ -1,0 +1,129 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cnnexp.config import PrepareConfig
+from cnnexp.data import DataError, load_prepared, prepare, stratified_split
+from conftest import REAL_DATA, idx_bytes, needs_real_data, write_idx_dir
+
+
+def _prepare(source, data_dir, **kwargs):
+    return prepare(PrepareConfig(source=str(source), data_dir=str(data_dir), **kwargs))
+
+
+def test_prepare_splits_checks_and_records(idx_source, tmp_path):
+    data, reused = _prepare(idx_source, tmp_path / "data")
+    assert not reused
+    counts = {name: len(split) for name, split in data.splits.items()}
+    assert counts == {"train": 360, "val": 40, "test": 100}
+    assert data.splits["train"].images.dtype == torch.uint8
+    manifest = json.loads((data.path / "manifest.json").read_text())
+    assert manifest["inputs"]["dataset"] == "fashion-mnist" and manifest["inputs"]["seed"] == 0
+    assert set(manifest["inputs"]["source_sha256"]) == {p.name for p in idx_source.iterdir()}
+    assert manifest["splits"]["val"]["per_class"] == [4] * 10  # stratified: 10% of 40 per class
+    assert manifest["classes"][0] == "T-shirt/top"
+
+
+def test_prepare_again_with_same_inputs_reuses_and_other_seed_redoes(idx_source, tmp_path):
+    first, _ = _prepare(idx_source, tmp_path / "data")
+    again, reused = _prepare(idx_source, tmp_path / "data")
+    assert reused and again.digest == first.digest
+    other, reused = _prepare(idx_source, tmp_path / "data", seed=1)
+    assert not reused and other.digest != first.digest
+
+
+def test_uncompressed_and_gzipped_files_give_the_same_data(tmp_path):
+    gz, _ = _prepare(write_idx_dir(tmp_path / "gz", gz=True), tmp_path / "a")
+    raw, _ = _prepare(write_idx_dir(tmp_path / "raw", gz=False), tmp_path / "b")
+    assert gz.digest == raw.digest
+
+
+def test_stratified_split_is_seeded_and_disjoint():
+    labels = torch.arange(1000) % 10
+    train_a, val_a = stratified_split(labels, 0.2, seed=3)
+    train_b, val_b = stratified_split(labels, 0.2, seed=3)
+    assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
+    assert len(set(train_a.tolist()) & set(val_a.tolist())) == 0
+    assert torch.bincount(labels[val_a]).tolist() == [20] * 10
+    assert not torch.equal(stratified_split(labels, 0.2, seed=4)[1], val_a)
+
+
+def _break(directory, name, data: bytes):
+    for old in directory.glob(f"{name}*"):
+        old.unlink()
+    (directory / name).write_bytes(data)
+
+
+BAD_FILES = {
+    "missing": lambda d: (d / "train-labels-idx1-ubyte.gz").unlink(),
+    "truncated": lambda d: _break(d, "train-images-idx3-ubyte", idx_bytes(np.zeros((400, 28, 28)))[:-100]),
+    "corrupt gzip": lambda d: _break(d, "t10k-images-idx3-ubyte.gz", b"\x1f\x8b\x08\x00garbage"),
+    "wrong magic": lambda d: _break(d, "train-labels-idx1-ubyte", idx_bytes(np.zeros(400), magic=2051)),
+    "wrong shape": lambda d: _break(d, "train-images-idx3-ubyte", idx_bytes(np.zeros((400, 32, 32)))),
+    "label out of range": lambda d: _break(d, "t10k-labels-idx1-ubyte", idx_bytes(np.full(100, 12))),
+    "count mismatch": lambda d: _break(d, "train-labels-idx1-ubyte", idx_bytes(np.zeros(399))),
+}
+EXPECTED_FILE = {
+    "missing": "train-labels-idx1-ubyte",
+    "truncated": "train-images-idx3-ubyte",
+    "corrupt gzip": "t10k-images-idx3-ubyte.gz",
+    "wrong magic": "train-labels-idx1-ubyte",
+    "wrong shape": "train-images-idx3-ubyte",
+    "label out of range": "t10k-labels-idx1-ubyte",
+    "count mismatch": "train-labels-idx1-ubyte",
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_source_file_is_named_and_nothing_is_left_behind(case, idx_source, tmp_path):
+    BAD_FILES[case](idx_source)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        _prepare(idx_source, data_dir)
+    message = str(err.value)
+    assert EXPECTED_FILE[case] in message and "\n" not in message
+    leftovers = [p.name for p in data_dir.iterdir() if not p.name.endswith(".lock")] if data_dir.exists() else []
+    assert leftovers == []
+
+
+def test_bad_file_does_not_destroy_earlier_prepared_data(idx_source, tmp_path):
+    good, _ = _prepare(idx_source, tmp_path / "data")
+    BAD_FILES["truncated"](idx_source)
+    with pytest.raises(DataError):
+        _prepare(idx_source, tmp_path / "data")
+    assert load_prepared(tmp_path / "data", "fashion-mnist").digest == good.digest
+
+
+def test_altered_prepared_file_is_refused(idx_source, tmp_path):
+    data, _ = _prepare(idx_source, tmp_path / "data")
+    with open(data.path / "val.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(DataError, match="altered"):
+        load_prepared(tmp_path / "data", "fashion-mnist")
+
+
+def test_failed_download_says_so_and_shows_source(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def no_network(self, *args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
+    with pytest.raises(DataError, match="download of fashion-mnist failed.*source="):
+        prepare(PrepareConfig(data_dir=str(tmp_path / "data")))
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "kmnist"])
+def test_other_torchvision_datasets_read_the_same_files(dataset, idx_source, tmp_path):
+    data, _ = _prepare(idx_source, tmp_path / "data", dataset=dataset)
+    assert data.path.name == dataset and len(data.classes) == 10
+
+
+@needs_real_data
+def test_real_fashion_mnist_sample_prepares(tmp_path):
+    data, _ = _prepare(REAL_DATA, tmp_path / "data")
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 3443
+    assert len(data.splits["test"]) == 1000

@@ -1,0 +1,80 @@
+"""End to end through `mlflow run`, as a user types it (slow: each run starts a fresh Python)."""
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnexp.data import load_prepared
+from cnnexp.evaluate import predict, score
+from cnnexp.model import to_inputs
+from conftest import REAL_DATA, REPO, needs_real_data, subprocess_env
+from pipelines import train
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_run(entry, work, **params):
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    return subprocess.run(args, cwd=work, env=subprocess_env(work), capture_output=True, text=True, timeout=600)
+
+
+def _runs(work):
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    return MlflowClient().search_runs(experiment_ids=["0"], order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
+def test_mlflow_run_prepare_then_train(dataset, tmp_path, idx_source):
+    work = tmp_path
+    data_dir = tmp_path / "data"
+    done = mlflow_run("prepare", work, source=idx_source, data_dir=data_dir, dataset=dataset)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = mlflow_run("train", work, epochs=2, batch_size=50, data_dir=data_dir, dataset=dataset)
+    assert done.returncode == 0, done.stderr[-2000:]
+    prepare_run, train_run = _runs(work)
+    assert prepare_run.info.status == train_run.info.status == "FINISHED"
+    client = MlflowClient()
+    assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 2
+    assert train_run.data.tags["data_digest"] == prepare_run.data.tags["data_digest"]
+    model = mlflow.pytorch.load_model(f"runs:/{train_run.info.run_id}/model")
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_mlflow_run_train_prepares_on_first_use(tmp_path, idx_source):
+    done = mlflow_run("train", tmp_path, epochs=1, source=idx_source, data_dir=tmp_path / "data")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"lr": -1}, "lr: must be a positive number"),
+        ({"epochs": "abc"}, "--epochs: invalid int value: 'abc'"),
+        ({"dataset": "cifar"}, "dataset: unknown value 'cifar'"),
+    ],
+)
+def test_mlflow_run_bad_parameter_fails_the_run_with_one_line(params, message, tmp_path):
+    done = mlflow_run("train", tmp_path, data_dir=tmp_path / "data", **params)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback (most recent call last)" not in done.stderr.split("=== Run")[0]
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FAILED" and message in run.data.tags["error"]
+
+
+@needs_real_data
+def test_real_sample_trains_well_above_chance(workdir):
+    assert train.cli(["--epochs", "5", "--source", str(REAL_DATA)]) == 0
+    (run,) = MlflowClient().search_runs(experiment_ids=["0"])
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    test = load_prepared("data", "fashion-mnist").splits["test"]
+    accuracy = score(predict(model, to_inputs(test.images)), test.labels)["accuracy"]
+    print(f"real-data test accuracy after 5 epochs: {accuracy:.3f}")
+    assert accuracy > 0.6  # chance is 0.1

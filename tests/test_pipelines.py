@@ -1,0 +1,88 @@
+"""The entry points in-process: what they record, and one clear line for every bad input."""
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines import cli, prepare, train
+
+
+def _runs():
+    return MlflowClient().search_runs(experiment_ids=["0"], order_by=["attributes.start_time ASC"])
+
+
+def test_prepare_logs_datasets_table_and_samples(workdir, idx_source):
+    assert prepare.cli(["--source", str(idx_source)]) == 0
+    (run,) = _runs()
+    assert run.info.status == "FINISHED"
+    assert run.data.params["dataset"] == "fashion-mnist" and run.data.tags["reused"] == "false"
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["test", "train", "val"]
+    assert all(i.dataset.digest for i in run.inputs.dataset_inputs)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"per_class_counts.json", "samples_per_class.png", "manifest.json"} <= artifacts
+    assert prepare.cli(["--source", str(idx_source)]) == 0
+    assert _runs()[1].data.tags["reused"] == "true"
+
+
+def test_train_records_params_epochs_tags_and_a_loadable_model(workdir, idx_source):
+    assert train.cli(["--epochs", "2", "--batch-size", "50", "--source", str(idx_source)]) == 0
+    (run,) = _runs()
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.01" and run.data.params["epochs"] == "2"
+    assert {"device", "torch_version", "data_digest"} <= set(run.data.tags)
+    client = MlflowClient()
+    for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2]
+    uri = f"runs:/{run.info.run_id}/model"
+    images = torch.rand(3, 1, 28, 28)
+    assert mlflow.pytorch.load_model(uri)(images).shape == (3, 10)
+    assert np.asarray(mlflow.pyfunc.load_model(uri).predict(images.numpy())).shape == (3, 10)
+    assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+BAD_TRAIN_ARGS = {
+    "lr zero": (["--lr", "0"], "lr: must be a positive number"),
+    "lr negative": (["--lr", "-1"], "lr: must be a positive number"),
+    "lr text": (["--lr", "abc"], "--lr: invalid float value: 'abc'"),
+    "batch size zero": (["--batch-size", "0"], "batch_size: must be at least 1"),
+    "epochs zero": (["--epochs", "0"], "epochs: must be at least 1"),
+    "epochs text": (["--epochs", "1.5"], "--epochs: invalid int value"),
+    "unknown dataset": (["--dataset", "cifar"], "dataset: unknown value 'cifar'"),
+    "unknown device": (["--device", "tpu"], "device: unknown device 'tpu'"),
+    "empty data_dir": (["--data-dir", " "], "data_dir: must not be empty"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_ARGS)
+def test_bad_train_parameter_gets_one_line_and_exit_2(case, workdir, capsys):
+    args, message = BAD_TRAIN_ARGS[case]
+    assert train.cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert _runs() == []  # nothing started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused_before_training(workdir, capsys):
+    assert train.cli(["--device", "cuda"]) == 2
+    assert "device: cuda was asked for but is not available" in capsys.readouterr().err
+
+
+def test_missing_source_fails_the_run_with_one_line(workdir, tmp_path, capsys):
+    assert train.cli(["--source", str(tmp_path / "nowhere")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    (run,) = _runs()
+    assert run.info.status == "FAILED" and "nowhere" in run.data.tags["error"]
+
+
+def test_verbose_shows_the_traceback(workdir, tmp_path, capsys):
+    assert train.cli(["--source", str(tmp_path / "nowhere"), "--verbose"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_cnnexp_help_lists_commands_and_unknown_command_fails(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert cli.main(["fly"]) == 2

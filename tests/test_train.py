@@ -1,0 +1,96 @@
+import sys
+import subprocess
+
+import pytest
+import torch
+
+from cnnexp.config import ConfigError
+from cnnexp.data import Split
+from cnnexp.devices import resolve_device
+from cnnexp.train import NonFiniteLoss, fit, new_training_state
+from conftest import synthetic_split
+
+CPU = torch.device("cpu")
+
+
+def _split(n, seed):
+    images, labels = synthetic_split(n, seed)
+    return Split(torch.from_numpy(images), torch.from_numpy(labels).long())
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return _split(300, 1), _split(100, 2)
+
+
+def _fit(splits, epochs=2, seed=0, **kwargs):
+    state = new_training_state(lr=0.01, seed=seed, device=CPU)
+    return state, fit(state, *splits, batch_size=50, epochs=epochs, **kwargs)
+
+
+def test_fit_returns_one_entry_per_epoch_and_learns(splits):
+    _, history = _fit(splits, epochs=3)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert set(history[0]) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(splits):
+    def without_time(history):
+        return [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in history]
+
+    a, b, c = (without_time(_fit(splits, seed=s)[1]) for s in (0, 0, 1))
+    assert a == b and a != c
+
+
+def test_callbacks_see_every_epoch_and_batch(splits):
+    epochs, batches = [], []
+    _fit(splits, on_epoch_end=epochs.append, on_batch_end=lambda i, loss: batches.append(i))
+    assert [m["epoch"] for m in epochs] == [1, 2]
+    assert batches == list(range(6)) * 2
+
+
+def test_resuming_from_a_state_dict_matches_an_uninterrupted_run(splits):
+    _, straight = _fit(splits, epochs=3)
+    first, _ = _fit(splits, epochs=1)
+    resumed = new_training_state(lr=0.01, seed=123, device=CPU)
+    resumed.load_state_dict(first.state_dict())
+    rest = fit(resumed, *splits, batch_size=50, epochs=3)
+    strip = lambda ms: [(m["epoch"], m["train_loss"], m["val_accuracy"]) for m in ms]  # noqa: E731
+    assert strip(rest) == strip(straight[1:])
+
+
+def test_nan_loss_stops_training_with_the_epoch(splits):
+    state = new_training_state(lr=0.01, seed=0, device=CPU)
+    with torch.no_grad():
+        state.model.fc1.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="epoch 1"):
+        fit(state, *splits, batch_size=50, epochs=3)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == CPU or resolve_device("auto").type == "mps"
+        with pytest.raises(ConfigError, match="device: cuda was asked for but is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device("tpu")
+
+
+def test_library_core_imports_neither_mlflow_nor_optuna():
+    code = (
+        "import sys, cnnexp.config, cnnexp.data, cnnexp.model, cnnexp.train, cnnexp.evaluate, cnnexp.plots, "
+        "cnnexp.devices; print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fit_on_cuda(splits):
+    state = new_training_state(lr=0.01, seed=0, device=torch.device("cuda"))
+    history = fit(state, *splits, batch_size=50, epochs=2)
+    assert history[-1]["val_accuracy"] > 0.3
