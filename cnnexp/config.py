@@ -87,3 +87,69 @@ def _check_nonempty(param: str, value: str) -> None:
 def _check_seed(seed: int) -> None:
     if not (0 <= seed < 2**32):
         raise ConfigError("seed", f"must be between 0 and 2**32 - 1, got {seed}")
+
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    n_trials: int = field(default=20, metadata=_help("new trials this call runs (a resumed study keeps its old ones)"))
+    timeout: float = field(default=0.0, metadata=_help("stop starting new trials after this many seconds; 0 = no limit"))
+    epochs: int = field(default=5, metadata=_help("epochs per trial"))
+    lr_min: float = field(default=1e-4, metadata=_help("smallest learning rate (sampled log-uniform)"))
+    lr_max: float = field(default=0.1, metadata=_help("largest learning rate"))
+    batch_min: int = field(default=16, metadata=_help("smallest batch size (a power of two)"))
+    batch_max: int = field(default=1024, metadata=_help("largest batch size (a power of two)"))
+    sampler: str = field(default="tpe", metadata=_help("Optuna sampler", choices=SAMPLERS))
+    pruner: str = field(default="median", metadata=_help("Optuna pruner", choices=PRUNERS))
+    storage: str = field(
+        default="optuna-journal.log",
+        metadata=_help("Optuna journal file, or any Optuna storage URL (sqlite:///..., postgresql://...)"),
+    )
+    study_name: str = field(default="cnnexp-tune", metadata=_help("study to create or resume"))
+    workers: int = field(default=1, metadata=_help("parallel worker processes sharing the study"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps; with several GPUs each worker takes one"))
+    seed: int = field(default=0, metadata=_help("weight-init and shuffling seed of every trial; sampler seed base"))
+    data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
+    dataset: str = field(default="fashion-mnist", metadata=_help("dataset to tune on", choices=DATASETS))
+    source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"))
+    retrain_best: bool = field(default=False, metadata=_help("train the best configuration again, log it and score it on test"))
+
+    def validate(self) -> None:
+        if self.n_trials < 1:
+            raise ConfigError("n_trials", f"must be at least 1, got {self.n_trials}")
+        if not (math.isfinite(self.timeout) and self.timeout >= 0):
+            raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {self.timeout}")
+        if self.epochs < 1:
+            raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
+        for name in ("lr_min", "lr_max"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(name, f"must be a positive number, got {value}")
+        if self.lr_min >= self.lr_max:
+            raise ConfigError("lr_min", f"must be below lr_max ({self.lr_max}), got {self.lr_min}")
+        for name in ("batch_min", "batch_max"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ConfigError(name, f"must be a power of two (1, 2, 4, ...), got {value}")
+        if self.batch_min > self.batch_max:
+            raise ConfigError("batch_min", f"must not exceed batch_max ({self.batch_max}), got {self.batch_min}")
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("pruner", self.pruner, PRUNERS)
+        _check_nonempty("storage", self.storage)
+        _check_nonempty("study_name", self.study_name)
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be at least 1, got {self.workers}")
+        _check_device(self.device)
+        _check_seed(self.seed)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_nonempty("data_dir", self.data_dir)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [2**k for k in range(self.batch_min.bit_length() - 1, self.batch_max.bit_length())]
+
+    def prepare_config(self) -> PrepareConfig:
+        return PrepareConfig(dataset=self.dataset, source=self.source, data_dir=self.data_dir)

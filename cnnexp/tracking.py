@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import platform
+import time
 from pathlib import Path
 from collections.abc import Iterator
 
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from cnnexp.data import PreparedData
 from cnnexp.plots import learning_curves, samples_per_class
@@ -123,12 +126,14 @@ def log_learning_curves(history: list[dict]) -> None:
     log_figure(learning_curves(history), "learning_curves.png")
 
 
-def log_model(model: torch.nn.Module, example_inputs: torch.Tensor) -> str:
+def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, pip_requirements: list[str] | None = None) -> str:
     """Logs the network; returns its URI.
 
     Pickled rather than torch.export'ed: an exported program loads as a GraphModule that refuses
     .eval() and .train(), while users of mlflow.pytorch.load_model expect the nn.Module they logged.
     code_paths ships cnnexp inside the model so it loads where cnnexp is not installed.
+    pip_requirements=None lets MLflow infer them, which runs a subprocess (seconds);
+    tuning passes fixed ones instead (see log_model_and_finish).
     """
     model = model.cpu().eval()
     example = example_inputs[:4].cpu().numpy()
@@ -136,10 +141,76 @@ def log_model(model: torch.nn.Module, example_inputs: torch.Tensor) -> str:
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     info = mlflow.pytorch.log_model(
         model, name=MODEL_NAME, signature=signature, input_example=example,
-        serialization_format="pickle", code_paths=[CODE_PATH],
+        serialization_format="pickle", code_paths=[CODE_PATH], pip_requirements=pip_requirements,
     )
     return info.model_uri
 
 
 def set_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
+
+
+# --- tuning: child runs written with the client, so several processes can log under one parent ---
+
+def active_run_ids() -> tuple[str, str]:
+    """(run id, experiment id) of the active run: what worker processes need to log children under it."""
+    info = mlflow.active_run().info
+    return info.run_id, info.experiment_id
+
+
+def start_child_run(parent_run_id: str, experiment_id: str, run_name: str, params: dict, tags: dict) -> str:
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: parent_run_id, **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def log_child_epoch(run_id: str, metrics: dict) -> None:
+    """One synchronous batch per epoch: a few milliseconds, and the run is complete when the trial is."""
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, metrics["epoch"]) for k, v in metrics.items() if k != "epoch"]
+    MlflowClient().log_batch(run_id, metrics=values)
+
+
+def end_child_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    client = MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value)[:5000])
+    client.set_terminated(run_id, status)
+
+
+def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor) -> None:
+    """Logs a model into an existing run (from any thread) and ends the run FINISHED either way.
+
+    A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
+    """
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its pickle warning, once per trial, is noise
+    try:
+        with mlflow.start_run(run_id=run_id):
+            # The flavour's own requirements (torch, cloudpickle; MLflow adds itself): inferring them
+            # took 4-12 s per model here, longer than a trial; nothing else is needed to load the model.
+            log_model(model, example_inputs, pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+    except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
+        MlflowClient().set_tag(run_id, "model_error", f"{type(err).__name__}: {err}"[:5000])
+    MlflowClient().set_terminated(run_id, "FINISHED")
+
+
+def log_params(params: dict) -> None:
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics)
+
+
+def log_dict(data: dict, artifact_file: str) -> None:
+    mlflow.log_dict(data, artifact_file)
+
+
+def use_tracking_uri(uri: str) -> None:
+    mlflow.set_tracking_uri(uri)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # a worker must never resume the parent run as its own
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()

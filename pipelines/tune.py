@@ -1,0 +1,86 @@
+"""mlflow run . -e tune: an Optuna study of lr and batch size; the study is this run, each trial a child run."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from cnnexp import tracking, tuning
+from cnnexp.config import TuneConfig
+from cnnexp.model import to_inputs
+from pipelines.common import make_parser, run_entry_point
+from pipelines.train import load_or_prepare
+
+
+def progress_line(study, trial) -> None:
+    """One line per finished trial, printed by whichever worker ran it (an Optuna callback)."""
+    params = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    reported = trial.intermediate_values  # a pruned trial shows its last reported val accuracy
+    value = trial.value if trial.value is not None else reported.get(max(reported, default=0))
+    shown = "-" if value is None else f"{value:.4f}"
+    try:
+        best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
+    except ValueError:  # no complete trial yet
+        best = "-"
+    print(f"trial {trial.number:>3}  {params}  val_acc {shown}  {trial.state.name}  best {best}", flush=True)
+
+
+def log_study_settings(config: TuneConfig) -> None:
+    # Logged here rather than by log_config: the storage must go without its password.
+    settings = tuning.study_settings(config)
+    tracking.log_config(dataclasses.replace(config, storage=settings["storage"]))
+    tracking.log_params({k: v for k, v in settings.items() if k not in ("storage", "sampler", "pruner", "study_name")})
+    tracking.log_dict(settings, "study.json")
+
+
+def log_outcome(config: TuneConfig, study) -> dict:
+    result = tuning.summary(study)
+    tracking.log_metrics({k: v for k, v in result.items() if k.startswith("trials_") or k == "best_value"})
+    if "best_params" in result:
+        tracking.log_params({f"best_{k}": v for k, v in result["best_params"].items()} | {"best_trial": result["best_trial"]})
+    tracking.log_dict(result, "summary.json")
+    for name, fig in tuning.figures(study).items():
+        tracking.log_figure(fig, name)
+    return result
+
+
+def retrain_best(config: TuneConfig, params: dict, data) -> dict:
+    """Best configuration, trained again in a child run: its model and its test score."""
+    with tracking.tracked_run(run_name="best-retrained", nested=True):
+        tracking.log_params({**params, "epochs": config.epochs, "seed": config.seed})
+        model, history, scores = tuning.retrain(config, params, data)
+        tracking.log_learning_curves(history)
+        tracking.log_metrics({"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})
+        tracking.log_model(model, to_inputs(data.splits["val"].images[:4]))
+        tracking.flush()
+    return scores
+
+
+def main(config: TuneConfig) -> dict:
+    config.validate()
+    tuning.worker_device(config.device, 0)  # an unavailable device fails here, before any run starts
+    with tracking.tracked_run(run_name=f"tune-{config.study_name}"):
+        log_study_settings(config)
+        data = load_or_prepare(config)
+        study = tuning.load_study(config)
+        before = len(study.trials)
+        run_id, experiment_id = tracking.active_run_ids()
+        parent = tuning.Parent(run_id, experiment_id, tracking.tracking_uri())
+        print(f"study {config.study_name!r}: {before} earlier trials; running {config.n_trials} more "
+              f"on {config.workers} worker(s)")
+        tuning.run_workers(config, parent, [progress_line])
+        result = log_outcome(config, study)
+        if config.retrain_best and "best_params" in result:
+            scores = retrain_best(config, result["best_params"], data)
+            tracking.log_metrics({"best_test_accuracy": scores["accuracy"]})
+    print(f"done: {result['trials_complete']} complete, {result['trials_pruned']} pruned, "
+          f"{result['trials_failed']} failed; best val_accuracy {result.get('best_value', float('nan')):.4f} "
+          f"with {result.get('best_params')}")
+    return result
+
+
+def cli(argv: list[str] | None = None, prog: str = "tune") -> int:
+    return run_entry_point(make_parser(prog, __doc__, TuneConfig), TuneConfig, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,178 @@
+"""The tune entry point: config checks, Optuna and MLflow agreeing on every trial, workers, resuming."""
+import json
+
+import mlflow
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnexp import tuning
+from cnnexp.config import ConfigError, TuneConfig
+from cnnexp.train import NonFiniteLoss
+from conftest import write_idx_dir
+from pipelines import tune
+from test_mlflow_run import mlflow_run
+
+MLFLOW_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+FIGURES = {"optimization_history.png", "param_importances.png", "contour_lr_batch_size.png", "intermediate_values.png"}
+
+
+def _study(work, name="cnnexp-tune"):
+    return optuna.load_study(study_name=name, storage=tuning.open_storage(str(work / "optuna-journal.log")))
+
+
+def _client(work):
+    # Not mlflow.set_tracking_uri: that would outlive the test and send later in-process runs here.
+    return MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+
+
+def _parent_and_children(work):
+    runs = _client(work).search_runs(["0"], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+                for p in parents}
+    return parents, children
+
+
+def assert_optuna_and_mlflow_agree(study, child_runs, client):
+    """Every trial has exactly one child run with its params, state and per-epoch values, and no run is extra."""
+    by_number = {}
+    for run in child_runs:
+        number = int(run.data.tags["optuna.trial_number"])
+        assert number not in by_number, f"trial {number} logged twice"
+        by_number[number] = run
+    trials = {t.number: t for t in study.trials}
+    assert set(by_number) == set(trials)
+    for number, trial in trials.items():
+        run = by_number[number]
+        assert run.info.status == MLFLOW_STATE[trial.state.name], number
+        assert run.data.tags.get("mlflow.runName", run.info.run_name).startswith(f"trial-{number}-")
+        assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
+        assert int(run.data.params["batch_size"]) == trial.params["batch_size"]
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert {m.step: pytest.approx(m.value) for m in history} == trial.intermediate_values
+        if trial.state.name == "COMPLETE":
+            assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
+            assert len(run.outputs.model_outputs) == 1, number  # MLflow 3: a LoggedModel of the run
+        else:
+            assert not run.outputs.model_outputs, number
+        if trial.state.name == "PRUNED":
+            assert run.data.tags["pruned_at_epoch"] == str(max(trial.intermediate_values))
+
+
+# --- fast --------------------------------------------------------------------------------
+
+BAD_TUNE_ARGS = {
+    "no trials": (["--n-trials", "0"], "n_trials: must be at least 1"),
+    "lr range reversed": (["--lr-min", "0.1", "--lr-max", "0.01"], "lr_min: must be below lr_max"),
+    "lr zero": (["--lr-min", "0"], "lr_min: must be a positive number"),
+    "batch not a power of two": (["--batch-max", "100"], "batch_max: must be a power of two"),
+    "batch range reversed": (["--batch-min", "64", "--batch-max", "32"], "batch_min: must not exceed batch_max"),
+    "unknown sampler": (["--sampler", "grid"], "sampler: unknown value 'grid'"),
+    "unknown pruner": (["--pruner", "asha"], "pruner: unknown value 'asha'"),
+    "no workers": (["--workers", "0"], "workers: must be at least 1"),
+    "negative timeout": (["--timeout", "-1"], "timeout: must be 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TUNE_ARGS)
+def test_bad_tune_parameter_gets_one_line_and_exit_2(case, workdir, capsys):
+    args, message = BAD_TUNE_ARGS[case]
+    assert tune.cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (workdir / "mlflow.db").exists()  # no run was started, not even the store opened
+
+
+def test_batch_sizes_are_the_powers_of_two_in_range():
+    assert TuneConfig(batch_min=16, batch_max=128).batch_sizes == [16, 32, 64, 128]
+    assert TuneConfig(batch_min=8, batch_max=8).batch_sizes == [8]
+
+
+def test_trials_are_shared_exactly_between_workers():
+    assert tuning.split_trials(12, 2) == [6, 6]
+    assert tuning.split_trials(5, 4) == [2, 1, 1, 1]
+    assert sum(tuning.split_trials(7, 3)) == 7
+
+
+def test_storage_password_never_reaches_the_logs():
+    url = "postgresql://tuner:s3cret@db.example:5432/optuna"
+    assert tuning.redact(url) == "postgresql://tuner:***@db.example:5432/optuna"
+    assert tuning.redact("optuna-journal.log") == "optuna-journal.log"
+    assert "s3cret" not in json.dumps(tuning.study_settings(TuneConfig(storage=url)))
+
+
+def test_a_plain_path_is_a_journal_and_a_url_goes_to_optuna(tmp_path):
+    assert isinstance(tuning.open_storage(str(tmp_path / "j.log")), optuna.storages.JournalStorage)
+    assert tuning.open_storage("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(workdir, tmp_path, monkeypatch):
+    real_fit = tuning.fit
+
+    def fit_diverging_at_batch_16(state, train, val, *, batch_size, epochs, on_epoch_end):
+        if batch_size == 16:
+            raise NonFiniteLoss(1, float("nan"))
+        return real_fit(state, train, val, batch_size=batch_size, epochs=epochs, on_epoch_end=on_epoch_end)
+
+    monkeypatch.setattr(tuning, "fit", fit_diverging_at_batch_16)
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    args = ["--n-trials", "6", "--epochs", "2", "--batch-min", "16", "--batch-max", "32",
+            "--pruner", "none", "--sampler", "random", "--source", str(source)]
+    assert tune.cli(args) == 0
+    study = _study(workdir)
+    states = [t.state.name for t in study.trials]
+    assert "FAIL" in states and "COMPLETE" in states and len(states) == 6
+    (parent,), children = _parent_and_children(workdir)
+    assert_optuna_and_mlflow_agree(study, children[parent.info.run_id], _client(workdir))
+    failed = [r for r in children[parent.info.run_id] if r.info.status == "FAILED"]
+    assert all("training loss became nan" in r.data.tags["error"] for r in failed)
+    assert parent.data.metrics["trials_failed"] == states.count("FAIL")
+    assert parent.info.status == "FINISHED"
+
+
+def test_retrain_best_logs_a_model_scored_on_test(workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    args = ["--n-trials", "2", "--epochs", "1", "--pruner", "none", "--retrain-best", "true", "--source", str(source)]
+    assert tune.cli(args) == 0
+    (parent,), children = _parent_and_children(workdir)
+    (retrained,) = [r for r in children[parent.info.run_id] if r.info.run_name == "best-retrained"]
+    assert retrained.info.status == "FINISHED" and "test_accuracy" in retrained.data.metrics
+    assert parent.data.metrics["best_test_accuracy"] == retrained.data.metrics["test_accuracy"]
+    model = mlflow.pytorch.load_model(f"runs:/{retrained.info.run_id}/model")
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+# --- slow: the acceptance run, through `mlflow run`, with worker processes ----------------------
+
+@pytest.mark.slow
+def test_mlflow_run_tune_two_workers_then_resume_with_four(tmp_path):
+    work = tmp_path
+    source = write_idx_dir(tmp_path / "idx")
+    common = dict(epochs=3, pruner="hyperband", source=source, data_dir=tmp_path / "data")
+    done = mlflow_run("tune", work, n_trials=12, workers=2, **common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "database is locked" not in done.stdout + done.stderr
+    assert sum(line.startswith("trial ") for line in done.stdout.splitlines()) == 12
+    study = _study(work)
+    assert len(study.trials) == 12
+    assert any(t.state.name == "PRUNED" for t in study.trials)
+    (parent,), children = _parent_and_children(work)
+    assert parent.info.status == "FINISHED"
+    assert_optuna_and_mlflow_agree(study, children[parent.info.run_id], _client(work))
+    artifacts = {a.path for a in _client(work).list_artifacts(parent.info.run_id)}
+    assert FIGURES <= artifacts and "summary.json" in artifacts
+    assert parent.data.params["best_trial"] == str(study.best_trial.number)
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["trials_pruned"] == sum(t.state.name == "PRUNED" for t in study.trials)
+
+    # Same storage and study name: the study grows by n_trials, in a new parent run, with 4 workers.
+    done = mlflow_run("tune", work, n_trials=4, workers=4, **common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "database is locked" not in done.stdout + done.stderr
+    study = _study(work)
+    assert len(study.trials) == 16
+    parents, children = _parent_and_children(work)
+    assert len(parents) == 2 and len(children[parents[1].info.run_id]) == 4
+    assert_optuna_and_mlflow_agree(study, [run for runs in children.values() for run in runs], _client(work))
