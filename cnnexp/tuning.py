@@ -2,7 +2,8 @@
 
 The only module that imports optuna. Every trial is an MLflow child run of the study's run; the run's
 final status is set before Optuna records the trial's state, from the same outcome:
-complete -> FINISHED, pruned -> KILLED (tag pruned_at_epoch), exception or non-finite loss -> FAILED.
+complete -> FINISHED (once its model is logged, off the training path), pruned -> KILLED (tag
+pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def redact(storage: str) -> str:
     parts = urlsplit(storage)
     if parts.password is None:
         return storage
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 

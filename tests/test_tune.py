@@ -8,7 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnexp import tuning
-from cnnexp.config import ConfigError, TuneConfig
+from cnnexp.config import TuneConfig
 from cnnexp.train import NonFiniteLoss
 from conftest import write_idx_dir
 from pipelines import tune
@@ -150,7 +150,9 @@ def test_retrain_best_logs_a_model_scored_on_test(workdir, tmp_path):
 def test_mlflow_run_tune_two_workers_then_resume_with_four(tmp_path):
     work = tmp_path
     source = write_idx_dir(tmp_path / "idx")
-    common = dict(epochs=3, pruner="hyperband", source=source, data_dir=tmp_path / "data")
+    # `mlflow run` runs in the project directory: the journal (the default kind of storage) goes to tmp.
+    common = dict(epochs=3, pruner="hyperband", source=source, data_dir=tmp_path / "data",
+                  storage=work / "optuna-journal.log")
     done = mlflow_run("tune", work, n_trials=12, workers=2, **common)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "database is locked" not in done.stdout + done.stderr
