@@ -107,9 +107,11 @@ def study_settings(config: TuneConfig) -> dict:
 # --- objective -------------------------------------------------------------------------------
 
 class ModelLogger:
-    """Logs each complete trial's model on a background thread: logging costs seconds, a trial not many more.
+    """Logs each complete trial's model on a background thread, so the next trial starts at once.
 
-    The run stays RUNNING until its model is in, then ends FINISHED; close() waits for all of them.
+    Measured here: 0.3-0.6 s per model (2.4 s for the first), against 4.5-13 s for a 5-epoch trial on
+    the mini data; with a GPU training the gap is bigger. The run stays RUNNING until its model is in,
+    then ends FINISHED; close() waits for all of them, so no worker exits with a run still open.
     """
 
     def __init__(self):
