@@ -151,6 +151,7 @@ class Objective:
              "device": str(self.device)},
         )
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("mlflow_parent_run_id", self.parent.run_id)
         try:
             model, value = self._fit(trial, run_id, params)
         except optuna.TrialPruned as pruned:
@@ -237,10 +238,25 @@ def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallbac
     finally:
         for process in others:
             process.join()
-    failed = [p.name for p in others if p.exitcode != 0]
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in others if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"worker processes ended abnormally: {', '.join(failed)} (exit codes "
-                           f"{[p.exitcode for p in others if p.exitcode != 0]})")
+        orphans = fail_orphans(load_study(config), parent)
+        raise RuntimeError(f"worker processes ended abnormally: {', '.join(failed)}; "
+                           f"trials they left running, now FAILED: {orphans or 'none'}")
+
+
+def fail_orphans(study: optuna.Study, parent: Parent) -> list[int]:
+    """Trials of this call left RUNNING by a dead worker: FAILED in both stores, so the two still agree.
+
+    Only this parent run's trials: another machine may be running trials of the same study right now.
+    """
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.user_attrs.get("mlflow_parent_run_id") == parent.run_id]
+    for trial in orphans:
+        tracking.end_child_run(trial.user_attrs["mlflow_run_id"], "FAILED",
+                               {tracking.ERROR_TAG: "its worker process ended abnormally"})
+        study.tell(trial.number, state=TrialState.FAIL)
+    return [t.number for t in orphans]
 
 
 # --- after the study -------------------------------------------------------------------------

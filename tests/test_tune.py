@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnexp import tuning
+from cnnexp import tracking, tuning
 from cnnexp.config import TuneConfig
 from cnnexp.train import NonFiniteLoss
 from conftest import write_idx_dir
@@ -178,3 +178,20 @@ def test_mlflow_run_tune_two_workers_then_resume_with_four(tmp_path):
     parents, children = _parent_and_children(work)
     assert len(parents) == 2 and len(children[parents[1].info.run_id]) == 4
     assert_optuna_and_mlflow_agree(study, [run for runs in children.values() for run in runs], _client(work))
+
+
+def test_trials_a_dead_worker_left_running_end_failed_in_both_stores(workdir):
+    config = TuneConfig(storage=str(workdir / "optuna-journal.log"))
+    study = tuning.load_study(config)
+    with mlflow.start_run() as parent_run:
+        parent = tuning.Parent(parent_run.info.run_id, parent_run.info.experiment_id, mlflow.get_tracking_uri())
+        ours, theirs = study.ask(), study.ask()  # theirs: another call's trial, still running elsewhere
+        for trial, parent_id in ((ours, parent.run_id), (theirs, "another-parent")):
+            run_id = tracking.start_child_run(parent_id, parent.experiment_id, f"trial-{trial.number}", {}, {})
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("mlflow_parent_run_id", parent_id)
+        assert tuning.fail_orphans(study, parent) == [ours.number]
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {ours.number: "FAIL", theirs.number: "RUNNING"}
+    run = MlflowClient().get_run(study.trials[ours.number].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "worker process ended abnormally" in run.data.tags["error"]
