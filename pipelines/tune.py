@@ -21,7 +21,8 @@ def progress_line(study, trial) -> None:
         best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
     except ValueError:  # no complete trial yet
         best = "-"
-    print(f"trial {trial.number:>3}  {params}  val_acc {shown}  {trial.state.name}  best {best}", flush=True)
+    state = trial.state.name + (f" at epoch {max(reported)}" if trial.state.name == "PRUNED" and reported else "")
+    print(f"trial {trial.number:>3}  {params}  val_acc {shown}  {state}  best {best}", flush=True)
 
 
 def log_study_settings(config: TuneConfig) -> None:
