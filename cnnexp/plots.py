@@ -71,9 +71,12 @@ def misclassified_grid(images: torch.Tensor, true: list[str], predicted: list[st
 
 
 def accuracy_vs_lr(lr: list[float], accuracy: list[float], batch_size: list[int]) -> Figure:
+    """One colour per batch size (a handful of discrete values, so a legend rather than a colour bar)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    points = ax.scatter(lr, accuracy, c=batch_size, cmap="viridis")
-    fig.colorbar(points, ax=ax, label="batch_size")
+    for size in sorted(set(batch_size)):
+        chosen = [i for i, b in enumerate(batch_size) if b == size]
+        ax.scatter([lr[i] for i in chosen], [accuracy[i] for i in chosen], label=f"batch_size {size}")
+    ax.legend()
     ax.set_xscale("log")
     ax.set(xlabel="learning rate", ylabel="best val_accuracy", title="Validation accuracy vs learning rate")
     ax.grid(alpha=0.3)

@@ -9,6 +9,7 @@ from pathlib import Path
 from collections.abc import Iterator
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
@@ -177,9 +178,9 @@ class _ClassifierFlavor:
             network, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=[CODE_PATH],
             pip_requirements=model_requirements(), **kwargs
         )
-        pyfunc = mlflow_model.flavors["python_function"]
-        pyfunc["loader_module"] = __name__
-        pyfunc["config"] = {"classes": classes}  # handed to _load_pyfunc as model_config
+        pyfunc = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        pyfunc[mlflow.pyfunc.MAIN] = __name__
+        pyfunc["config"] = {"classes": classes}  # MLflow hands this to _load_pyfunc as model_config
         mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
@@ -306,12 +307,12 @@ def find_step_run(step: str, config, code_version: str, data_digest: str) -> Run
     experiment_id = mlflow.active_run().info.experiment_id
     query = f"tags.`{STEP_TAG}` = '{step}' and tags.`{CODE_TAG}` = '{code_version}' and attributes.status = 'FINISHED'"
     for run in MlflowClient().search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"]):
-        if run.data.tags.get("data_digest") == data_digest and _same_params(run.data.params, config):
+        if run.data.tags.get("data_digest") == data_digest and same_params(run.data.params, config):
             return run
     return None
 
 
-def _same_params(logged: dict[str, str], config) -> bool:
+def same_params(logged: dict[str, str], config) -> bool:
     """Params are logged as strings ("0.01", "1e-2", "100"): compare them as the config's types."""
     cast = {"int": int, "float": float, "bool": lambda text: text.lower() == "true", "str": str}
     for f in dataclasses.fields(config):
