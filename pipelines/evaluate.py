@@ -23,6 +23,8 @@ def load_checked_data(config: EvaluateConfig, training_run_id: str) -> PreparedD
         raise DataError(f"{config.dataset} is not prepared in {config.data_dir}; run prepare first")
     data = load_prepared(config.data_dir, config.dataset)
     trained_on = tracking.run_tags(training_run_id).get("data_digest")
+    if trained_on is None:
+        raise DataError(f"training run {training_run_id} records no data_digest, so its test data cannot be checked")
     if trained_on != data.digest:
         raise DataError(
             f"data digest mismatch: the model's training run {training_run_id} used data {trained_on}, "

@@ -20,7 +20,7 @@ from cnnexp import tracking
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
 from cnnexp.serving import as_inputs
-from conftest import subprocess_env, write_idx_dir
+from conftest import subprocess_env, use_store, write_idx_dir
 from pipelines import compare, evaluate, prepare, train
 
 LRS = (0.01, 0.0003)  # in 2 epochs on the synthetic bars the first learns and the second barely starts
@@ -32,8 +32,7 @@ def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        use_store(mp, work)
         source = write_idx_dir(work / "idx")
         for lr in LRS:
             assert train.cli(["--lr", str(lr), "--epochs", "2", "--batch-size", "50", "--source", str(source)]) == 0
