@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import mlflow
 import mlflow.pyfunc
 import mlflow.pytorch
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities import Run, RunStatus
@@ -133,6 +132,13 @@ def log_learning_curves(history: list[dict]) -> None:
     log_figure(learning_curves(history), "learning_curves.png")
 
 
+# Outputs only: a TensorSpec input would pin one dtype, and pyfunc enforces it strictly, so it
+# would refuse either uint8 0-255 or float 0-1 images; the input example shows the uint8 form.
+MODEL_SIGNATURE = ModelSignature(
+    outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name")])
+)
+
+
 def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None) -> str:
     """Logs the network as one MLflow model with two faces; returns its URI.
 
@@ -150,13 +156,6 @@ def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: lis
         signature=MODEL_SIGNATURE, input_example=images,
     )
     return info.model_uri
-
-
-# Outputs only: a TensorSpec input would pin one dtype, and pyfunc enforces it strictly, so it
-# would refuse either uint8 0-255 or float 0-1 images; the input example shows the uint8 form.
-MODEL_SIGNATURE = ModelSignature(
-    outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name")])
-)
 
 
 def model_requirements() -> list[str]:
@@ -270,6 +269,10 @@ def _val_accuracy(run_id: str) -> float:
 
 # --- comparing and reusing runs -------------------------------------------------------------
 
+LEADERBOARD_COLUMNS = ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy", "test_accuracy", "duration_s",
+                       "run_id"]
+
+
 def training_runs(experiment: str) -> pd.DataFrame:
     """One row per finished run that trained (has lr and val_accuracy), in the named experiment."""
     found = mlflow.get_experiment_by_name(experiment)
@@ -294,9 +297,6 @@ def training_runs(experiment: str) -> pd.DataFrame:
         })
     return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
 
-
-LEADERBOARD_COLUMNS = ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy", "test_accuracy", "duration_s",
-                       "run_id"]
 
 STEP_TAG = "cnnexp.step"
 CODE_TAG = "cnnexp.code_version"
