@@ -1,6 +1,7 @@
 """The single source of every default: the CLI, MLproject and README follow these dataclasses."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class TrainConfig:
         default="",
         metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"),
     )
+    register: str = field(
+        default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
+    )
 
     def validate(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -67,6 +71,75 @@ class TrainConfig:
 
     def prepare_config(self) -> PrepareConfig:
         return PrepareConfig(dataset=self.dataset, source=self.source, data_dir=self.data_dir)
+
+
+SPLITS_TO_SCORE = ("test", "val")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model_uri: str = field(
+        default="", metadata=_help("runs:/<run_id>/model, models:/<name>/<version>, models:/<model_id> or a training run id")
+    )
+    data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
+    dataset: str = field(default="fashion-mnist", metadata=_help("dataset to score on", choices=DATASETS))
+    split: str = field(default="test", metadata=_help("split to score", choices=SPLITS_TO_SCORE))
+    device: str = field(default="auto", metadata=_help("auto picks CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps"))
+    register: str = field(
+        default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
+    )
+
+    def validate(self) -> None:
+        _check_nonempty("model_uri", self.model_uri)
+        _check_nonempty("data_dir", self.data_dir)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("split", self.split, SPLITS_TO_SCORE)
+        _check_device(self.device)
+
+
+def _like(config_class: type, name: str):
+    """The same field (default, help) as another config's, so main cannot drift from its steps."""
+    original = config_class.__dataclass_fields__[name]
+    return field(default=original.default, metadata=original.metadata)
+
+
+@dataclass(frozen=True)
+class MainConfig:
+    """prepare -> train -> evaluate; each field goes to the steps that take it."""
+
+    dataset: str = _like(PrepareConfig, "dataset")
+    source: str = _like(PrepareConfig, "source")
+    data_dir: str = _like(PrepareConfig, "data_dir")
+    val_fraction: float = _like(PrepareConfig, "val_fraction")
+    seed: int = _like(PrepareConfig, "seed")
+    lr: float = _like(TrainConfig, "lr")
+    batch_size: int = _like(TrainConfig, "batch_size")
+    epochs: int = _like(TrainConfig, "epochs")
+    device: str = _like(TrainConfig, "device")
+
+    def steps(self) -> tuple[PrepareConfig, TrainConfig]:
+        """The step configs; evaluate's needs the model URI, known only after training."""
+        values = dataclasses.asdict(self)
+        return tuple(
+            step(**{f.name: values[f.name] for f in dataclasses.fields(step) if f.name in values})
+            for step in (PrepareConfig, TrainConfig)
+        )
+
+    def validate(self) -> None:
+        for step in self.steps():
+            step.validate()
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    experiment: str = field(default="Default", metadata=_help("name of the experiment whose training runs are ranked"))
+    sort_by: str = field(default="best_val_accuracy", metadata=_help("leaderboard column to rank by, best first"))
+    output: str = field(default="leaderboard.csv", metadata=_help("where the leaderboard CSV is written"))
+    plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG"))
+
+    def validate(self) -> None:
+        _check_nonempty("experiment", self.experiment)
+        _check_nonempty("output", self.output)
 
 
 def _check_choice(param: str, value: str, allowed: tuple[str, ...]) -> None:

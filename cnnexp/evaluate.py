@@ -47,3 +47,11 @@ def per_class_metrics(confusion: torch.Tensor) -> dict[str, list[float]]:
         "f1": f1.tolist(),
         "support": actual.to(torch.int64).tolist(),
     }
+
+
+def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, k: int = 16) -> torch.Tensor:
+    """Indices of up to k misclassified examples, most confident (highest predicted probability) first."""
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    order = confidence[wrong].argsort(descending=True)
+    return wrong[order[:k]]

@@ -37,3 +37,53 @@ def learning_curves(history: list[dict]) -> Figure:
     fig.suptitle("Learning curves: train vs validation")
     fig.tight_layout()
     return fig
+
+
+def confusion_matrix(confusion: torch.Tensor, classes: list[str]) -> Figure:
+    """Counts with class names on both axes; rows are true classes, columns predicted ones."""
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
+    threshold = confusion.max().item() / 2
+    for i in range(n):
+        for j in range(n):
+            value = confusion[i, j].item()
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > threshold else "black")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_grid(images: torch.Tensor, true: list[str], predicted: list[str], confidence: list[float],
+                       columns: int = 8) -> Figure:
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].numpy(), cmap="gray_r", vmin=0, vmax=255)
+            ax.set_title(f"true {true[i]}\npred {predicted[i]} {confidence[i]:.2f}", fontsize=7)
+    fig.suptitle("Most confidently misclassified")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_lr(lr: list[float], accuracy: list[float], batch_size: list[int]) -> Figure:
+    """One colour per batch size (a handful of discrete values, so a legend rather than a colour bar)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for size in sorted(set(batch_size)):
+        chosen = [i for i, b in enumerate(batch_size) if b == size]
+        ax.scatter([lr[i] for i in chosen], [accuracy[i] for i in chosen], label=f"batch_size {size}")
+    ax.legend()
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="best val_accuracy", title="Validation accuracy vs learning rate")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path) -> None:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

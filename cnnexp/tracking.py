@@ -11,13 +11,18 @@ from pathlib import Path
 from collections.abc import Iterator
 
 import mlflow
-import numpy as np
+import mlflow.pyfunc
+import mlflow.pytorch
+import pandas as pd
 import torch
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.models import infer_signature
+from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from cnnexp.config import ConfigError
 from cnnexp.data import PreparedData
 from cnnexp.plots import learning_curves, samples_per_class
 
@@ -28,7 +33,11 @@ ERROR_TAG = "error"
 
 @contextlib.contextmanager
 def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
-    """Starts (or, under `mlflow run`, resumes) a run and always ends it with the status that happened."""
+    """Starts (or, under `mlflow run`, resumes) a run and always ends it with the status that happened.
+
+    Inside another run (the main pipeline's steps) the new run is its child.
+    """
+    kwargs.setdefault("nested", mlflow.active_run() is not None)
     with mlflow.start_run(**kwargs) as run:
         try:
             yield run
@@ -126,24 +135,63 @@ def log_learning_curves(history: list[dict]) -> None:
     log_figure(learning_curves(history), "learning_curves.png")
 
 
-def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, pip_requirements: list[str] | None = None) -> str:
-    """Logs the network; returns its URI.
+# Outputs only: a TensorSpec input would pin one dtype, and pyfunc enforces it strictly, so it
+# would refuse either uint8 0-255 or float 0-1 images; the input example shows the uint8 form.
+MODEL_SIGNATURE = ModelSignature(
+    outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name")])
+)
 
-    Pickled rather than torch.export'ed: an exported program loads as a GraphModule that refuses
-    .eval() and .train(), while users of mlflow.pytorch.load_model expect the nn.Module they logged.
-    code_paths ships cnnexp inside the model so it loads where cnnexp is not installed.
-    pip_requirements=None lets MLflow infer them, which runs a subprocess (seconds);
-    tuning passes fixed ones instead (see log_model_and_finish).
+
+def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None) -> str:
+    """Logs the network as one MLflow model with two faces; returns its URI.
+
+    mlflow.pytorch.load_model gives back the nn.Module (float [N, 1, 28, 28] -> logits), pickled
+    rather than torch.export'ed: an exported program loads as a GraphModule that refuses .eval().
+    mlflow.pyfunc.load_model (and `mlflow models serve`) gives cnnexp.serving.ImageClassifier:
+    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name. code_paths ships cnnexp
+    inside the model so both load where cnnexp is not installed.
     """
     model = model.cpu().eval()
-    example = example_inputs[:4].cpu().numpy()
-    with torch.inference_mode():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    info = mlflow.pytorch.log_model(
-        model, name=MODEL_NAME, signature=signature, input_example=example,
-        serialization_format="pickle", code_paths=[CODE_PATH], pip_requirements=pip_requirements,
+    classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
+    images = (example_inputs[:2, 0].cpu() * 255).round().to(torch.uint8).numpy()
+    info = mlflow.models.Model.log(
+        artifact_path=None, name=MODEL_NAME, flavor=_ClassifierFlavor, network=model, classes=classes,
+        signature=MODEL_SIGNATURE, input_example=images,
     )
     return info.model_uri
+
+
+def model_requirements() -> list[str]:
+    """What loading the model imports, pinned to what trained it; stated rather than inferred,
+    because MLflow's inference re-imports torch in a subprocess and took most of log_model's 10 s."""
+    from importlib.metadata import version
+
+    packages = ("mlflow", "torch", "torchvision", "numpy", "pandas", "matplotlib")
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
+class _ClassifierFlavor:
+    """The `flavor` Model.log wants: the pytorch flavor, with pyfunc loading through _load_pyfunc below."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: mlflow.models.Model, network: torch.nn.Module, classes: list[str],
+                   **kwargs) -> None:
+        mlflow.pytorch.save_model(
+            network, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=[CODE_PATH],
+            pip_requirements=model_requirements(), **kwargs
+        )
+        pyfunc = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        pyfunc[mlflow.pyfunc.MAIN] = __name__
+        pyfunc["config"] = {"classes": classes}  # MLflow hands this to _load_pyfunc as model_config
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def _load_pyfunc(data_path: str, model_config: dict | None = None):
+    """Called by mlflow.pyfunc.load_model with the model's data folder."""
+    from cnnexp.serving import ImageClassifier
+
+    network = mlflow.pytorch.load_model(str(Path(data_path).parent))
+    return ImageClassifier(network, model_config["classes"])
 
 
 def set_tags(tags: dict[str, str]) -> None:
@@ -179,7 +227,7 @@ def end_child_run(run_id: str, status: str, tags: dict[str, str] | None = None) 
     client.set_terminated(run_id, status)
 
 
-def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor) -> None:
+def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str]) -> None:
     """Logs a model into an existing run (from any thread) and ends the run FINISHED either way.
 
     A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
@@ -187,9 +235,7 @@ def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: to
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its pickle warning, once per trial, is noise
     try:
         with mlflow.start_run(run_id=run_id):
-            # The flavour's own requirements (torch, cloudpickle; MLflow adds itself): inferring them
-            # took 4-12 s per model here, longer than a trial; nothing else is needed to load the model.
-            log_model(model, example_inputs, pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+            log_model(model, example_inputs, classes)
     except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
         MlflowClient().set_tag(run_id, "model_error", f"{type(err).__name__}: {err}"[:5000])
     MlflowClient().set_terminated(run_id, "FINISHED")
@@ -197,10 +243,6 @@ def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: to
 
 def log_params(params: dict) -> None:
     mlflow.log_params(params)
-
-
-def log_metrics(metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(metrics)
 
 
 def log_dict(data: dict, artifact_file: str) -> None:
@@ -214,3 +256,151 @@ def use_tracking_uri(uri: str) -> None:
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+def resolve_model(model_uri: str) -> tuple[str, str]:
+    """(model URI, id of the run that trained it); a bare run id stands for that run's model."""
+    if ":" not in model_uri and "/" not in model_uri:
+        model_uri = f"runs:/{model_uri}/{MODEL_NAME}"
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as err:  # MLflow raises several kinds (missing run, model, artifact)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("model_uri", f"no model at {model_uri!r}: {reason}") from None
+    if not info.run_id:
+        raise ConfigError("model_uri", f"{model_uri!r} names no training run, so its data cannot be checked")
+    return model_uri, info.run_id
+
+
+def load_network(model_uri: str) -> torch.nn.Module:
+    return mlflow.pytorch.load_model(model_uri)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.tags
+
+
+def log_metrics(metrics: dict[str, float], run_id: str | None = None) -> None:
+    """Onto the active run, or onto another (finished) run, e.g. test metrics onto the training run."""
+    if run_id is None:
+        mlflow.log_metrics(metrics)
+        return
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+
+
+def log_csv(frame: pd.DataFrame, artifact_file: str, index: bool = False) -> None:
+    mlflow.log_text(frame.to_csv(index=index), artifact_file)
+
+
+def log_table(frame: pd.DataFrame, artifact_file: str) -> None:
+    """A table the MLflow UI shows (and compares across runs) in its Evaluation/artifact views."""
+    mlflow.log_table(frame, artifact_file=artifact_file)
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+CHAMPION = "champion"
+
+
+def register(model_uri: str, name: str) -> tuple[int, bool]:
+    """Registers a version; moves alias champion to it only if its val_accuracy beats the champion's.
+
+    Returns (version, whether it became champion).
+    """
+    # MLflow 3 keeps models apart from run artifacts; naming the model itself spares a fallback warning.
+    model_id = mlflow.models.get_model_info(model_uri).model_id
+    version = mlflow.register_model(f"models:/{model_id}" if model_id else model_uri, name)
+    client = MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        champion = None
+    promoted = champion is None or _val_accuracy(version.run_id) > _val_accuracy(champion.run_id)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return int(version.version), promoted
+
+
+def _val_accuracy(run_id: str) -> float:
+    """The final epoch's val_accuracy: the weights that were logged are the final epoch's."""
+    return MlflowClient().get_run(run_id).data.metrics.get("val_accuracy", float("-inf"))
+
+
+# --- comparing and reusing runs -------------------------------------------------------------
+
+LEADERBOARD_COLUMNS = ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy", "test_accuracy", "duration_s",
+                       "run_id"]
+
+
+def training_runs(experiment: str) -> pd.DataFrame:
+    """One row per finished run that trained (has lr and val_accuracy), in the named experiment."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError("experiment", f"no experiment named {experiment!r}")
+    client = MlflowClient()
+    rows = []
+    for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'"):
+        params, metrics = run.data.params, run.data.metrics
+        if "lr" not in params or "val_accuracy" not in metrics:
+            continue
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        rows.append({
+            "run_name": run.info.run_name,
+            "lr": float(params["lr"]),
+            "batch_size": int(params.get("batch_size", 0)),
+            "epochs": int(params.get("epochs", 0)),
+            "best_val_accuracy": max(m.value for m in history),
+            "test_accuracy": metrics.get("test_accuracy", float("nan")),
+            "duration_s": (run.info.end_time - run.info.start_time) / 1000,
+            "run_id": run.info.run_id,
+        })
+    return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+
+
+STEP_TAG = "cnnexp.step"
+CODE_TAG = "cnnexp.code_version"
+
+
+def find_step_run(step: str, config, code_version: str, data_digest: str) -> Run | None:
+    """A finished run of this step with equal params (by value), code version and data digest."""
+    experiment_id = mlflow.active_run().info.experiment_id
+    query = f"tags.`{STEP_TAG}` = '{step}' and tags.`{CODE_TAG}` = '{code_version}' and attributes.status = 'FINISHED'"
+    for run in MlflowClient().search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"]):
+        if run.data.tags.get("data_digest") == data_digest and same_params(run.data.params, config):
+            return run
+    return None
+
+
+def same_params(logged: dict[str, str], config) -> bool:
+    """Params are logged as strings ("0.01", "1e-2", "100"): compare them as the config's types."""
+    cast = {"int": int, "float": float, "bool": lambda text: text.lower() == "true", "str": str}
+    for f in dataclasses.fields(config):
+        if f.name not in logged:
+            return False
+        try:
+            if cast[str(f.type)](logged[f.name]) != getattr(config, f.name):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def latest_child_run_id() -> str:
+    """The child the active run started last (mlflow.last_active_run gives the parent while it is active)."""
+    parent = mlflow.active_run().info
+    (child,) = MlflowClient().search_runs(
+        [parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return child.info.run_id
+
+
+def mark_step(run_id: str, step: str, code_version: str) -> None:
+    """Tags a finished step run so a later main can find and reuse it."""
+    client = MlflowClient()
+    client.set_tag(run_id, STEP_TAG, step)
+    client.set_tag(run_id, CODE_TAG, code_version)

@@ -119,8 +119,8 @@ class ModelLogger:
         self.thread = threading.Thread(target=self._work, name="model-logger", daemon=True)
         self.thread.start()
 
-    def submit(self, run_id: str, model: torch.nn.Module, example: torch.Tensor) -> None:
-        self.jobs.put((run_id, copy.deepcopy(model).cpu(), example.cpu()))
+    def submit(self, run_id: str, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
+        self.jobs.put((run_id, copy.deepcopy(model).cpu(), example.cpu(), classes))
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -161,7 +161,7 @@ class Objective:
             tracking.end_child_run(run_id, "FAILED", {tracking.ERROR_TAG: f"{type(err).__name__}: {err}"})
             raise
         example = to_inputs(self.data.splits["val"].images[:4])
-        self.models.submit(run_id, model, example)
+        self.models.submit(run_id, model, example, self.data.classes)
         return value
 
     def _fit(self, trial: optuna.Trial, run_id: str, params: dict) -> tuple[torch.nn.Module, float]:

@@ -8,6 +8,9 @@ COMMANDS = {
     "prepare": ("pipelines.prepare", "read, check, split and record a dataset"),
     "train": ("pipelines.train", "train the CNN and track the run in MLflow"),
     "tune": ("pipelines.tune", "Optuna study of lr and batch size, every trial an MLflow child run"),
+    "evaluate": ("pipelines.evaluate", "score a trained model: test metrics, per-class table, confusion, mistakes"),
+    "main": ("pipelines.main", "prepare -> train -> evaluate as child runs, reusing finished steps"),
+    "compare": ("pipelines.compare", "leaderboard of an experiment's training runs (CSV, optional plot)"),
 }
 
 

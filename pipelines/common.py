@@ -91,3 +91,11 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
             traceback.print_exc()
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_FAILED
+
+
+def register_model(model_uri: str, name: str) -> None:
+    """`register=<name>` of train and evaluate: a new version; champion only if it validates better."""
+    from cnnexp import tracking
+
+    version, promoted = tracking.register(model_uri, name)
+    print(f"registered {name} version {version}" + (f"; it is now @{tracking.CHAMPION}" if promoted else ""))

@@ -10,7 +10,7 @@ from cnnexp.data import PreparedData, is_prepared, load_prepared, prepare
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from cnnexp.train import fit, new_training_state
-from pipelines.common import make_parser, run_entry_point
+from pipelines.common import make_parser, register_model, run_entry_point
 from pipelines.progress import EpochProgress
 
 
@@ -41,8 +41,10 @@ def main(config: TrainConfig) -> list[dict]:
             on_epoch_end=on_epoch_end, on_batch_end=progress.batch_callback,
         )
         tracking.log_learning_curves(history)
-        model_uri = tracking.log_model(state.model, to_inputs(val.images[:4]))
+        model_uri = tracking.log_model(state.model, to_inputs(val.images[:4]), data.classes)
         tracking.flush()
+        if config.register:
+            register_model(model_uri, config.register)
     print(f"model: {model_uri}  final val_accuracy {history[-1]['val_accuracy']:.4f}")
     return history
 

@@ -51,7 +51,7 @@ def retrain_best(config: TuneConfig, params: dict, data) -> dict:
         model, history, scores = tuning.retrain(config, params, data)
         tracking.log_learning_curves(history)
         tracking.log_metrics({"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})
-        tracking.log_model(model, to_inputs(data.splits["val"].images[:4]))
+        tracking.log_model(model, to_inputs(data.splits["val"].images[:4]), data.classes)
         tracking.flush()
     return scores
 

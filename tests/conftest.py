@@ -6,6 +6,7 @@ import struct
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 
@@ -56,9 +57,17 @@ def workdir(tmp_path, monkeypatch) -> Path:
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    use_store(monkeypatch, work)
     return work
+
+
+def use_store(monkeypatch, work: Path) -> None:
+    """Points MLflow at work/mlflow.db. The env var alone is not enough: once any test has called
+    mlflow.set_tracking_uri, that process-wide setting wins over MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
 
 
 def subprocess_env(work: Path) -> dict[str, str]:

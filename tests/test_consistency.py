@@ -11,7 +11,10 @@ from pipelines import cli
 from pipelines.common import flag
 from conftest import REPO
 
-ENTRY_POINT_CONFIGS = {"prepare": cfg.PrepareConfig, "train": cfg.TrainConfig, "tune": cfg.TuneConfig}
+ENTRY_POINT_CONFIGS = {
+    "prepare": cfg.PrepareConfig, "train": cfg.TrainConfig, "evaluate": cfg.EvaluateConfig, "main": cfg.MainConfig,
+    "tune": cfg.TuneConfig,
+}
 MLFLOW_TYPES = {"str": "string", "int": "int", "float": "float", "bool": "string"}
 
 

@@ -83,7 +83,7 @@ def test_device_resolution():
 def test_library_core_imports_neither_mlflow_nor_optuna():
     code = (
         "import sys, cnnexp.config, cnnexp.data, cnnexp.model, cnnexp.train, cnnexp.evaluate, cnnexp.plots, "
-        "cnnexp.devices; print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))"
+        "cnnexp.serving, cnnexp.devices; print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,0 +1,103 @@
+"""mlflow run . -e evaluate: score a trained model on the test (or val) split and record why it errs."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pandas as pd
+import torch
+
+from cnnexp import evaluate, plots, tracking
+from cnnexp.config import EvaluateConfig
+from cnnexp.data import DataError, PreparedData, is_prepared, load_prepared
+from cnnexp.devices import resolve_device
+from cnnexp.model import to_inputs
+from pipelines.common import make_parser, register_model, run_entry_point
+
+MISTAKES_SHOWN = 24
+
+
+def load_checked_data(config: EvaluateConfig, training_run_id: str) -> PreparedData:
+    """The prepared data, refused unless it is the very data the model was trained against."""
+    if not is_prepared(config.data_dir, config.dataset):
+        raise DataError(f"{config.dataset} is not prepared in {config.data_dir}; run prepare first")
+    data = load_prepared(config.data_dir, config.dataset)
+    trained_on = tracking.run_tags(training_run_id).get("data_digest")
+    if trained_on is None:
+        raise DataError(f"training run {training_run_id} records no data_digest, so its test data cannot be checked")
+    if trained_on != data.digest:
+        raise DataError(
+            f"data digest mismatch: the model's training run {training_run_id} used data {trained_on}, "
+            f"but {data.path} holds {data.digest}; scoring it could mean testing on training images"
+        )
+    return data
+
+
+def report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Every number and table of an evaluation, all from the same logits."""
+    confusion = evaluate.confusion_matrix(logits, labels, len(classes))
+    per_class = pd.DataFrame({"class": classes, **evaluate.per_class_metrics(confusion)})
+    probabilities = logits.softmax(dim=1)
+    predictions = pd.DataFrame({
+        "label": labels.numpy(),
+        "predicted": logits.argmax(dim=1).numpy(),
+        "confidence": probabilities.max(dim=1).values.numpy(),
+    })
+    return {
+        "scores": evaluate.score(logits, labels),
+        "confusion": pd.DataFrame(confusion.numpy(), index=classes, columns=classes),
+        "per_class": per_class,
+        "predictions": predictions,
+        "mistakes": evaluate.confident_mistakes(logits, labels, MISTAKES_SHOWN),
+    }
+
+
+def log_report(result: dict, images: torch.Tensor, classes: list[str]) -> None:
+    tracking.log_table(result["per_class"], "per_class_metrics.json")
+    tracking.log_csv(result["per_class"], "per_class_metrics.csv")
+    tracking.log_csv(result["confusion"].rename_axis("true \\ predicted"), "confusion_matrix.csv", index=True)
+    tracking.log_figure(plots.confusion_matrix(torch.tensor(result["confusion"].to_numpy()), classes),
+                        "confusion_matrix.png")
+    tracking.log_csv(result["predictions"].rename_axis("index"), "predictions.csv", index=True)
+    mistakes = result["mistakes"]
+    rows = result["predictions"].iloc[mistakes.numpy()]
+    tracking.log_figure(
+        plots.misclassified_grid(
+            images[mistakes], [classes[i] for i in rows["label"]], [classes[i] for i in rows["predicted"]],
+            rows["confidence"].tolist(),
+        ),
+        "misclassified.png",
+    )
+
+
+def main(config: EvaluateConfig) -> dict[str, float]:
+    config.validate()
+    # The model files are small; MLflow's per-file download bars would bury the one line that matters.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    model_uri, training_run_id = tracking.resolve_model(config.model_uri)
+    with tracking.tracked_run(run_name=f"evaluate-{training_run_id[:8]}-{config.split}"):
+        tracking.log_config(config)
+        data = load_checked_data(config, training_run_id)
+        tracking.set_tags({"scored_run_id": training_run_id, "scored_model_uri": model_uri,
+                           "data_digest": data.digest, "dataset": config.dataset})
+        device = resolve_device(config.device)
+        split = data.splits[config.split]
+        logits = evaluate.predict(tracking.load_network(model_uri).to(device), to_inputs(split.images).to(device)).cpu()
+        result = report(logits, split.labels, data.classes)
+        metrics = {f"{config.split}_{name}": value for name, value in result["scores"].items()}
+        tracking.log_metrics(metrics)
+        log_report(result, split.images, data.classes)
+        if config.split == "test":  # val_* on the training run already holds its per-epoch history
+            tracking.log_metrics(metrics, run_id=training_run_id)
+        if config.register:
+            register_model(model_uri, config.register)
+    print("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()) + f"  (model {model_uri})")
+    return metrics
+
+
+def cli(argv: list[str] | None = None, prog: str = "evaluate") -> int:
+    return run_entry_point(make_parser(prog, __doc__, EvaluateConfig), EvaluateConfig, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,199 @@
+"""evaluate, the served model's two faces, the registry's champion, and compare, on two trained runs."""
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cnnexp import evaluate as core
+from cnnexp import tracking
+from cnnexp.data import load_prepared
+from cnnexp.model import Network
+from cnnexp.serving import as_inputs
+from conftest import subprocess_env, use_store, write_idx_dir
+from pipelines import compare, evaluate, prepare, train
+
+LRS = (0.01, 0.0003)  # in 2 epochs on the synthetic bars the first learns and the second barely starts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two training runs with different lr, each evaluated on the test split (shared: training costs)."""
+    work = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        use_store(mp, work)
+        source = write_idx_dir(work / "idx")
+        for lr in LRS:
+            assert train.cli(["--lr", str(lr), "--epochs", "2", "--batch-size", "50", "--source", str(source)]) == 0
+        client = MlflowClient()
+        runs = {float(r.data.params["lr"]): r.info.run_id for r in client.search_runs(["0"])}
+        evaluations = {}
+        for lr, run_id in runs.items():
+            assert evaluate.cli(["--model-uri", f"runs:/{run_id}/model"]) == 0
+            (evaluations[lr],) = client.search_runs(["0"], filter_string=f"tags.scored_run_id = '{run_id}'")
+        yield SimpleNamespace(work=work, source=source, runs=runs, evaluations=evaluations, client=client)
+
+
+def _csv(run_id: str, path: str, **kwargs) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")), **kwargs)
+
+
+def test_confident_mistakes_are_wrong_and_most_confident_first():
+    logits = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, 9.0], [2.0, 0.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert core.confident_mistakes(logits, labels, k=5).tolist() == [2, 3, 1]
+
+
+def test_model_inputs_read_dtype_as_scale():
+    uint8 = np.full((2, 28, 28), 255, dtype=np.uint8)
+    assert torch.equal(as_inputs(uint8), torch.ones(2, 1, 28, 28))
+    assert torch.equal(as_inputs(uint8 / 255.0), torch.ones(2, 1, 28, 28))
+    assert torch.equal(as_inputs(pd.DataFrame(uint8.reshape(2, -1))), torch.ones(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="28x28"):
+        as_inputs(np.zeros((2, 27, 28)))
+
+
+def test_evaluate_writes_test_metrics_on_its_run_and_the_training_run(trained):
+    for lr, run_id in trained.runs.items():
+        evaluation = trained.evaluations[lr]
+        training = trained.client.get_run(run_id)
+        assert evaluation.info.status == "FINISHED"
+        assert evaluation.data.tags["data_digest"] == training.data.tags["data_digest"]
+        for metric in ("test_accuracy", "test_loss"):
+            assert training.data.metrics[metric] == pytest.approx(evaluation.data.metrics[metric])
+
+
+def test_evaluation_artifacts_agree_with_test_accuracy(trained):
+    for lr, evaluation in trained.evaluations.items():
+        run_id = evaluation.info.run_id
+        artifacts = {a.path for a in trained.client.list_artifacts(run_id)}
+        assert {"confusion_matrix.png", "confusion_matrix.csv", "per_class_metrics.csv", "per_class_metrics.json",
+                "misclassified.png", "predictions.csv"} <= artifacts
+        confusion = _csv(run_id, "confusion_matrix.csv", index_col=0).to_numpy()
+        per_class = _csv(run_id, "per_class_metrics.csv")
+        predictions = _csv(run_id, "predictions.csv")
+        accuracy = evaluation.data.metrics["test_accuracy"]
+        assert np.trace(confusion) / confusion.sum() == pytest.approx(accuracy)
+        assert (predictions.label == predictions.predicted).mean() == pytest.approx(accuracy)
+        assert per_class["recall"].to_numpy() == pytest.approx(np.diag(confusion) / confusion.sum(axis=1))
+        assert per_class["support"].sum() == len(predictions) == 100
+        assert list(per_class["class"]) == load_prepared("data", "fashion-mnist").classes
+
+
+def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(trained):
+    run_id = trained.runs[LRS[0]]
+    uri = f"runs:/{run_id}/model"
+    assert isinstance(mlflow.pytorch.load_model(uri), Network)
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.metadata.signature.outputs.input_names() == ["class_index", "class_name"]
+    assert model.metadata.saved_input_example_info["type"] == "ndarray"
+    data = load_prepared("data", "fashion-mnist")
+    images = data.splits["test"].images.numpy()
+    expected = _csv(trained.evaluations[LRS[0]].info.run_id, "predictions.csv")["predicted"].to_numpy()
+    for batch in (images, images / np.float32(255), pd.DataFrame(images.reshape(len(images), -1))):
+        answer = model.predict(batch)
+        np.testing.assert_array_equal(answer["class_index"].to_numpy(), expected)
+        assert list(answer["class_name"]) == [data.classes[i] for i in expected]
+
+
+def test_evaluate_refuses_data_the_model_was_not_trained_against(trained, capsys):
+    assert prepare.cli(["--source", str(trained.source), "--data-dir", "other", "--seed", "7"]) == 0
+    run_id = trained.runs[LRS[0]]
+    assert evaluate.cli(["--model-uri", run_id, "--data-dir", "other"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate: error: data digest mismatch") and "\n" not in err, err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model-uri", "runs:/0123456789abcdef/model"], "evaluate: error: model_uri: no model at"),
+        (["--model-uri", "models:/no-such-model/1"], "evaluate: error: model_uri: no model at"),
+        (["--model-uri", "RUN", "--data-dir", "missing"], "evaluate: error: fashion-mnist is not prepared in missing"),
+        (["--split", "train", "--model-uri", "RUN"], "evaluate: error: split: unknown value 'train'"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line(trained, capsys, args, message):
+    args = [trained.runs[LRS[0]] if a == "RUN" else a for a in args]
+    assert evaluate.cli(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_champion_moves_only_to_a_better_validated_version(trained):
+    by_val = sorted(trained.runs.values(), key=lambda r: trained.client.get_run(r).data.metrics["val_accuracy"])
+    worse, better = (f"runs:/{run_id}/model" for run_id in by_val)
+    assert tracking.register(worse, "cnn") == (1, True)
+    assert tracking.register(better, "cnn") == (2, True)
+    assert tracking.register(worse, "cnn") == (3, False)
+    assert int(trained.client.get_model_version_by_alias("cnn", "champion").version) == 2
+    assert evaluate.cli(["--model-uri", "models:/cnn@champion", "--register", "cnn-evaluated"]) == 0
+    assert trained.client.get_model_version_by_alias("cnn-evaluated", "champion").run_id == by_val[1]
+
+
+def test_compare_ranks_runs_by_the_chosen_metric(trained, capsys):
+    best = max(trained.runs, key=lambda lr: trained.client.get_run(trained.runs[lr]).data.metrics["test_accuracy"])
+    assert compare.cli(["--sort-by", "test_accuracy", "--output", "board.csv", "--plot", "true"]) == 0
+    board = pd.read_csv("board.csv")
+    assert board["lr"].iloc[0] == best and set(board["lr"]) >= set(LRS)
+    assert list(board.columns[:7]) == ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy",
+                                       "test_accuracy", "duration_s"]
+    assert (trained.work / "board.png").stat().st_size > 0
+    assert "best_val_accuracy" in capsys.readouterr().out
+    assert compare.cli(["--sort-by", "nope"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, payload: dict) -> list[dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)["predictions"]
+
+
+@pytest.mark.slow
+def test_served_model_answers_as_evaluate_predicted(trained):
+    run_id = trained.runs[LRS[0]]
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=trained.work, env=subprocess_env(trained.work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        started = time.monotonic()
+        while True:
+            assert server.poll() is None, "the server exited"
+            assert time.monotonic() - started < 120, "no /ping answer within 120 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        print(f"mlflow models serve answered /ping after {time.monotonic() - started:.1f} s")
+        images = load_prepared("data", "fashion-mnist").splits["test"].images.numpy()
+        expected = _csv(trained.evaluations[LRS[0]].info.run_id, "predictions.csv")["predicted"].tolist()
+        for inputs in (images.tolist(), (images / 255.0).tolist()):
+            answers = _post(port, {"inputs": inputs})
+            assert [a["class_index"] for a in answers] == expected
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
