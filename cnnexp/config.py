@@ -52,6 +52,10 @@ class TrainConfig:
         default="",
         metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"),
     )
+    system_metrics: bool = field(
+        default=False,
+        metadata=_help("log CPU, memory, disk, network (and NVIDIA GPU) metrics with MLflow's system-metrics monitor"),
+    )
 
     def validate(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
