@@ -53,11 +53,18 @@ def idx_source(tmp_path) -> Path:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh working directory with its own MLflow store, as a user's checkout would have."""
+    import mlflow
+
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # A URI an earlier test gave mlflow.set_tracking_uri outranks the environment: forget it. That
+    # also unsets the variable, hence the second setenv (monkeypatch still restores the original).
+    mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return work
 
 
