@@ -56,6 +56,10 @@ class TrainConfig:
     register: str = field(
         default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
     )
+    system_metrics: bool = field(
+        default=False,
+        metadata=_help("log CPU, memory, disk, network (and NVIDIA GPU) metrics with MLflow's system-metrics monitor"),
+    )
 
     def validate(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):

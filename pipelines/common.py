@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cnnexp.config import ConfigError
+from pipelines.progress import calm_bars_off_terminal
 
 C = TypeVar("C")
 
@@ -38,6 +39,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         help_text = f.metadata.get("help", "")
         if "choices" in f.metadata:
             help_text += f" (one of: {', '.join(f.metadata['choices'])})"
+        elif kind is parse_bool:
+            help_text += " (true or false)"
         aliases = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
         parser.add_argument(
             *aliases,
@@ -76,6 +79,7 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     from cnnexp import tracking  # imported here so --help stays fast
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    calm_bars_off_terminal()
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)

@@ -1,15 +1,29 @@
 """What people see while work runs: a bar over batches on a terminal, one plain line per epoch always."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch stays unimported until training starts, so --help is quick
+    import torch
 
 
 def interactive() -> bool:
     return sys.stderr.isatty()
+
+
+def calm_bars_off_terminal() -> None:
+    """Off a terminal, third-party tqdm bars (torchvision's download) redraw at most every 10 s.
+
+    Redrawn ten times a second, a bar becomes one endless line in a CI log; tqdm reads
+    TQDM_MININTERVAL on each new bar, so this reaches bars we do not create. A user's own setting wins.
+    """
+    if not interactive():
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
 
 
 class EpochProgress:
@@ -20,18 +34,24 @@ class EpochProgress:
         self.batches = batches_per_epoch
         self.print_line = print_line
         self.bar: tqdm | None = None
+        self.epoch = 1
+        self.loss_sum: torch.Tensor | float = 0.0
 
     def on_batch_end(self, batch: int, loss: torch.Tensor) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=self.batches, leave=False, unit="batch", dynamic_ncols=True)
+            desc = f"epoch {self.epoch}/{self.epochs}"
+            self.bar = tqdm(total=self.batches, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
+            self.loss_sum = 0.0
+        self.loss_sum = self.loss_sum + loss.detach()  # stays on the device: no sync per batch
         self.bar.update(1)
         if batch % 20 == 0:  # reading the loss syncs the device; a few times a second is plenty
-            self.bar.set_postfix(loss=f"{loss.item():.4f}")
+            self.bar.set_postfix(loss=f"{float(self.loss_sum) / (batch + 1):.4f}")
 
     def on_epoch_end(self, m: dict) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.epoch = m["epoch"] + 1
         self.print_line(
             f"epoch {m['epoch']:>3}/{self.epochs}  loss {m['train_loss']:.4f}  acc {m['train_accuracy']:.4f}  "
             f"val_loss {m['val_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  {m['epoch_time_s']:.2f}s"

@@ -24,7 +24,9 @@ def load_or_prepare(config: TrainConfig) -> PreparedData:
 def main(config: TrainConfig) -> list[dict]:
     config.validate()
     device = resolve_device(config.device)
-    with tracking.tracked_run(run_name=f"train-lr{config.lr:g}-bs{config.batch_size}"):
+    run_name = f"train-lr{config.lr:g}-bs{config.batch_size}"
+    # None, not False, when off: MLflow's own MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
+    with tracking.tracked_run(run_name=run_name, log_system_metrics=config.system_metrics or None):
         tracking.log_config(config)
         data = load_or_prepare(config)
         tracking.log_environment(device, data)
