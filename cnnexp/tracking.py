@@ -274,16 +274,15 @@ def logged_steps(run_id: str, metric: str) -> set[int]:
 
 def redact_url(url: str) -> str:
     """The URL with any password (user:password@ or ?password=) replaced by ***, safe to log or print."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    from urllib.parse import parse_qsl, urlencode, urlsplit
 
     parts = urlsplit(url)
-    netloc = parts.netloc
     if parts.password is not None:
-        user, host = netloc.rsplit("@", 1)
-        netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        secret = ("password", "passwd", "pwd", "secret", "token")
+        user, host = parts.netloc.rsplit("@", 1)
+        url = url.replace(parts.netloc, f"{user.split(':', 1)[0]}:***@{host}", 1)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = ("password", "passwd", "pwd", "secret", "token")
+    if any(k.lower() in secret for k, _ in pairs):
         query = urlencode([(k, "***" if k.lower() in secret else v) for k, v in pairs], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+        url = url.replace(parts.query, query, 1)
+    return url
