@@ -32,9 +32,9 @@ def _final_status(run_id, wait_s=60):
 
 def test_ctrl_c_under_mlflow_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     work, env = tmp_path, {**subprocess_env(tmp_path), "PYTHONUNBUFFERED": "1"}
-    source = write_idx_dir(tmp_path / "idx", n_train=3000)
+    source = write_idx_dir(tmp_path / "idx", n_train=1500)
     paths = {"data_dir": tmp_path / "data", "checkpoint_dir": tmp_path / "checkpoints"}
-    params = {"epochs": 5, "batch_size": 50, "device": "cpu", "source": source, **paths}
+    params = {"epochs": 4, "batch_size": 50, "device": "cpu", "source": source, **paths}
     straight = subprocess.run(mlflow_run_command("train", **params), cwd=work, env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
@@ -52,7 +52,7 @@ def test_ctrl_c_under_mlflow_run_then_resume_equals_an_uninterrupted_run(tmp_pat
     first, stopped = _runs(work)
     assert _final_status(stopped.info.run_id) == "KILLED", output[-3000:]
     pointer = json.loads((work / "checkpoints" / stopped.info.run_id / "checkpoint.json").read_text())
-    assert 1 <= pointer["epoch"] < 5, "the interrupt should land mid-training"
+    assert 1 <= pointer["epoch"] < 4, "the interrupt should land mid-training"
 
     done = subprocess.run(
         mlflow_run_command("train", resume=stopped.info.run_id, device="cpu", **paths),

@@ -89,3 +89,18 @@ def test_redact_url_hides_passwords_only():
     assert tracking.redact_url("mysql://u:p@h/db?password=x&ssl=1") == "mysql://u:***@h/db?password=***&ssl=1"
     assert tracking.redact_url("sqlite:///optuna.db") == "sqlite:///optuna.db"
     assert tracking.redact_url("postgresql://bob@db/optuna") == "postgresql://bob@db/optuna"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_checkpoint_of_a_cuda_state_loads_weights_only_and_restores_rng(tmp_path):
+    cuda = torch.device("cuda")
+    state = new_training_state(lr=0.01, seed=0, device=cuda)
+    state.model(torch.rand(2, 1, 28, 28, device=cuda)).sum().backward()
+    state.optimizer.step()
+    save_checkpoint(tmp_path, capture(state, history=[]), 1)
+    expected = torch.rand(3, device=cuda)  # the draw right after the checkpoint
+    other = new_training_state(lr=0.01, seed=1, device=cuda)
+    restore(other, load_checkpoint(tmp_path))
+    assert torch.equal(torch.rand(3, device=cuda), expected)
+    assert torch.equal(other.model.fc1.weight, state.model.fc1.weight)
+    assert other.optimizer.state_dict()["state"][0]["exp_avg"].device.type == "cuda"
