@@ -81,11 +81,13 @@ def test_three_trainings_at_once_in_one_directory_lose_nothing(launcher, tmp_pat
     work, env = tmp_path, {**subprocess_env(tmp_path), "PYTHONPATH": str(REPO)}
     command = _module_command if launcher.startswith("cnnexp") else mlflow_run_command
     if launcher.startswith("mlflow"):
-        subprocess.run(["mlflow", "db", "upgrade", env["MLFLOW_TRACKING_URI"]], env=env, check=True, capture_output=True)
+        subprocess.run(["mlflow", "db", "upgrade", env["MLFLOW_TRACKING_URI"]], cwd=work, env=env, check=True, capture_output=True)
     source = write_idx_dir(tmp_path / "idx")
+    # `mlflow run` runs in the project checkout, so relative paths would land there.
+    paths = {"data_dir": tmp_path / "data", "checkpoint_dir": tmp_path / "checkpoints"}
     procs = [
         subprocess.Popen(
-            command("train", epochs=3, batch_size=50, seed=seed, device="cpu", source=source),
+            command("train", epochs=3, batch_size=50, seed=seed, device="cpu", source=source, **paths),
             cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         for seed in range(3)
