@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DATASETS = ("fashion-mnist", "mnist", "kmnist")
 
@@ -60,6 +60,14 @@ class TrainConfig:
         default=False,
         metadata=_help("log CPU, memory, disk, network (and NVIDIA GPU) metrics with MLflow's system-metrics monitor"),
     )
+    resume: str = field(
+        default="",
+        metadata=_help("run id of a KILLED or FAILED train run to continue from its last checkpoint"),
+    )
+    checkpoint_dir: str = field(
+        default="checkpoints",
+        metadata=_help("where an unfinished run keeps its last completed epoch, as <checkpoint_dir>/<run_id>/"),
+    )
 
     def validate(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -72,9 +80,32 @@ class TrainConfig:
         _check_device(self.device)
         _check_choice("dataset", self.dataset, DATASETS)
         _check_nonempty("data_dir", self.data_dir)
+        _check_nonempty("checkpoint_dir", self.checkpoint_dir)
+        # The id names a checkpoint directory, so it must not be able to climb out of it.
+        if self.resume and not re.fullmatch(r"[A-Za-z0-9][\w-]{0,255}", self.resume):
+            raise ConfigError("resume", f"{self.resume!r} is not a run id (letters, digits, _ and -)")
 
     def prepare_config(self) -> PrepareConfig:
         return PrepareConfig(dataset=self.dataset, source=self.source, data_dir=self.data_dir)
+
+    def resumed_with(self, saved: dict) -> TrainConfig:
+        """This config with the interrupted run's own settings for everything that shapes its result.
+
+        A value given here that is neither the default nor the run's is refused: params are
+        immutable, so the resumed run could not record it. device and paths may change.
+        """
+        defaults = TrainConfig()
+        for name in RESUME_KEEPS:
+            given, kept = getattr(self, name), saved[name]
+            if given != getattr(defaults, name) and given != kept:
+                raise ConfigError(
+                    name, f"run {self.resume} was trained with {kept!r}, got {given!r}; "
+                    f"resume continues with the run's own {name} (leave it out or pass {kept!r})",
+                )
+        return replace(self, **{name: saved[name] for name in RESUME_KEEPS})
+
+
+RESUME_KEEPS = ("lr", "batch_size", "epochs", "seed", "dataset")
 
 
 SPLITS_TO_SCORE = ("test", "val")

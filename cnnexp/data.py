@@ -205,8 +205,11 @@ def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
     """Reads, checks, splits and stores the data; returns it and whether an earlier result was reused."""
     config.validate()
     target = prepared_path(config.data_dir, config.dataset)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{config.dataset}.lock"):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data_dir: cannot create {target.parent} ({err.strerror})") from None
+    with file_lock(target.parent / f".{config.dataset}.lock"):
         source = Path(config.source) if config.source else download(config.dataset, Path(config.data_dir) / "downloads")
         raw_splits, sha256s = read_source(config.dataset, source)
         inputs = {
@@ -304,8 +307,8 @@ def load_prepared(data_dir: str | Path, dataset: str) -> PreparedData:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Serialises concurrent prepares of one dataset in one data_dir (several runs started at once)."""
+def file_lock(lock_path: Path):
+    """Serialises processes around one path (concurrent prepares of a dataset, creation of a store)."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; concurrent prepares there are the user's to avoid

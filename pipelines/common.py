@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import traceback
@@ -68,8 +69,15 @@ def make_parser(prog: str, description: str, config_class: type) -> argparse.Arg
     return parser
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _raise_interrupt(signum, frame):
     # `mlflow run` stops a script with SIGTERM; handling it like Ctrl-C lets runs end KILLED, not RUNNING.
+    # Ctrl-C under `mlflow run` brings SIGINT and then mlflow's SIGTERM: later signals must not cut
+    # short the cleanup (ending the run KILLED, saving its checkpoint) that the first one started.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -78,7 +86,8 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     """Parses, runs main, and turns every failure into one line on stderr and a non-zero exit code."""
     from cnnexp import tracking  # imported here so --help stays fast
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
+    pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
     calm_bars_off_terminal()
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -86,15 +95,20 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
         main(config_from_args(config_class, args))
         return 0
     except KeyboardInterrupt as err:
-        tracking.end_pending_run("KILLED")
+        tracking.end_pending_run("KILLED", run_id=pending_run)
+        if pending_run:
+            tracking.guard_killed_status(pending_run)
         print(f"{parser.prog}: interrupted; the run is marked KILLED", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        tracking.end_pending_run("FAILED", err)
+        tracking.end_pending_run("FAILED", err, run_id=pending_run)
         if verbose:
             traceback.print_exc()
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_FAILED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def register_model(model_uri: str, name: str) -> None:

@@ -78,3 +78,11 @@ def subprocess_env(work: Path) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     env.pop("MLFLOW_RUN_ID", None)
     return env
+
+
+def mlflow_run_command(entry: str, **params) -> list[str]:
+    """`mlflow run` of this checkout's entry point as a user types it (local env, params as strings)."""
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    return args

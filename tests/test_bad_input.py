@@ -1,0 +1,155 @@
+"""Every parameter a user can type, wrong: one clear line naming it, a non-zero exit, no run left
+RUNNING and no new file a later step would trust. One table; the lead extends it to new entry points."""
+import shutil
+import subprocess
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cnnexp import tracking
+from conftest import mlflow_run_command, subprocess_env, write_idx_dir
+from pipelines import prepare, train
+from test_data import BAD_FILES, EXPECTED_FILE
+
+COMMANDS = {"prepare": prepare.cli, "train": train.cli}
+BAD, FAILED = 2, 1  # exit codes: a parameter refused before any work / a failure while working
+
+
+def _file_under_a_regular_file(tmp):
+    (tmp / "plain").write_text("not a directory")
+    return str(tmp / "plain" / "data")
+
+
+def _bad_source(case):
+    def setup(tmp):
+        source = write_idx_dir(tmp / f"idx-{case}")
+        BAD_FILES[case](source)
+        return ["--source", str(source)]
+
+    return setup
+
+
+def _run_of(entry, *args):
+    """Makes a finished `entry` run; returns its id."""
+    def make(tmp):
+        assert COMMANDS[entry]([*args, "--source", str(write_idx_dir(tmp / "idx"))]) == 0
+        return MlflowClient().search_runs(["0"], order_by=["attributes.start_time DESC"])[0].info.run_id
+    return make
+
+
+def _killed_train_run(tmp):
+    """A train run interrupted after its first checkpoint; returns its id."""
+    log_epoch = tracking.log_epoch
+    tracking.log_epoch = _interrupt
+    try:
+        assert train.cli(["--epochs", "2", "--lr", "0.001", "--source", str(write_idx_dir(tmp / "idx"))]) == 130
+    finally:
+        tracking.log_epoch = log_epoch
+    return MlflowClient().search_runs(["0"])[0].info.run_id
+
+
+def _interrupt(metrics):
+    raise KeyboardInterrupt
+
+
+# case -> (command, args or setup(tmp) -> args, exit code, message)
+CASES = {
+    # prepare
+    "prepare dataset unknown": ("prepare", ["--dataset", "cifar"], BAD, "dataset: unknown value 'cifar'; allowed: fashion-mnist"),
+    "prepare source missing dir": ("prepare", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
+    "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], FAILED, "missing (expected train-images-idx3-ubyte"),
+    **{f"prepare source {case}": ("prepare", _bad_source(case), FAILED, EXPECTED_FILE[case]) for case in BAD_FILES},
+    "prepare data_dir empty": ("prepare", ["--data-dir", ""], BAD, "data_dir: must not be empty"),
+    "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
+    "prepare val_fraction 0": ("prepare", ["--val-fraction", "0"], BAD, "val_fraction: must be between 0 and 1"),
+    "prepare val_fraction 1": ("prepare", ["--val-fraction", "1"], BAD, "val_fraction: must be between 0 and 1"),
+    "prepare val_fraction negative": ("prepare", ["--val-fraction", "-0.1"], BAD, "val_fraction: must be between 0 and 1"),
+    "prepare val_fraction text": ("prepare", ["--val-fraction", "abc"], BAD, "val_fraction: invalid float value: 'abc'"),
+    "prepare seed negative": ("prepare", ["--seed", "-1"], BAD, "seed: must be between 0 and 2**32 - 1"),
+    "prepare seed text": ("prepare", ["--seed", "abc"], BAD, "seed: invalid int value: 'abc'"),
+    # train
+    "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
+    "train lr negative": ("train", ["--lr", "-1"], BAD, "lr: must be a positive number"),
+    "train lr nan": ("train", ["--lr", "nan"], BAD, "lr: must be a positive number"),
+    "train lr text": ("train", ["--lr", "abc"], BAD, "lr: invalid float value: 'abc'"),
+    "train batch_size zero": ("train", ["--batch-size", "0"], BAD, "batch_size: must be at least 1"),
+    "train batch_size fraction": ("train", ["--batch-size", "1.5"], BAD, "batch_size: invalid int value: '1.5'"),
+    "train epochs zero": ("train", ["--epochs", "0"], BAD, "epochs: must be at least 1"),
+    "train epochs text": ("train", ["--epochs", "abc"], BAD, "epochs: invalid int value: 'abc'"),
+    "train seed too big": ("train", ["--seed", str(2**32)], BAD, "seed: must be between 0 and 2**32 - 1"),
+    "train seed text": ("train", ["--seed", "abc"], BAD, "seed: invalid int value: 'abc'"),
+    "train device unknown": ("train", ["--device", "tpu"], BAD, "device: unknown device 'tpu'; allowed: auto, cpu"),
+    "train device bad index": ("train", ["--device", "cuda:x"], BAD, "device: unknown device 'cuda:x'"),
+    "train dataset unknown": ("train", ["--dataset", "cifar"], BAD, "dataset: unknown value 'cifar'"),
+    "train data_dir blank": ("train", ["--data-dir", " "], BAD, "data_dir: must not be empty"),
+    "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
+    "train source missing dir": ("train", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
+    "train checkpoint_dir empty": ("train", ["--checkpoint-dir", ""], BAD, "checkpoint_dir: must not be empty"),
+    "train resume unknown run": ("train", ["--resume", "0123abc"], BAD, "resume: no run '0123abc' in sqlite:"),
+    "train resume path": ("train", ["--resume", "../../etc"], BAD, "resume: '../../etc' is not a run id"),
+    "train resume a prepare run": ("train", lambda t: ["--resume", _run_of("prepare")(t)], BAD, "is not a train run"),
+    "train resume a finished run": ("train", lambda t: ["--resume", _run_of("train", "--epochs", "1")(t)], BAD, "is FINISHED; only KILLED or FAILED"),
+    "train resume other lr": ("train", lambda t: ["--resume", _killed_train_run(t), "--lr", "0.1"], BAD, "lr: run "),
+}
+
+
+def _files(root):
+    return {p for p in root.rglob("*") if p.is_file() and "mlruns" not in p.parts and not p.name.startswith("mlflow.db")}
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory):
+    """An empty MLflow store made once: creating its tables is most of a small case's time."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def workdir(workdir, migrated_db):
+    shutil.copy(migrated_db, workdir / "mlflow.db")
+    return workdir
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_line_a_nonzero_exit_and_leaves_nothing_half_done(case, workdir, capsys):
+    command, args, code, message = CASES[case]
+    args = args(workdir) if callable(args) else args
+    before, runs_before = _files(workdir), len(MlflowClient().search_runs(["0"]))
+    capsys.readouterr()
+    assert COMMANDS[command](args) == code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and err.startswith(f"{command}: error: "), err
+    runs = MlflowClient().search_runs(["0"])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    if code == BAD:
+        assert len(runs) == runs_before  # refused before a run started
+    else:
+        assert runs[0].info.status == "FAILED" and message in runs[0].data.tags["error"]
+    assert all(p.name.endswith(".lock") for p in _files(workdir) - before)  # nothing a later step would read
+
+
+# The string-typed path: MLflow passes every -P value as text and checks neither ints nor floats.
+MLFLOW_RUN_CASES = {
+    "prepare val_fraction text": ("prepare", {"val_fraction": "abc"}, "val_fraction: invalid float value: 'abc'"),
+    "train batch_size fraction": ("train", {"batch_size": "1.5"}, "batch_size: invalid int value: '1.5'"),
+    "train resume unknown run": ("train", {"resume": "0123abc"}, "resume: no run '0123abc'"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MLFLOW_RUN_CASES)
+def test_bad_input_through_mlflow_run_fails_its_run_with_one_line(case, tmp_path):
+    entry, params, message = MLFLOW_RUN_CASES[case]
+    done = subprocess.run(
+        mlflow_run_command(entry, data_dir=tmp_path / "data", **params),
+        cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith(f"{entry}: ")]
+    assert len(ours) == 1 and message in ours[0], done.stderr[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FAILED" and message in run.data.tags["error"]
+    assert not (tmp_path / "data").exists()
