@@ -261,11 +261,17 @@ def _one_trial(seed: int) -> float:
     return fit(state, _worker["train"], _worker["val"], batch_size=100, epochs=1)[-1]["val_accuracy"]
 
 
+def threads_per_worker(b: Bench, k: int) -> int:
+    """The main process's threads (all cores, or --threads) split among k workers: oversubscribed
+    OpenMP threads stall every small op. On a GPU the CPU only launches kernels."""
+    return 1 if b.device.type == "cuda" else max(1, torch.get_num_threads() // k)
+
+
 def concurrent_trials(b: Bench, k: int, trials: int, train: Split) -> dict:
     """Aggregate trials per minute of k worker processes sharing the machine (and its one GPU, if any)."""
     import multiprocessing
 
-    threads = 1 if b.device.type == "cuda" else max(1, (os.cpu_count() or 1) // k)
+    threads = threads_per_worker(b, k)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with ctx.Pool(k, _init_worker, (train, b.val, str(b.device), threads)) as pool:
         pool.map(_one_trial, range(k), chunksize=1)  # warm-up: imports, allocator, kernel caches
@@ -286,7 +292,8 @@ def bench_trials(b: Bench) -> dict:
         max(1, b.repeats // 2),
     )
     rows = summarise(results, "1 process", "trials_per_min", higher_is_better=True)
-    return {"unit": "trials/min", "rows": rows, "trial": f"1 epoch on {len(trial_train.labels):,} images, batch 100"}
+    return {"unit": "trials/min", "rows": rows, "trial": f"1 epoch on {len(trial_train.labels):,} images, batch 100",
+            "threads_per_process": {"1": threads_per_worker(b, 1), str(k): threads_per_worker(b, k)}}
 
 
 def needs_tuning(name: str) -> Callable[[Bench], dict]:
@@ -336,6 +343,11 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 repeats on 12,000 images instead of 5 on 60,000")
@@ -375,9 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["benchmarks"][name] = BENCHMARKS[name](bench)
             report["benchmarks"][name]["wall_s"] = time.perf_counter() - started
             print(f"[{name} done in {report['benchmarks'][name]['wall_s']:.0f}s]", file=sys.stderr, flush=True)
+            write_json(report, args.out)  # after each benchmark, so an interrupted run keeps what it measured
     print(format_table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {args.out}")
     return report
 
