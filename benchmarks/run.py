@@ -142,9 +142,10 @@ def fit_epochs(b: Bench, batch_size: int, epochs: int = 1, on_epoch_end=None) ->
     return {"seconds": (time.perf_counter() - started) / epochs, "train_loss": history[0]["train_loss"]}
 
 
-def interleave(contenders: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
-    """Runs A B C A B C ...; one warm-up round first is discarded (allocator, oneDNN kernel caches)."""
-    for run in contenders.values():
+def interleave(contenders: dict[str, Callable[[], dict]], repeats: int, warm_up: bool = False) -> dict[str, list[dict]]:
+    """Runs A B C A B C ...; with warm_up, a first round is discarded (allocator, oneDNN kernel caches:
+    milliseconds, which matter only to short contenders)."""
+    for run in contenders.values() if warm_up else ():
         run()
     results: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(repeats):
@@ -196,20 +197,21 @@ def bench_tracking(b: Bench) -> dict:
     with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as store:
         mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
         mlflow.set_experiment("benchmark-tracking")
-        callback_s: list[float] = []
-
-        def timed_log_epoch(metrics: dict) -> None:
-            started = time.perf_counter()
-            tracking.log_epoch(metrics)
-            callback_s.append(time.perf_counter() - started)
 
         def tracked() -> dict:
+            spent = []  # seconds inside each log_epoch call
+
+            def timed_log_epoch(metrics: dict) -> None:
+                started = time.perf_counter()
+                tracking.log_epoch(metrics)
+                spent.append(time.perf_counter() - started)
+
             with tracking.tracked_run():
                 result = fit_epochs(b, 100, epochs, on_epoch_end=timed_log_epoch)
                 started = time.perf_counter()
-                tracking.flush()
-                callback_s.append(time.perf_counter() - started)
-            return result
+                tracking.flush()  # once per run: waits for the queued writes
+                flush_s = time.perf_counter() - started
+            return {**result, "log_s": sum(spent) / epochs, "flush_s": flush_s}
 
         results = interleave({"fit untracked": lambda: fit_epochs(b, 100, epochs), "fit tracked": tracked}, b.repeats)
     rows = summarise(results, "fit untracked")
@@ -217,11 +219,11 @@ def bench_tracking(b: Bench) -> dict:
     rows[1]["overhead_pct"] = 100 * (rows[1]["median"] - untracked) / untracked
     # The wall-clock difference is within the noise of a shared machine; the time spent inside the
     # tracking calls themselves is the sharper figure.
-    per_epoch_calls = statistics.median(callback_s) if callback_s else 0.0
+    log_s = statistics.median(r["log_s"] for r in results["fit tracked"])
     return {
         "unit": "s/epoch", "rows": rows, "epochs_per_run": epochs,
-        "median_tracking_call_s": per_epoch_calls,
-        "tracking_call_pct_of_epoch": 100 * per_epoch_calls / untracked,
+        "log_epoch_s": log_s, "tracking_call_pct_of_epoch": 100 * log_s / untracked,
+        "flush_s_per_run": statistics.median(r["flush_s"] for r in results["fit tracked"]),
     }
 
 
@@ -243,7 +245,7 @@ def bench_eval(b: Bench) -> dict:
         logits.sum().item()  # waits for an asynchronous device
         return {"images_per_s": len(b.test.labels) / (time.perf_counter() - started)}
 
-    results = interleave({"tutorial eval": tutorial, "predict": ours}, b.repeats)
+    results = interleave({"tutorial eval": tutorial, "predict": ours}, b.repeats, warm_up=True)
     return {"unit": "images/s", "rows": summarise(results, "tutorial eval", "images_per_s", higher_is_better=True)}
 
 
@@ -297,14 +299,17 @@ def bench_trials(b: Bench) -> dict:
 
 
 def needs_tuning(name: str) -> Callable[[Bench], dict]:
-    """Benchmarks 4-5 time cnnexp.tuning; until that module exists they report why they were skipped."""
+    """Benchmarks 4-5 time cnnexp.tuning through benchmarks/tuning_benchmarks.py (`pruning(bench)`,
+    `workers(bench)`, each returning {"unit", "rows"}); until both exist they say why they were skipped."""
 
     def run(b: Bench) -> dict:
-        if importlib.util.find_spec("cnnexp.tuning") is None:
-            return {"skipped": "needs cnnexp.tuning (not in this checkout yet)"}
-        from benchmarks import tuning_benchmarks
-
-        return getattr(tuning_benchmarks, name)(b)
+        path = REPO / "benchmarks" / "tuning_benchmarks.py"
+        if importlib.util.find_spec("cnnexp.tuning") is None or not path.exists():
+            return {"skipped": "needs cnnexp.tuning and benchmarks/tuning_benchmarks.py (not in this checkout yet)"}
+        spec = importlib.util.spec_from_file_location("tuning_benchmarks", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, name)(b)
 
     return run
 
@@ -336,7 +341,8 @@ def format_table(report: dict) -> str:
             lines.append(f"{name:<10} {row['contender']:<18} {row['median']:>10.4g} {result['unit']:<9} {spread:>19} {ratio:>12}")
         if "tracking_call_pct_of_epoch" in result:
             lines.append(f"{'':<10} tracking overhead: {result['rows'][1]['overhead_pct']:+.1f}% wall clock; "
-                         f"time inside tracking calls {result['tracking_call_pct_of_epoch']:.2f}% of an epoch")
+                         f"inside log_epoch {result['tracking_call_pct_of_epoch']:.2f}% of an epoch; "
+                         f"end-of-run flush {result['flush_s_per_run']:.2f}s once per run")
         if "first_epoch_train_loss" in result:
             losses = ", ".join(f"{k} {v:.4f}" for k, v in result["first_epoch_train_loss"].items())
             lines.append(f"{'':<10} first-epoch train loss (same math => close): {losses}")
