@@ -9,7 +9,7 @@ import torch
 
 from cnnexp import evaluate, plots, tracking
 from cnnexp.config import EvaluateConfig
-from cnnexp.data import DataError, PreparedData, is_prepared, load_prepared
+from cnnexp.data import DataError, PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from pipelines.common import make_parser, register_model, run_entry_point
@@ -19,8 +19,6 @@ MISTAKES_SHOWN = 24
 
 def load_checked_data(config: EvaluateConfig, training_run_id: str) -> PreparedData:
     """The prepared data, refused unless it is the very data the model was trained against."""
-    if not is_prepared(config.data_dir, config.dataset):
-        raise DataError(f"{config.dataset} is not prepared in {config.data_dir}; run prepare first")
     data = load_prepared(config.data_dir, config.dataset)
     trained_on = tracking.run_tags(training_run_id).get("data_digest")
     if trained_on is None:

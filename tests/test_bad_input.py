@@ -9,10 +9,10 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp import tracking
 from conftest import mlflow_run_command, subprocess_env, write_idx_dir
-from pipelines import prepare, train
+from pipelines import evaluate, prepare, train, tune
 from test_data import BAD_FILES, EXPECTED_FILE
 
-COMMANDS = {"prepare": prepare.cli, "train": train.cli}
+COMMANDS = {"prepare": prepare.cli, "train": train.cli, "evaluate": evaluate.cli, "tune": tune.cli}
 BAD, FAILED = 2, 1  # exit codes: a parameter refused before any work / a failure while working
 
 
@@ -91,6 +91,30 @@ CASES = {
     "train resume a prepare run": ("train", lambda t: ["--resume", _run_of("prepare")(t)], BAD, "is not a train run"),
     "train resume a finished run": ("train", lambda t: ["--resume", _run_of("train", "--epochs", "1")(t)], BAD, "is FINISHED; only KILLED or FAILED"),
     "train resume other lr": ("train", lambda t: ["--resume", _killed_train_run(t), "--lr", "0.1"], BAD, "lr: run "),
+    # evaluate
+    "evaluate model_uri empty": ("evaluate", ["--model-uri", ""], BAD, "model_uri: must not be empty"),
+    "evaluate model_uri unknown run": ("evaluate", ["--model-uri", "runs:/abc/model"], BAD, "model_uri: no model at 'runs:/abc/model'"),
+    "evaluate bare unknown run id": ("evaluate", ["--model-uri", "abc"], BAD, "model_uri: no model at 'runs:/abc/model'"),
+    "evaluate split unknown": ("evaluate", ["--model-uri", "abc", "--split", "train"], BAD, "split: unknown value 'train'; allowed: test, val"),
+    "evaluate dataset unknown": ("evaluate", ["--model-uri", "abc", "--dataset", "cifar"], BAD, "dataset: unknown value 'cifar'"),
+    "evaluate device unknown": ("evaluate", ["--model-uri", "abc", "--device", "tpu"], BAD, "device: unknown device 'tpu'"),
+    "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], FAILED, "data_dir: no prepared fashion-mnist data"),
+    # tune
+    "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
+    "tune n_trials text": ("tune", ["--n-trials", "abc"], BAD, "--n-trials/--n_trials: invalid int value: 'abc'"),
+    "tune timeout negative": ("tune", ["--timeout", "-1"], BAD, "timeout: must be 0 (no limit) or a positive number"),
+    "tune epochs zero": ("tune", ["--epochs", "0"], BAD, "epochs: must be at least 1"),
+    "tune lr range inverted": ("tune", ["--lr-min", "0.1", "--lr-max", "0.01"], BAD, "lr_min: must be below lr_max"),
+    "tune lr_min zero": ("tune", ["--lr-min", "0"], BAD, "lr_min: must be a positive number"),
+    "tune batch_min not a power of two": ("tune", ["--batch-min", "12"], BAD, "batch_min: must be a power of two"),
+    "tune batch range inverted": ("tune", ["--batch-min", "256", "--batch-max", "64"], BAD, "batch_min: must not exceed batch_max (64)"),
+    "tune sampler unknown": ("tune", ["--sampler", "grid"], BAD, "sampler: unknown value 'grid'; allowed: tpe, random"),
+    "tune pruner unknown": ("tune", ["--pruner", "foo"], BAD, "pruner: unknown value 'foo'; allowed: median, hyperband, none"),
+    "tune workers zero": ("tune", ["--workers", "0"], BAD, "workers: must be at least 1"),
+    "tune storage empty": ("tune", ["--storage", ""], BAD, "storage: must not be empty"),
+    "tune study_name empty": ("tune", ["--study-name", ""], BAD, "study_name: must not be empty"),
+    "tune retrain_best not a bool": ("tune", ["--retrain-best", "maybe"], BAD, "retrain-best/--retrain_best: expected true or false"),
+    "tune device unknown": ("tune", ["--device", "tpu"], BAD, "device: unknown device 'tpu'"),
 }
 
 

@@ -120,7 +120,7 @@ def test_evaluate_refuses_data_the_model_was_not_trained_against(trained, capsys
     [
         (["--model-uri", "runs:/0123456789abcdef/model"], "evaluate: error: model_uri: no model at"),
         (["--model-uri", "models:/no-such-model/1"], "evaluate: error: model_uri: no model at"),
-        (["--model-uri", "RUN", "--data-dir", "missing"], "evaluate: error: fashion-mnist is not prepared in missing"),
+        (["--model-uri", "RUN", "--data-dir", "missing"], "evaluate: error: data_dir: no prepared fashion-mnist data in missing"),
         (["--split", "train", "--model-uri", "RUN"], "evaluate: error: split: unknown value 'train'"),
     ],
 )
