@@ -8,6 +8,7 @@ COMMANDS = {
     "prepare": ("pipelines.prepare", "read, check, split and record a dataset"),
     "train": ("pipelines.train", "train the CNN and track the run in MLflow"),
     "tune": ("pipelines.tune", "Optuna study of lr and batch size, every trial an MLflow child run"),
+    "worker": ("pipelines.worker", "join a study `tune` created (any machine) and run its trials"),
 }
 
 

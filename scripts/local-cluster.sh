@@ -5,6 +5,9 @@
 #   scripts/local-cluster.sh up   [DIR]   start both; prints the two URLs to export
 #   scripts/local-cluster.sh env  [DIR]   print the exports again
 #   scripts/local-cluster.sh down [DIR]   stop both (DIR keeps the data; delete it to start afresh)
+#   scripts/local-cluster.sh workers DIR N [cnnexp worker flags]
+#                                         N `cnnexp worker` processes against the cluster, logs in
+#                                         DIR/worker-I.log; waits for all, exits non-zero if one failed
 #
 # Ports: PGPORT (default 55432) and MLFLOW_PORT (default 5001). Everything binds to 127.0.0.1.
 set -euo pipefail
@@ -65,9 +68,28 @@ down() {
   echo "stopped (data kept in $dir)"
 }
 
+workers() {
+  local n=${3:?usage: $0 workers DIR N [cnnexp worker flags]}
+  shift 3
+  eval "$(print_env)"
+  local pids=() failed=0
+  for i in $(seq "$n"); do
+    ${CNNEXP:-cnnexp} worker "$@" >"$dir/worker-$i.log" 2>&1 &
+    pids+=($!)
+    echo "worker $i: pid $! (log $dir/worker-$i.log)"
+  done
+  # Ctrl-C stops them the way `mlflow run` would (SIGTERM): their running trials end FAILED, not RUNNING.
+  trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM
+  for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then tail -n 1 "$dir/worker-$((i + 1)).log"; else failed=1; echo "worker $((i + 1)) failed:"; tail -n 5 "$dir/worker-$((i + 1)).log"; fi
+  done
+  return $failed
+}
+
 case "$cmd" in
   up) up ;;
   env) print_env ;;
   down) down ;;
-  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
+  workers) workers "$@" ;;
+  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
 esac

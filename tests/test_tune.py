@@ -1,5 +1,9 @@
 """The tune entry point: config checks, Optuna and MLflow agreeing on every trial, workers, resuming."""
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import mlflow
 import optuna
@@ -71,7 +75,7 @@ BAD_TUNE_ARGS = {
     "batch range reversed": (["--batch-min", "64", "--batch-max", "32"], "batch_min: must not exceed batch_max"),
     "unknown sampler": (["--sampler", "grid"], "sampler: unknown value 'grid'"),
     "unknown pruner": (["--pruner", "asha"], "pruner: unknown value 'asha'"),
-    "no workers": (["--workers", "0"], "workers: must be at least 1"),
+    "negative workers": (["--workers", "-1"], "workers: must be 0"),
     "negative timeout": (["--timeout", "-1"], "timeout: must be 0"),
 }
 
@@ -180,18 +184,27 @@ def test_mlflow_run_tune_two_workers_then_resume_with_four(tmp_path):
     assert_optuna_and_mlflow_agree(study, [run for runs in children.values() for run in runs], _client(work))
 
 
-def test_trials_a_dead_worker_left_running_end_failed_in_both_stores(workdir):
+def test_trials_a_dead_worker_left_running_end_failed_in_both_stores_and_are_queued_again(workdir):
     config = TuneConfig(storage=str(workdir / "optuna-journal.log"))
     study = tuning.load_study(config)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    workers = {"dead": {"host": socket.gethostname(), "pid": gone.pid},
+               "alive": {"host": socket.gethostname(), "pid": os.getpid()},
+               "elsewhere": {"host": "another-machine", "pid": gone.pid}}  # cannot be checked from here
     with mlflow.start_run() as parent_run:
-        parent = tuning.Parent(parent_run.info.run_id, parent_run.info.experiment_id, mlflow.get_tracking_uri())
-        ours, theirs = study.ask(), study.ask()  # theirs: another call's trial, still running elsewhere
-        for trial, parent_id in ((ours, parent.run_id), (theirs, "another-parent")):
-            run_id = tracking.start_child_run(parent_id, parent.experiment_id, f"trial-{trial.number}", {}, {})
+        trials = {}
+        for name, worker in workers.items():
+            trial = trials[name] = study.ask()
+            trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+            run_id = tracking.start_child_run(parent_run.info.run_id, parent_run.info.experiment_id, name, {}, {})
             trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("mlflow_parent_run_id", parent_id)
-        assert tuning.fail_orphans(study, parent) == [ours.number]
+            trial.set_user_attr("worker", worker)
+        assert tuning.recover_dead_trials(study) == [trials["dead"].number]
     states = {t.number: t.state.name for t in study.trials}
-    assert states == {ours.number: "FAIL", theirs.number: "RUNNING"}
-    run = MlflowClient().get_run(study.trials[ours.number].user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED" and "worker process ended abnormally" in run.data.tags["error"]
+    dead = trials["dead"].number
+    assert states == {dead: "FAIL", trials["alive"].number: "RUNNING", trials["elsewhere"].number: "RUNNING", 3: "WAITING"}
+    retry = study.trials[3]
+    assert retry.system_attrs["fixed_params"] == study.trials[dead].params and retry.user_attrs["retry_of"] == dead
+    run = MlflowClient().get_run(study.trials[dead].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "worker process died" in run.data.tags["error"]
