@@ -67,7 +67,7 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
     """
     if "://" not in storage:
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
-    if storage.startswith("sqlite"):
+    if not has_heartbeats(storage):
         return storage
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
@@ -75,6 +75,11 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
             storage, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
             heartbeat_stale_trial_callback=FailStaleRunAndRetry(),
         )
+
+
+def has_heartbeats(storage: str) -> bool:
+    """Database URLs other than sqlite: dead workers are found by heartbeat there, by pid elsewhere."""
+    return "://" in storage and not storage.startswith("sqlite")
 
 
 def redact(storage: str) -> str:
@@ -283,12 +288,12 @@ def run_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int, c
             study.optimize(objective, n_trials=n_trials, timeout=config.timeout or None, catch=(Exception,),
                            callbacks=callbacks)
         else:
-            optimize_until(study, objective, target, config.timeout, callbacks)
+            optimize_until(study, objective, target, config, callbacks)
     finally:
         models.close()
 
 
-def optimize_until(study: optuna.Study, objective: Objective, target: int, timeout: float,
+def optimize_until(study: optuna.Study, objective: Objective, target: int, config: TuneConfig,
                    callbacks: list[TrialCallback]) -> None:
     """Trials until the study has `target` complete or pruned ones, however many machines take part.
 
@@ -296,7 +301,7 @@ def optimize_until(study: optuna.Study, objective: Objective, target: int, timeo
     if that worker died, its trial is failed and re-queued (heartbeat or pid check) and someone must run
     the retry. A worker never runs more than `target` trials itself (a study that only fails must end).
     """
-    deadline = time.monotonic() + timeout if timeout else math.inf
+    deadline = time.monotonic() + config.timeout if config.timeout else math.inf
     for _ in range(target):
         while time.monotonic() < deadline:
             trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
@@ -304,8 +309,10 @@ def optimize_until(study: optuna.Study, objective: Objective, target: int, timeo
                 return
             if len(trials) < target:
                 break
-            optuna.storages.fail_stale_trials(study)
-            recover_dead_trials(study)
+            if has_heartbeats(config.storage):
+                optuna.storages.fail_stale_trials(study)
+            else:
+                recover_dead_trials(study)
             time.sleep(WAIT_POLL_S)
         else:
             return
@@ -324,9 +331,11 @@ def spawned_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: in
 def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None) -> None:
     """Worker 0 runs here; the others are spawned processes on the same storage and parent run.
 
-    First, trials that a dead worker of this machine left RUNNING are failed and queued again.
+    First, trials that a dead worker of this machine left RUNNING are failed and queued again (on a
+    storage with heartbeats, Optuna does that itself, for every machine).
     """
-    recover_dead_trials(load_study(config))
+    if not has_heartbeats(config.storage):
+        recover_dead_trials(load_study(config))
     shares = split_trials(config.n_trials, config.workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
     others = [
@@ -343,9 +352,11 @@ def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallbac
             process.join()
     failed = [f"{p.name} (exit code {p.exitcode})" for p in others if p.exitcode != 0]
     if failed:
-        orphans = recover_dead_trials(load_study(config))
-        raise RuntimeError(f"worker processes ended abnormally: {', '.join(failed)}; "
-                           f"trials they left running, now FAILED and queued again: {orphans or 'none'}")
+        if has_heartbeats(config.storage):
+            orphans = f"failed and queued again by heartbeat within {GRACE_PERIOD_S} s"
+        else:
+            orphans = f"now FAILED and queued again: {recover_dead_trials(load_study(config)) or 'none'}"
+        raise RuntimeError(f"worker processes ended abnormally: {', '.join(failed)}; trials they left running {orphans}")
 
 
 # --- dead workers ----------------------------------------------------------------------------
@@ -387,8 +398,8 @@ def is_dead(worker: dict) -> bool:
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """RUNNING trials whose worker process on this host is gone: FAILED in both stores, params queued again.
 
-    What heartbeats do for a database, for any storage (the journal file has none): only this host's
-    trials, since another machine's cannot be checked from here.
+    What heartbeats do for a database, for storages without them (the journal file, sqlite): only this
+    host's trials, since another machine's cannot be checked from here.
     """
     dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if is_dead(t.user_attrs.get("worker", {}))]

@@ -1,6 +1,7 @@
 """Scale out for real: worker processes on PostgreSQL Optuna storage and an `mlflow server` on loopback
 (marked postgres), and a SIGKILLed worker on the default local stores."""
 import glob
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import REPO, subprocess_env, write_idx_dir
-from pipelines import tune
+from pipelines import tune, worker
 from test_tune import assert_optuna_and_mlflow_agree
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -88,9 +89,42 @@ def children(client: MlflowClient, study: optuna.Study):
     return parent, runs
 
 
+# --- fast: joining on the default local stores ------------------------------------------------
+
+def test_a_worker_joins_the_study_tune_created_and_runs_until_its_trial_count(workdir, tmp_path, capsys):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    settings = ["--epochs", "1", "--pruner", "none", "--batch-min", "32", "--batch-max", "64"]
+    assert tune.cli(["--workers", "0", "--n-trials", "3", *settings, "--source", str(source)]) == 0
+    study = optuna.load_study(study_name="cnnexp-tune", storage=tune.tuning.open_storage("optuna-journal.log"))
+    assert not study.trials and study.user_attrs["target_trials"] == 3
+    # Another "machine": its own data directory, prepared on first use from the same source.
+    assert worker.cli(["--source", str(source), "--data-dir", "data-elsewhere"]) == 0
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state in FINISHED for t in trials)
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent, runs = children(client, study)
+    assert parent.data.tags["mlflow.runName"] == "tune-cnnexp-tune"
+    assert_optuna_and_mlflow_agree(study, runs, client)
+    capsys.readouterr()
+
+    # Settings and data stay the study's: a drifting tune or a worker on other data is refused.
+    assert tune.cli(["--workers", "0", "--n-trials", "3", *settings[:-4], "--source", str(source)]) == 2
+    assert "batch_min: study 'cnnexp-tune' was created with batch_min=32, got 16" in capsys.readouterr().err
+    other = write_idx_dir(tmp_path / "other", n_train=300, n_test=50)
+    assert worker.cli(["--source", str(other), "--data-dir", "data-other"]) == 2
+    assert "source: prepared data (digest" in capsys.readouterr().err
+    assert worker.cli(["--study-name", "nope"]) == 2
+    assert "study_name: no study 'nope' in optuna-journal.log" in capsys.readouterr().err
+    assert len(study.get_trials()) == 3
+
+
+# --- slow: PostgreSQL and an mlflow server ----------------------------------------------------
+
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, tmp_path):
+def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `runs:/` model URIs resolve through the default tracking URI too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["MLFLOW_TRACKING_URI"])
     common, study = create_study(cluster, tmp_path, "three-workers", n_trials=12, epochs=2)
     started = time.monotonic()
     workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 4) for i in range(3)]
@@ -106,7 +140,8 @@ def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, t
     parent, runs = children(client, study)
     assert_optuna_and_mlflow_agree(study, runs, client)
     # Artifacts go through the server: the parent's settings file and a trial's model come back over HTTP.
-    assert client.load_dict(parent.info.run_id, "study.json")["study_name"] == "three-workers"
+    settings = client.download_artifacts(parent.info.run_id, "study.json", str(tmp_path))
+    assert json.loads(Path(settings).read_text())["study_name"] == "three-workers"
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{best_run}/model", dst_path=str(tmp_path / "model"),
                                                 tracking_uri=cluster["MLFLOW_TRACKING_URI"])
