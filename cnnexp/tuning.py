@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -154,6 +155,11 @@ def joined(config: WorkerConfig) -> tuple[optuna.Study, TuneConfig]:
     return study, TuneConfig(**study.user_attrs["settings"], **local, n_trials=max(config.n_trials, 1))
 
 
+def joining_offset() -> int:
+    """A sampler-seed offset that differs between joining processes on any machines (host and pid)."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+
+
 def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
@@ -273,14 +279,14 @@ def cpu_cores() -> int:
 
 
 def run_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int, callbacks: list[TrialCallback],
-               target: int | None = None) -> None:
+               target: int | None = None, sampler_offset: int = 0) -> None:
     """One worker's share: n_trials trials, or (with a target) trials until the study has `target`
     complete or pruned ones. Loads data once and waits for its models to be logged."""
     # N workers on C cores: C // N threads each, or they oversubscribe the cores and all slow down.
     torch.set_num_threads(max(1, cpu_cores() // max(config.workers, 1)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_prepared(config.data_dir, config.dataset)
-    study = load_study(config, worker)
+    study = load_study(config, worker + sampler_offset)
     models = ModelLogger()
     objective = Objective(config, data, worker_device(config.device, worker), parent, models)
     try:
@@ -320,16 +326,20 @@ def optimize_until(study: optuna.Study, objective: Objective, target: int, confi
 
 
 def spawned_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int,
-                   callbacks: list[TrialCallback], target: int | None) -> None:
+                   callbacks: list[TrialCallback], target: int | None, sampler_offset: int) -> None:
     """Entry of a worker process: the parent's store, and SIGTERM (how `mlflow run` stops) as Ctrl-C,
     so the running trial ends FAILED in both stores instead of staying RUNNING."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     tracking.use_tracking_uri(parent.tracking_uri)
-    run_worker(config, parent, worker, n_trials, callbacks, target)
+    run_worker(config, parent, worker, n_trials, callbacks, target, sampler_offset)
 
 
-def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None) -> None:
+def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None,
+                sampler_offset: int = 0) -> None:
     """Worker 0 runs here; the others are spawned processes on the same storage and parent run.
+
+    Worker i seeds its sampler with seed + sampler_offset + i: joining workers on other machines pass
+    an offset of their own (joining_offset), or every machine's worker 0 would propose the same points.
 
     First, trials that a dead worker of this machine left RUNNING are failed and queued again (on a
     storage with heartbeats, Optuna does that itself, for every machine).
@@ -339,14 +349,14 @@ def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallbac
     shares = split_trials(config.n_trials, config.workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
     others = [
-        context.Process(target=spawned_worker, args=(config, parent, i, shares[i], callbacks, target),
+        context.Process(target=spawned_worker, args=(config, parent, i, shares[i], callbacks, target, sampler_offset),
                         name=f"tune-worker-{i}")
         for i in range(1, config.workers) if shares[i] or target is not None
     ]
     for process in others:
         process.start()
     try:
-        run_worker(config, parent, 0, shares[0], callbacks, target)
+        run_worker(config, parent, 0, shares[0], callbacks, target, sampler_offset)
     finally:
         for process in others:
             process.join()

@@ -74,6 +74,7 @@ def main(config: TuneConfig) -> dict:
         else:
             print(f"study {config.study_name!r} ready for {target} complete or pruned trials; on each machine run: "
                   f"cnnexp worker --storage {tuning.redact(config.storage)} --study-name {config.study_name}")
+            return {"target_trials": target}
         result = log_outcome(config, study)
         if config.retrain_best and "best_params" in result:
             scores = retrain_best(config, result["best_params"], data)

@@ -30,7 +30,7 @@ def main(config: WorkerConfig) -> dict:
     goal = f"{config.n_trials} trials" if target is None else f"trials until the study has {target} complete or pruned"
     print(f"joined study {config.study_name!r} ({len(study.trials)} trials so far): {goal}, "
           f"on {config.workers} worker process(es)")
-    tuning.run_workers(settings, parent, [progress_line], target)
+    tuning.run_workers(settings, parent, [progress_line], target, tuning.joining_offset())
     result = tuning.summary(study)
     print(f"study now: {result['trials_complete']} complete, {result['trials_pruned']} pruned, "
           f"{result['trials_failed']} failed; best val_accuracy {result.get('best_value', float('nan')):.4f}")
