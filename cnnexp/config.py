@@ -217,7 +217,7 @@ class TuneConfig:
         metadata=_help("Optuna journal file, or any Optuna storage URL (sqlite:///..., postgresql://...)"),
     )
     study_name: str = field(default="cnnexp-tune", metadata=_help("study to create or resume"))
-    workers: int = field(default=1, metadata=_help("parallel worker processes sharing the study"))
+    workers: int = field(default=1, metadata=_help("parallel worker processes sharing the study; 0 = only create or extend the study for `cnnexp worker`s"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps; with several GPUs each worker takes one"))
     seed: int = field(default=0, metadata=_help("weight-init and shuffling seed of every trial; sampler seed base"))
     data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
@@ -248,8 +248,8 @@ class TuneConfig:
         _check_choice("pruner", self.pruner, PRUNERS)
         _check_nonempty("storage", self.storage)
         _check_nonempty("study_name", self.study_name)
-        if self.workers < 1:
-            raise ConfigError("workers", f"must be at least 1, got {self.workers}")
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be 0 (run no trials here) or more, got {self.workers}")
         _check_device(self.device)
         _check_seed(self.seed)
         _check_choice("dataset", self.dataset, DATASETS)
@@ -261,3 +261,29 @@ class TuneConfig:
 
     def prepare_config(self) -> PrepareConfig:
         return PrepareConfig(dataset=self.dataset, source=self.source, data_dir=self.data_dir)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Joins a study that `tune` created: the search space, epochs, seed and dataset come from the study."""
+
+    storage: str = field(default="optuna-journal.log", metadata=_help("the study's Optuna storage (journal file or URL)"))
+    study_name: str = field(default="cnnexp-tune", metadata=_help("study to join (created by `cnnexp tune`)"))
+    n_trials: int = field(default=0, metadata=_help("trials this call runs; 0 = until the study has the trial count its `tune` set"))
+    timeout: float = field(default=0.0, metadata=_help("stop starting new trials after this many seconds; 0 = no limit"))
+    workers: int = field(default=1, metadata=_help("parallel worker processes on this machine"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps; with several GPUs each worker takes one"))
+    data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
+    source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"))
+
+    def validate(self) -> None:
+        _check_nonempty("storage", self.storage)
+        _check_nonempty("study_name", self.study_name)
+        if self.n_trials < 0:
+            raise ConfigError("n_trials", f"must be 0 (until the study's trial count) or more, got {self.n_trials}")
+        if not (math.isfinite(self.timeout) and self.timeout >= 0):
+            raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {self.timeout}")
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be at least 1, got {self.workers}")
+        _check_device(self.device)
+        _check_nonempty("data_dir", self.data_dir)

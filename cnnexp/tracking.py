@@ -250,6 +250,14 @@ def end_child_run(run_id: str, status: str, tags: dict[str, str] | None = None) 
     client.set_terminated(run_id, status)
 
 
+def run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
 def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str]) -> None:
     """Logs a model into an existing run (from any thread) and ends the run FINISHED either way.
 

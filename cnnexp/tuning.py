@@ -8,12 +8,16 @@ pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
 from __future__ import annotations
 
 import copy
+import math
 import multiprocessing
 import os
 import queue
 import signal
+import socket
 import threading
+import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -24,7 +28,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp import tracking
-from cnnexp.config import TuneConfig
+from cnnexp.config import ConfigError, TuneConfig, WorkerConfig
 from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
@@ -33,6 +37,16 @@ from cnnexp.train import fit, new_training_state
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 OBJECTIVE = "val_accuracy"
+# Heartbeats (RDB storages): a live worker beats every 10 s; a trial silent for 30 s is failed and retried.
+# 30 s is three missed beats, so a worker slowed by a busy machine or a slow database round trip is not
+# failed by mistake, while a dead worker's trial is retried within about half a minute (plus the next
+# check, which happens whenever any worker starts a trial or waits for the study to finish).
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 30
+MAX_RETRY = 2  # a trial that kills its worker three times is not tried again
+WAIT_POLL_S = 5  # how often a worker with nothing to start checks the study again
+# What `tune` fixes for the whole study; a joining worker takes these from the study, so no machine drifts.
+STUDY_SETTINGS = ("epochs", "lr_min", "lr_max", "batch_min", "batch_max", "sampler", "pruner", "seed", "dataset")
 
 
 @dataclass(frozen=True)
@@ -47,10 +61,26 @@ class Parent:
 # --- study -----------------------------------------------------------------------------------
 
 def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
-    """A URL goes to Optuna as is; a plain path is a journal file (multi-process safe, no sqlite locks)."""
-    if "://" in storage:
+    """A plain path is a journal file (multi-process safe, no sqlite locks); a database URL gets heartbeats.
+
+    sqlite is left without them: it is one machine's file, where a dead worker is found by its pid
+    (recover_dead_trials), and a heartbeat thread per worker would only add lock contention.
+    """
+    if "://" not in storage:
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    if not has_heartbeats(storage):
         return storage
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+        return optuna.storages.RDBStorage(
+            storage, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+            heartbeat_stale_trial_callback=FailStaleRunAndRetry(),
+        )
+
+
+def has_heartbeats(storage: str) -> bool:
+    """Database URLs other than sqlite: dead workers are found by heartbeat there, by pid elsewhere."""
+    return "://" in storage and not storage.startswith("sqlite")
 
 
 def redact(storage: str) -> str:
@@ -78,11 +108,60 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
 
 
-def load_study(config: TuneConfig, worker: int = 0) -> optuna.Study:
+def load_study(config: TuneConfig | WorkerConfig, worker: int = 0) -> optuna.Study:
     return optuna.create_study(
         storage=open_storage(config.storage), study_name=config.study_name, direction="maximize",
         sampler=make_sampler(config, worker), pruner=make_pruner(config), load_if_exists=True,
     )
+
+
+def register(study: optuna.Study, config: TuneConfig, parent: Parent, data_digest: str) -> int:
+    """Records on the study what a joining worker needs; returns its trial count (complete or pruned).
+
+    A study keeps the settings and data it was created with: a second `tune` that differs is refused,
+    naming the parameter. The latest `tune` owns the parent run that workers log under.
+    """
+    stored = study.user_attrs.get("settings", {})
+    for name, value in stored.items():
+        if getattr(config, name) != value:
+            raise ConfigError(name, f"study {config.study_name!r} was created with {name}={value!r}, got {getattr(config, name)!r}"
+                                    " (use a new study_name to change it)")
+    check_digest(study, data_digest, "data_dir")
+    target = finished_count(study) + config.n_trials
+    attrs = {"settings": {name: getattr(config, name) for name in STUDY_SETTINGS}, "data_digest": data_digest,
+             "mlflow_parent_run_id": parent.run_id, "mlflow_experiment_id": parent.experiment_id, "target_trials": target}
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return target
+
+
+def check_digest(study: optuna.Study, data_digest: str, param: str) -> None:
+    expected = study.user_attrs.get("data_digest")
+    if expected is not None and expected != data_digest:
+        raise ConfigError(param, f"prepared data (digest {data_digest[:12]}) differs from study "
+                                 f"{study.study_name!r}'s (digest {expected[:12]}); prepare the same source")
+
+
+def joined(config: WorkerConfig) -> tuple[optuna.Study, TuneConfig]:
+    """The study a worker joins, and the tune settings it runs with (the study's, plus this machine's own)."""
+    try:
+        study = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage))
+    except KeyError:
+        raise ConfigError("study_name", f"no study {config.study_name!r} in {redact(config.storage)}; "
+                                        "create it with `cnnexp tune`") from None
+    if "settings" not in study.user_attrs:
+        raise ConfigError("study_name", f"study {config.study_name!r} was not created by `cnnexp tune`")
+    local = {name: getattr(config, name) for name in ("storage", "study_name", "timeout", "workers", "device", "data_dir", "source")}
+    return study, TuneConfig(**study.user_attrs["settings"], **local, n_trials=max(config.n_trials, 1))
+
+
+def joining_offset() -> int:
+    """A sampler-seed offset that differs between joining processes on any machines (host and pid)."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def search_space(config: TuneConfig) -> dict:
@@ -143,6 +222,8 @@ class Objective:
         self.config, self.data, self.device, self.parent, self.models = config, data, device, parent, models
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # Who runs it: a trial whose process is gone can then be told from one still running elsewhere.
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         params = suggest(trial, self.config)
         run_id = tracking.start_child_run(
             self.parent.run_id, self.parent.experiment_id, run_name(trial, params),
@@ -197,66 +278,146 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int, callbacks: list[TrialCallback]) -> None:
-    """One worker's share of the study: load data once, optimize, wait for its models to be logged."""
+def run_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int, callbacks: list[TrialCallback],
+               target: int | None = None, sampler_offset: int = 0) -> None:
+    """One worker's share: n_trials trials, or (with a target) trials until the study has `target`
+    complete or pruned ones. Loads data once and waits for its models to be logged."""
     # N workers on C cores: C // N threads each, or they oversubscribe the cores and all slow down.
-    torch.set_num_threads(max(1, cpu_cores() // config.workers))
+    torch.set_num_threads(max(1, cpu_cores() // max(config.workers, 1)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_prepared(config.data_dir, config.dataset)
-    study = load_study(config, worker)
+    study = load_study(config, worker + sampler_offset)
     models = ModelLogger()
+    objective = Objective(config, data, worker_device(config.device, worker), parent, models)
     try:
-        study.optimize(
-            Objective(config, data, worker_device(config.device, worker), parent, models),
-            n_trials=n_trials, timeout=config.timeout or None, catch=(Exception,), callbacks=callbacks,
-        )
+        if target is None:
+            study.optimize(objective, n_trials=n_trials, timeout=config.timeout or None, catch=(Exception,),
+                           callbacks=callbacks)
+        else:
+            optimize_until(study, objective, target, config, callbacks)
     finally:
         models.close()
 
 
-def spawned_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int,
+def optimize_until(study: optuna.Study, objective: Objective, target: int, config: TuneConfig,
                    callbacks: list[TrialCallback]) -> None:
+    """Trials until the study has `target` complete or pruned ones, however many machines take part.
+
+    A trial running elsewhere counts as on its way; the worker waits for it rather than leaving, since
+    if that worker died, its trial is failed and re-queued (heartbeat or pid check) and someone must run
+    the retry. A worker never runs more than `target` trials itself (a study that only fails must end).
+    """
+    deadline = time.monotonic() + config.timeout if config.timeout else math.inf
+    for _ in range(target):
+        while time.monotonic() < deadline:
+            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+            if sum(t.state != TrialState.RUNNING for t in trials) >= target:
+                return
+            if len(trials) < target:
+                break
+            if has_heartbeats(config.storage):
+                optuna.storages.fail_stale_trials(study)
+            else:
+                recover_dead_trials(study)
+            time.sleep(WAIT_POLL_S)
+        else:
+            return
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
+
+
+def spawned_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int,
+                   callbacks: list[TrialCallback], target: int | None, sampler_offset: int) -> None:
     """Entry of a worker process: the parent's store, and SIGTERM (how `mlflow run` stops) as Ctrl-C,
     so the running trial ends FAILED in both stores instead of staying RUNNING."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     tracking.use_tracking_uri(parent.tracking_uri)
-    run_worker(config, parent, worker, n_trials, callbacks)
+    run_worker(config, parent, worker, n_trials, callbacks, target, sampler_offset)
 
 
-def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback]) -> None:
-    """Worker 0 runs here; the others are spawned processes on the same storage and parent run."""
+def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None,
+                sampler_offset: int = 0) -> None:
+    """Worker 0 runs here; the others are spawned processes on the same storage and parent run.
+
+    Worker i seeds its sampler with seed + sampler_offset + i: joining workers on other machines pass
+    an offset of their own (joining_offset), or every machine's worker 0 would propose the same points.
+
+    First, trials that a dead worker of this machine left RUNNING are failed and queued again (on a
+    storage with heartbeats, Optuna does that itself, for every machine).
+    """
+    if not has_heartbeats(config.storage):
+        recover_dead_trials(load_study(config))
     shares = split_trials(config.n_trials, config.workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
     others = [
-        context.Process(target=spawned_worker, args=(config, parent, i, shares[i], callbacks), name=f"tune-worker-{i}")
-        for i in range(1, config.workers) if shares[i]
+        context.Process(target=spawned_worker, args=(config, parent, i, shares[i], callbacks, target, sampler_offset),
+                        name=f"tune-worker-{i}")
+        for i in range(1, config.workers) if shares[i] or target is not None
     ]
     for process in others:
         process.start()
     try:
-        run_worker(config, parent, 0, shares[0], callbacks)
+        run_worker(config, parent, 0, shares[0], callbacks, target, sampler_offset)
     finally:
         for process in others:
             process.join()
     failed = [f"{p.name} (exit code {p.exitcode})" for p in others if p.exitcode != 0]
     if failed:
-        orphans = fail_orphans(load_study(config), parent)
-        raise RuntimeError(f"worker processes ended abnormally: {', '.join(failed)}; "
-                           f"trials they left running, now FAILED: {orphans or 'none'}")
+        if has_heartbeats(config.storage):
+            orphans = f"failed and queued again by heartbeat within {GRACE_PERIOD_S} s"
+        else:
+            orphans = f"now FAILED and queued again: {recover_dead_trials(load_study(config)) or 'none'}"
+        raise RuntimeError(f"worker processes ended abnormally: {', '.join(failed)}; trials they left running {orphans}")
 
 
-def fail_orphans(study: optuna.Study, parent: Parent) -> list[int]:
-    """Trials of this call left RUNNING by a dead worker: FAILED in both stores, so the two still agree.
+# --- dead workers ----------------------------------------------------------------------------
 
-    Only this parent run's trials: another machine may be running trials of the same study right now.
+def end_trial_run(trial: FrozenTrial, reason: str) -> None:
+    """The MLflow run of a trial whose worker is gone ends FAILED, with the reason as its error tag."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        tracking.end_child_run(run_id, "FAILED", {tracking.ERROR_TAG: reason})
+
+
+class FailStaleRunAndRetry:
+    """Heartbeat-stale trial (Optuna has just set it FAIL): its run ends FAILED, its params are queued again."""
+
+    def __init__(self):
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        end_trial_run(trial, f"its worker sent no heartbeat for {GRACE_PERIOD_S} s (process or machine gone)")
+        # The retry copies the user attrs: not the dead worker's run and pid, which the retry replaces.
+        for key in ("mlflow_run_id", "worker"):
+            trial.user_attrs.pop(key, None)
+        self.retry(study, trial)
+
+
+def is_dead(worker: dict) -> bool:
+    """A worker process of this host that no longer exists (a zombie still counts as alive)."""
+    if worker.get("host") != socket.gethostname() or "pid" not in worker:
+        return False
+    try:
+        os.kill(worker["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """RUNNING trials whose worker process on this host is gone: FAILED in both stores, params queued again.
+
+    What heartbeats do for a database, for storages without them (the journal file, sqlite): only this
+    host's trials, since another machine's cannot be checked from here.
     """
-    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if t.user_attrs.get("mlflow_parent_run_id") == parent.run_id]
-    for trial in orphans:
-        tracking.end_child_run(trial.user_attrs["mlflow_run_id"], "FAILED",
-                               {tracking.ERROR_TAG: "its worker process ended abnormally"})
-        study.tell(trial.number, state=TrialState.FAIL)
-    return [t.number for t in orphans]
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if is_dead(t.user_attrs.get("worker", {}))]
+    for trial in dead:
+        end_trial_run(trial, "its worker process died")
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return [t.number for t in dead]
 
 
 # --- after the study -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ COMMANDS = {
     "evaluate": ("pipelines.evaluate", "score a trained model: test metrics, per-class table, confusion, mistakes"),
     "main": ("pipelines.main", "prepare -> train -> evaluate as child runs, reusing finished steps"),
     "compare": ("pipelines.compare", "leaderboard of an experiment's training runs (CSV, optional plot)"),
+    "worker": ("pipelines.worker", "join a study `tune` created (any machine) and run its trials"),
 }
 
 

@@ -66,9 +66,15 @@ def main(config: TuneConfig) -> dict:
         before = len(study.trials)
         run_id, experiment_id = tracking.active_run_ids()
         parent = tuning.Parent(run_id, experiment_id, tracking.tracking_uri())
-        print(f"study {config.study_name!r}: {before} earlier trials; running {config.n_trials} more "
-              f"on {config.workers} worker(s)")
-        tuning.run_workers(config, parent, [progress_line])
+        target = tuning.register(study, config, parent, data.digest)
+        if config.workers:
+            print(f"study {config.study_name!r}: {before} earlier trials; running {config.n_trials} more "
+                  f"on {config.workers} worker(s)")
+            tuning.run_workers(config, parent, [progress_line])
+        else:
+            print(f"study {config.study_name!r} ready for {target} complete or pruned trials; on each machine run: "
+                  f"cnnexp worker --storage {tuning.redact(config.storage)} --study-name {config.study_name}")
+            return {"target_trials": target}
         result = log_outcome(config, study)
         if config.retrain_best and "best_params" in result:
             scores = retrain_best(config, result["best_params"], data)

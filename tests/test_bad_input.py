@@ -110,7 +110,7 @@ CASES = {
     "tune batch range inverted": ("tune", ["--batch-min", "256", "--batch-max", "64"], BAD, "batch_min: must not exceed batch_max (64)"),
     "tune sampler unknown": ("tune", ["--sampler", "grid"], BAD, "sampler: unknown value 'grid'; allowed: tpe, random"),
     "tune pruner unknown": ("tune", ["--pruner", "foo"], BAD, "pruner: unknown value 'foo'; allowed: median, hyperband, none"),
-    "tune workers zero": ("tune", ["--workers", "0"], BAD, "workers: must be at least 1"),
+    "tune workers negative": ("tune", ["--workers", "-1"], BAD, "workers: must be 0 (run no trials here) or more"),
     "tune storage empty": ("tune", ["--storage", ""], BAD, "storage: must not be empty"),
     "tune study_name empty": ("tune", ["--study-name", ""], BAD, "study_name: must not be empty"),
     "tune retrain_best not a bool": ("tune", ["--retrain-best", "maybe"], BAD, "retrain-best/--retrain_best: expected true or false"),

@@ -64,3 +64,22 @@ def test_readme_leads_with_install_main_job_and_tests():
     assert 'pip install -e ".[dev]"' in blocks[0]
     assert "mlflow run . -e" in blocks[1]
     assert blocks[2].strip() == "pytest"
+
+
+# `worker` has no MLproject entry point: `mlflow run` would open a run of its own, and a worker's
+# trials belong to the study's parent run.
+CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig}
+
+
+@pytest.mark.parametrize("entry, config_class", CLI_ONLY_CONFIGS.items())
+def test_cli_only_commands_match_their_config(entry, config_class):
+    test_cli_flags_and_defaults_match_the_config(entry, config_class)
+    assert entry not in _mlproject()["entry_points"]
+
+
+def test_readme_tables_list_every_worker_parameter_with_its_default():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### `worker`"):readme.index("## Scale out")]
+    for f in dataclasses.fields(cfg.WorkerConfig):
+        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default) or "(empty)"
+        assert re.search(rf"\| `{f.name}` \| `?{re.escape(default)}`? \|", section), f.name

@@ -1,5 +1,9 @@
 """The tune entry point: config checks, Optuna and MLflow agreeing on every trial, workers, resuming."""
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import mlflow
 import optuna
@@ -52,6 +56,7 @@ def assert_optuna_and_mlflow_agree(study, child_runs, client):
         assert int(run.data.params["batch_size"]) == trial.params["batch_size"]
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert {m.step: pytest.approx(m.value) for m in history} == trial.intermediate_values
+        assert len(history) == len(trial.intermediate_values), f"trial {number}: an epoch logged twice"
         if trial.state.name == "COMPLETE":
             assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
             assert len(run.outputs.model_outputs) == 1, number  # MLflow 3: a LoggedModel of the run
@@ -71,7 +76,7 @@ BAD_TUNE_ARGS = {
     "batch range reversed": (["--batch-min", "64", "--batch-max", "32"], "batch_min: must not exceed batch_max"),
     "unknown sampler": (["--sampler", "grid"], "sampler: unknown value 'grid'"),
     "unknown pruner": (["--pruner", "asha"], "pruner: unknown value 'asha'"),
-    "no workers": (["--workers", "0"], "workers: must be at least 1"),
+    "negative workers": (["--workers", "-1"], "workers: must be 0"),
     "negative timeout": (["--timeout", "-1"], "timeout: must be 0"),
 }
 
@@ -147,13 +152,13 @@ def test_retrain_best_logs_a_model_scored_on_test(workdir, tmp_path):
 # --- slow: the acceptance run, through `mlflow run`, with worker processes ----------------------
 
 @pytest.mark.slow
-def test_mlflow_run_tune_two_workers_then_resume_with_four(tmp_path):
+def test_mlflow_run_tune_four_workers_then_resume_with_two(tmp_path):
     work = tmp_path
     source = write_idx_dir(tmp_path / "idx")
     # `mlflow run` runs in the project directory: the journal (the default kind of storage) goes to tmp.
     common = dict(epochs=3, pruner="hyperband", source=source, data_dir=tmp_path / "data",
                   storage=work / "optuna-journal.log")
-    done = mlflow_run("tune", work, n_trials=12, workers=2, **common)
+    done = mlflow_run("tune", work, n_trials=12, workers=4, **common)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "database is locked" not in done.stdout + done.stderr
     assert sum(line.startswith("trial ") for line in done.stdout.splitlines()) == 12
@@ -169,8 +174,8 @@ def test_mlflow_run_tune_two_workers_then_resume_with_four(tmp_path):
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert parent.data.metrics["trials_pruned"] == sum(t.state.name == "PRUNED" for t in study.trials)
 
-    # Same storage and study name: the study grows by n_trials, in a new parent run, with 4 workers.
-    done = mlflow_run("tune", work, n_trials=4, workers=4, **common)
+    # Same storage and study name: the study grows by n_trials, in a new parent run, with 2 workers.
+    done = mlflow_run("tune", work, n_trials=4, workers=2, **common)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "database is locked" not in done.stdout + done.stderr
     study = _study(work)
@@ -180,18 +185,27 @@ def test_mlflow_run_tune_two_workers_then_resume_with_four(tmp_path):
     assert_optuna_and_mlflow_agree(study, [run for runs in children.values() for run in runs], _client(work))
 
 
-def test_trials_a_dead_worker_left_running_end_failed_in_both_stores(workdir):
+def test_trials_a_dead_worker_left_running_end_failed_in_both_stores_and_are_queued_again(workdir):
     config = TuneConfig(storage=str(workdir / "optuna-journal.log"))
     study = tuning.load_study(config)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    workers = {"dead": {"host": socket.gethostname(), "pid": gone.pid},
+               "alive": {"host": socket.gethostname(), "pid": os.getpid()},
+               "elsewhere": {"host": "another-machine", "pid": gone.pid}}  # cannot be checked from here
     with mlflow.start_run() as parent_run:
-        parent = tuning.Parent(parent_run.info.run_id, parent_run.info.experiment_id, mlflow.get_tracking_uri())
-        ours, theirs = study.ask(), study.ask()  # theirs: another call's trial, still running elsewhere
-        for trial, parent_id in ((ours, parent.run_id), (theirs, "another-parent")):
-            run_id = tracking.start_child_run(parent_id, parent.experiment_id, f"trial-{trial.number}", {}, {})
+        trials = {}
+        for name, worker in workers.items():
+            trial = trials[name] = study.ask()
+            trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+            run_id = tracking.start_child_run(parent_run.info.run_id, parent_run.info.experiment_id, name, {}, {})
             trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("mlflow_parent_run_id", parent_id)
-        assert tuning.fail_orphans(study, parent) == [ours.number]
+            trial.set_user_attr("worker", worker)
+        assert tuning.recover_dead_trials(study) == [trials["dead"].number]
     states = {t.number: t.state.name for t in study.trials}
-    assert states == {ours.number: "FAIL", theirs.number: "RUNNING"}
-    run = MlflowClient().get_run(study.trials[ours.number].user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED" and "worker process ended abnormally" in run.data.tags["error"]
+    dead = trials["dead"].number
+    assert states == {dead: "FAIL", trials["alive"].number: "RUNNING", trials["elsewhere"].number: "RUNNING", 3: "WAITING"}
+    retry = study.trials[3]
+    assert retry.system_attrs["fixed_params"] == study.trials[dead].params and retry.user_attrs["retry_of"] == dead
+    run = MlflowClient().get_run(study.trials[dead].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "worker process died" in run.data.tags["error"]
