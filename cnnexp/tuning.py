@@ -68,28 +68,22 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
     """
     if "://" not in storage:
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
-    if not has_heartbeats(storage):
-        return storage
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-        return optuna.storages.RDBStorage(
-            storage, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-            heartbeat_stale_trial_callback=FailStaleRunAndRetry(),
-        )
+    heartbeat = {}
+    if has_heartbeats(storage):
+        heartbeat = dict(heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+                         heartbeat_stale_trial_callback=FailStaleRunAndRetry())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            return optuna.storages.RDBStorage(storage, **heartbeat)
+    except Exception as err:  # SQLAlchemy and drivers raise many kinds; the user needs the first line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("storage", f"cannot open {tracking.redact_url(storage)}: {reason}") from None
 
 
 def has_heartbeats(storage: str) -> bool:
     """Database URLs other than sqlite: dead workers are found by heartbeat there, by pid elsewhere."""
     return "://" in storage and not storage.startswith("sqlite")
-
-
-def redact(storage: str) -> str:
-    """The storage URL without its password, fit to log."""
-    parts = urlsplit(storage)
-    if parts.password is None:
-        return storage
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def make_sampler(config: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
@@ -147,7 +141,7 @@ def joined(config: WorkerConfig) -> tuple[optuna.Study, TuneConfig]:
     try:
         study = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage))
     except KeyError:
-        raise ConfigError("study_name", f"no study {config.study_name!r} in {redact(config.storage)}; "
+        raise ConfigError("study_name", f"no study {config.study_name!r} in {tracking.redact_url(config.storage)}; "
                                         "create it with `cnnexp tune`") from None
     if "settings" not in study.user_attrs:
         raise ConfigError("study_name", f"study {config.study_name!r} was not created by `cnnexp tune`")
@@ -179,7 +173,7 @@ def study_settings(config: TuneConfig) -> dict:
     """Parent-run params: the search space and how it is searched (storage without password)."""
     return {
         "search_space": search_space(config), "sampler": config.sampler, "pruner": config.pruner,
-        "storage": redact(config.storage), "study_name": config.study_name, "objective": f"maximize {OBJECTIVE}",
+        "storage": tracking.redact_url(config.storage), "study_name": config.study_name, "objective": f"maximize {OBJECTIVE}",
     }
 
 

@@ -59,10 +59,10 @@ def retrain_best(config: TuneConfig, params: dict, data) -> dict:
 def main(config: TuneConfig) -> dict:
     config.validate()
     tuning.worker_device(config.device, 0)  # an unavailable device fails here, before any run starts
+    study = tuning.load_study(config)  # and so does a storage that cannot be opened
     with tracking.tracked_run(run_name=f"tune-{config.study_name}"):
         log_study_settings(config)
         data = load_or_prepare(config)
-        study = tuning.load_study(config)
         before = len(study.trials)
         run_id, experiment_id = tracking.active_run_ids()
         parent = tuning.Parent(run_id, experiment_id, tracking.tracking_uri())
@@ -73,7 +73,7 @@ def main(config: TuneConfig) -> dict:
             tuning.run_workers(config, parent, [progress_line])
         else:
             print(f"study {config.study_name!r} ready for {target} complete or pruned trials; on each machine run: "
-                  f"cnnexp worker --storage {tuning.redact(config.storage)} --study-name {config.study_name}")
+                  f"cnnexp worker --storage {tracking.redact_url(config.storage)} --study-name {config.study_name}")
             return {"target_trials": target}
         result = log_outcome(config, study)
         if config.retrain_best and "best_params" in result:

@@ -115,6 +115,7 @@ CASES = {
     "tune study_name empty": ("tune", ["--study-name", ""], BAD, "study_name: must not be empty"),
     "tune retrain_best not a bool": ("tune", ["--retrain-best", "maybe"], BAD, "retrain-best/--retrain_best: expected true or false"),
     "tune device unknown": ("tune", ["--device", "tpu"], BAD, "device: unknown device 'tpu'"),
+    "tune storage unreachable": ("tune", lambda t: ["--storage", "postgresql://tuner:s3cret@127.0.0.1:9/optuna", "--source", str(write_idx_dir(t / "idx"))], BAD, "storage: cannot open postgresql://tuner:***@127.0.0.1:9/optuna"),
 }
 
 
