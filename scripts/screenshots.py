@@ -296,7 +296,9 @@ def shoot_study(url: str, work: Path, data: Path, out: Path) -> None:
         await shoot_runs_page(browser, page, [t.info.run_name for t in trials], shots, "val_accuracy",
                               out / "study-val-accuracy.png", parent=parent.info.run_name, widths=STUDY_WIDTHS,
                               colors=colors)
-        await browser.open(f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/{STUDY_FIGURE}",
+        # The run page in the UI's "Model training" mode: in the default GenAI mode it sits under "Evaluations".
+        run_page = f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
+        await browser.open(f"{run_page}/artifacts/{STUDY_FIGURE}?workflowType=machine_learning",
                            [STUDY_FIGURE, "summary.json"])
         await browser.screenshot(out / "study-figure.png")
 
