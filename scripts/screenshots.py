@@ -1,12 +1,16 @@
 """Screenshots of the MLflow UI for README.md, taken from a real `mlflow server` on loopback.
 
-    python scripts/screenshots.py runs [--data DIR] [--out docs]
+    python scripts/screenshots.py runs|study [--data DIR] [--out docs]
 
 `runs`: starts a throwaway server, prepares the real Fashion-MNIST sample in DIR, trains three
 short runs that differ in lr through `mlflow run`, and saves docs/runs-table.png (lr, batch_size
 and accuracies side by side), docs/runs-charts.png (train and val accuracy, the three runs on
 each chart) and docs/runs-val-accuracy.png (that chart opened full-size, with its legend).
-A `study` mode (the tuning parent run and its trials) plugs into MODES the same way.
+`study`: the same server, an Optuna study through `mlflow run -e tune` (8 trials of 4 epochs on
+2 workers, about a minute), and docs/study-table.png (the study's parent run expanded: its trials
+with lr, batch_size, val_accuracy and status; a pruned trial is KILLED with pruned_at_epoch),
+docs/study-charts.png (val_accuracy and val_loss, one line per trial), docs/study-val-accuracy.png
+(full-size, with its legend) and docs/study-figure.png (the parent run's optimization history).
 
 Needs headless Chromium (Debian: `apt-get install -y chromium`) and aiohttp (MLflow's server
 brings it) to drive it over the DevTools protocol: the UI only shows chosen columns and a closed
@@ -26,10 +30,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from mlflow_server import CHROMIUM_FLAGS, find_chromium, mlflow_server, stop
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "fashion-mnist-walkthrough"
@@ -61,14 +69,17 @@ class Browser:
 
     async def open(self, url: str, wait_for: list[str], settle_s: float = 3.0, timeout_s: float = 90) -> None:
         await self.send("Page.navigate", url=url)
+        await self.wait_for(wait_for, settle_s, timeout_s)
+
+    async def wait_for(self, texts: list[str], settle_s: float = 3.0, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             text = await self.js("document.body ? document.body.innerText : ''") or ""
-            if all(w in text for w in wait_for):
+            if all(w in text for w in texts):
                 await asyncio.sleep(settle_s)  # charts animate in after the data arrives
                 return
             await asyncio.sleep(0.5)
-        raise TimeoutError(f"{url} never showed {wait_for}")
+        raise TimeoutError(f"the page never showed {texts}")
 
     async def click(self, aria_label: str) -> bool:
         clicked = await self.js(
@@ -78,17 +89,49 @@ class Browser:
         await asyncio.sleep(1)
         return clicked
 
-    async def expand_chart(self, title: str) -> bool:
-        """Opens a chart card full-size (its first, unlabelled button): a large plot with the whole legend."""
+    async def click_beside(self, text: str) -> bool:
+        """Clicks the first button of the smallest block around the element showing text: the unlabelled
+        expand button of a chart card (full-size plot with the whole legend) or of a parent run's row."""
         clicked = await self.js(
             f"""(() => {{ let e = [...document.querySelectorAll('*')].find(
-                  n => n.children.length === 0 && n.textContent.trim() === '{title}');
+                  n => n.children.length === 0 && n.textContent.trim() === '{text}');
                 for (; e; e = e.parentElement) {{ const b = e.querySelector('button');
                   if (b) {{ b.click(); return true; }} }}
                 return false; }})()"""
         )
         await asyncio.sleep(3)
         return clicked
+
+    async def widen_column(self, column: str, by_px: int) -> bool:
+        """Drags the runs table's column edge (ag-grid col-id, e.g. attributes.`Run Name`) to the right.
+
+        A saved view's columnWidths does not survive loading a shared view, so this drags like a user.
+        """
+        edge = await self.js(
+            f"""(() => {{ const h = document.querySelector('.ag-header-cell[col-id="{column}"] .ag-header-cell-resize');
+                if (!h) return null; const r = h.getBoundingClientRect();
+                return [r.x + r.width / 2 - 2, r.y + r.height / 2]; }})()"""  # -2: else it lands on the next header
+        )
+        if edge is None:
+            return False
+        x, y = edge
+        await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        await self.send("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=1)
+        for step in range(1, 11):  # ag-grid follows mouse moves, not a jump
+            await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x + by_px * step / 10, y=y,
+                            button="left", buttons=1)
+            await asyncio.sleep(0.05)
+        await self.send("Input.dispatchMouseEvent", type="mouseReleased", x=x + by_px, y=y, button="left", clickCount=1)
+        await asyncio.sleep(1)
+        return True
+
+    async def set_run_colors(self, colors: dict[str, str]) -> None:
+        """Run id -> CSS colour, where the UI keeps the colours a user picks; it reads them on a page load.
+
+        Otherwise colours follow a hash of the run id, and eight runs often get several near-identical reds.
+        """
+        await self.js(f"localStorage.setItem('experimentRunColors', {json.dumps(json.dumps(colors))})")
+        await self.send("Page.reload")
 
     async def hide_plot_toolbars(self) -> None:
         # Plotly's zoom toolbar shows over every chart in a headless window; it only hides data.
@@ -155,6 +198,37 @@ def save_view(url: str, state: dict) -> str:
     return experiment.experiment_id
 
 
+async def shoot_runs_page(browser: Browser, page: str, names: list[str], shots: dict[str, Path], chart: str,
+                          expanded: Path, parent: str | None = None, widths: dict[str, int] | None = None,
+                          colors: dict[str, str] | None = None) -> None:
+    """The saved view as a table and as charts (shots: compareRunsMode -> PNG), then `chart` full-size.
+
+    names: the runs that must show. parent: a parent run whose row is expanded in each view first, as the
+    saved view's runsExpanded does not survive loading a shared view; its child runs are in names.
+    widths: runs-table columns to widen (col-id -> pixels). colors: run id -> colour.
+    """
+    wait_for = [parent] if parent else names
+    await browser.open(page, wait_for)
+    # The assistant opens itself on a first visit and takes a fifth of the width; closing it sticks.
+    await browser.click("Close")
+    if colors:
+        await browser.set_run_colors(colors)
+        await browser.wait_for(wait_for)
+    for mode, png in shots.items():
+        await browser.open(f"{page}&compareRunsMode={mode}", wait_for)
+        await browser.click("Hide banner")  # "you are viewing a shared view"
+        if parent:
+            await browser.click_beside(parent)
+            await browser.wait_for(names)
+        for column, by_px in (widths or {}).items():
+            await browser.widen_column(column, by_px)
+        await browser.hide_plot_toolbars()
+        await browser.screenshot(png)
+    await browser.click_beside(chart)
+    await browser.hide_plot_toolbars()
+    await browser.screenshot(expanded)
+
+
 RUNS_VIEW = {
     "selectedColumns": ["params.`lr`", "params.`batch_size`", "params.`epochs`", "metrics.`train_accuracy`",
                         "metrics.`val_accuracy`", "metrics.`val_loss`"],
@@ -175,24 +249,64 @@ def shoot_runs(url: str, work: Path, data: Path, out: Path) -> None:
     names = [f"train-lr{lr:g}-bs100" for lr in LEARNING_RATES]
     page = f"{url}/#/experiments/{experiment_id}/runs?viewStateShareKey={SHARE_KEY}"
 
+    shots = {"TABLE": out / "runs-table.png", "CHART": out / "runs-charts.png"}
+    asyncio.run(with_browser(
+        lambda browser: shoot_runs_page(browser, page, names, shots, "val_accuracy", out / "runs-val-accuracy.png")))
+
+
+STUDY_VIEW = {
+    "selectedColumns": ["params.`lr`", "params.`batch_size`", "metrics.`val_accuracy`", "metrics.`val_loss`",
+                        "tags.`pruned_at_epoch`", "metrics.`best_value`", "metrics.`trials_pruned`"],
+    # The table nests child runs under their parent only when it is sorted by start time.
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": True,
+    "chartsSearchFilter": "val_",
+    "runListHidden": False,  # the chart view's run list holds the parent's expand button
+}
+STUDY_WIDTHS = {"attributes.`Run Name`": 100, "tags.`pruned_at_epoch`": 30}  # whole trial names and header
+STUDY_FIGURE = "optimization_history.png"
+# Matplotlib's tab10 without its grey, which marks the parent run (its legend entry has no line).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+PARENT_COLOR = "#7f7f7f"
+
+
+def study_runs(url: str) -> tuple[Run, list[Run]]:
+    """The study's parent run and its trials' runs in trial order, as the tune run left them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, sorted(trials, key=lambda r: int(r.data.tags["optuna.trial_number"]))
+
+
+def shoot_study(url: str, work: Path, data: Path, out: Path) -> None:
+    # tune prepares the data itself (source=) inside the study's run, so the study is all the table shows.
+    mlflow_run(url, work, "tune", n_trials=8, workers=2, epochs=4, source=data, data_dir=work / "data",
+               storage=work / "optuna-journal.log")
+    parent, trials = study_runs(url)
+    colors = {t.info.run_id: color for t, color in zip(trials, itertools.cycle(PALETTE))}
+    colors[parent.info.run_id] = PARENT_COLOR
+    experiment_id = save_view(url, STUDY_VIEW)
+    page = f"{url}/#/experiments/{experiment_id}/runs?viewStateShareKey={SHARE_KEY}"
+    shots = {"TABLE": out / "study-table.png", "CHART": out / "study-charts.png"}
+
     async def shoot(browser: Browser) -> None:
-        await browser.open(page, names)
-        # The assistant opens itself on a first visit and takes a fifth of the width; closing it sticks.
-        await browser.click("Close")
-        for mode, png in (("TABLE", "runs-table.png"), ("CHART", "runs-charts.png")):
-            await browser.open(f"{page}&compareRunsMode={mode}", names)
-            await browser.click("Hide banner")  # "you are viewing a shared view"
-            await browser.hide_plot_toolbars()
-            await browser.screenshot(out / png)
-        await browser.expand_chart("val_accuracy")
-        await browser.hide_plot_toolbars()
-        await browser.screenshot(out / "runs-val-accuracy.png")
+        await shoot_runs_page(browser, page, [t.info.run_name for t in trials], shots, "val_accuracy",
+                              out / "study-val-accuracy.png", parent=parent.info.run_name, widths=STUDY_WIDTHS,
+                              colors=colors)
+        # The run page in the UI's "Model training" mode: in the default GenAI mode it sits under "Evaluations".
+        run_page = f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
+        await browser.open(f"{run_page}/artifacts/{STUDY_FIGURE}?workflowType=machine_learning",
+                           [STUDY_FIGURE, "summary.json"])
+        await browser.screenshot(out / "study-figure.png")
 
     asyncio.run(with_browser(shoot))
 
 
-# mode -> what it trains and shoots; the tuning study's parent run with its trials goes here as "study".
-MODES: dict[str, Callable[[str, Path, Path, Path], None]] = {"runs": shoot_runs}
+# mode -> what it trains and shoots.
+MODES: dict[str, Callable[[str, Path, Path, Path], None]] = {"runs": shoot_runs, "study": shoot_study}
 
 
 def main() -> None:
