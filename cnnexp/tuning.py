@@ -20,11 +20,11 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import optuna
 import torch
+from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp import tracking
@@ -428,7 +428,7 @@ def summary(study: optuna.Study) -> dict:
     return result
 
 
-def figures(study: optuna.Study) -> dict[str, "matplotlib.figure.Figure"]:
+def figures(study: optuna.Study) -> dict[str, Figure]:
     """Study figures by file name; a figure Optuna cannot draw yet (too few trials) is left out."""
     from optuna.visualization import matplotlib as vis
 

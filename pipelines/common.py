@@ -94,7 +94,7 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
         args = parser.parse_args(argv)
         main(config_from_args(config_class, args))
         return 0
-    except KeyboardInterrupt as err:
+    except KeyboardInterrupt:
         tracking.end_pending_run("KILLED", run_id=pending_run)
         if pending_run:
             tracking.guard_killed_status(pending_run)

@@ -54,8 +54,6 @@ def idx_source(tmp_path) -> Path:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh working directory with its own MLflow store, as a user's checkout would have."""
-    import mlflow
-
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
