@@ -37,9 +37,9 @@ class Sizes:
     worker_repeats: int
 
 
-# Pruning: the real sample itself (accuracy is the point). Workers: trials long enough that a spawned
-# worker's start-up (seconds of imports) weighs as it does in a real study, on the tiled images.
-FULL = Sizes(pruning_train=REAL_TRAIN, pruning_trials=20, pruning_epochs=6,
+# Pruning: the real sample itself (accuracy is the point), TuneConfig's 5 epochs a trial. Workers:
+# trials long enough that a spawned worker's start-up (seconds of imports) weighs as in a real study.
+FULL = Sizes(pruning_train=REAL_TRAIN, pruning_trials=20, pruning_epochs=5,
              workers_train=12_000, worker_trials=8, worker_epochs=8, worker_repeats=1)
 QUICK = Sizes(pruning_train=300, pruning_trials=6, pruning_epochs=2,
               workers_train=300, worker_trials=2, worker_epochs=1, worker_repeats=1)
