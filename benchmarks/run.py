@@ -1,6 +1,6 @@
 """Side-by-side timings of cnnexp against the tutorial's loop: prints a table, writes JSON.
 
-    python benchmarks/run.py                 # all benchmarks, about 3-4 minutes on an idle 2-core CPU
+    python benchmarks/run.py                 # all benchmarks, about 8-9 minutes on an idle 2-core CPU
     python benchmarks/run.py --quick         # fewer repeats on 12,000 images: a smoke test
     python benchmarks/run.py --only epoch,eval --device cuda
 
@@ -308,6 +308,7 @@ def needs_tuning(name: str) -> Callable[[Bench], dict]:
             return {"skipped": "needs cnnexp.tuning and benchmarks/tuning_benchmarks.py (not in this checkout yet)"}
         spec = importlib.util.spec_from_file_location("tuning_benchmarks", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return getattr(module, name)(b)
 
@@ -343,6 +344,8 @@ def format_table(report: dict) -> str:
             lines.append(f"{'':<10} tracking overhead: {result['rows'][1]['overhead_pct']:+.1f}% wall clock; "
                          f"inside log_epoch {result['tracking_call_pct_of_epoch']:.2f}% of an epoch; "
                          f"end-of-run flush {result['flush_s_per_run']:.2f}s once per run")
+        for note in result.get("notes", []):  # a benchmark's own summary lines (tuning_benchmarks.py)
+            lines.append(f"{'':<10} {note}")
         if "first_epoch_train_loss" in result:
             losses = ", ".join(f"{k} {v:.4f}" for k, v in result["first_epoch_train_loss"].items())
             lines.append(f"{'':<10} first-epoch train loss (same math => close): {losses}")

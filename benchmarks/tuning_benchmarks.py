@@ -1,0 +1,191 @@
+"""Benchmarks 4 and 5: whole tuning studies through cnnexp.tuning, as `mlflow run . -e tune` runs them.
+
+Loaded by benchmarks/run.py (`pruning(bench)`, `workers(bench)`). Each study gets a fresh journal
+storage in a temporary working directory, and MLflow tracking stays on (a sqlite store there, one
+parent run per study, a child run and a logged model per trial): the overhead users get is measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cnnexp import tracking, tuning
+from cnnexp.config import PrepareConfig, TuneConfig
+from cnnexp.data import Split, prepare
+
+REAL_TRAIN = 3_443  # the real sample's training images: the prepared split is then exactly the mini data's
+
+
+@dataclass(frozen=True)
+class Sizes:
+    pruning_train: int  # images written as the training file (10% of them become val)
+    pruning_trials: int
+    pruning_epochs: int
+    workers_train: int
+    worker_trials: int
+    worker_epochs: int
+    worker_repeats: int
+
+
+# Pruning: the real sample itself (accuracy is the point), TuneConfig's 5 epochs a trial. Workers:
+# trials long enough that a spawned worker's start-up (seconds of imports) weighs as in a real study.
+FULL = Sizes(pruning_train=REAL_TRAIN, pruning_trials=20, pruning_epochs=5,
+             workers_train=12_000, worker_trials=8, worker_epochs=8, worker_repeats=1)
+QUICK = Sizes(pruning_train=300, pruning_trials=6, pruning_epochs=2,
+              workers_train=300, worker_trials=2, worker_epochs=1, worker_repeats=1)
+TEST_IMAGES = 100  # prepare() needs a test file; these benchmarks never score on it
+
+
+def harness(b):
+    """benchmarks/run.py, whichever name it was loaded under (`__main__` as a script, another in tests)."""
+    return sys.modules[type(b).__module__]
+
+
+@contextlib.contextmanager
+def tuning_workdir(b, n_train: int) -> Iterator[tuple[Path, str]]:
+    """A temporary working directory (MLflow writes artifacts under ./mlruns) holding the first n_train
+    of run.py's training images, prepared, and a sqlite store; yields (directory, description of the data)."""
+    # run.py's train split starts with the real sample's 3,443 training images (when present), then
+    # repeats the sample: up to REAL_TRAIN the prepared train/val split is the mini data's own.
+    train = Split(b.train.images[:n_train], b.train.labels[:n_train])
+    test = Split(b.test.images[:TEST_IMAGES], b.test.labels[:TEST_IMAGES])
+    previous_uri = tracking.tracking_uri()
+    with tempfile.TemporaryDirectory(prefix="cnnexp-tune-bench-") as tmp, contextlib.chdir(tmp):
+        source = harness(b).write_torchvision_root(Path(tmp) / "source", train, test) / "FashionMNIST" / "raw"
+        data, _ = prepare(PrepareConfig(source=str(source), data_dir=str(Path(tmp) / "data")))
+        kind = "real" if b.data_kind.startswith("real") else "synthetic"
+        kind += "" if kind == "synthetic" or n_train <= REAL_TRAIN else " (tiled)"
+        described = f"{kind}: {len(data.splits['train']):,} train / {len(data.splits['val']):,} val images"
+        tracking.use_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        try:
+            yield Path(tmp), described
+        finally:
+            tracking.use_tracking_uri(previous_uri)
+
+
+def run_study(config: TuneConfig) -> dict:
+    """One tuning call as pipelines/tune.py makes it (a parent run, run_workers under it), timed whole:
+    worker start-up, trials, the wait for their logged models. Returns the timing and the study."""
+    threads = torch.get_num_threads()  # run_worker sets cores // workers threads in this process too
+    try:
+        with tracking.tracked_run(run_name=f"bench-{config.study_name}"):
+            run_id, experiment_id = tracking.active_run_ids()
+            parent = tuning.Parent(run_id, experiment_id, tracking.tracking_uri())
+            started = time.perf_counter()
+            tuning.run_workers(config, parent, [])
+            seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    study = tuning.load_study(config)
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "seconds": seconds, "trials_per_min": 60 * len(trials) / seconds,
+        "epochs": sum(len(t.intermediate_values) for t in trials),
+        "summary": tuning.summary(study), "params": [t.params for t in sorted(trials, key=lambda t: t.number)],
+    }
+
+
+def base_config(b, work: Path, name: str, **changes) -> TuneConfig:
+    return TuneConfig(storage=str(work / f"{name}.journal"), study_name=name, data_dir=str(work / "data"),
+                      device=str(b.device), **changes)
+
+
+def pruning(b) -> dict:
+    """4. The same 20 trials with the median pruner and without: epochs consumed, wall time, best val accuracy.
+
+    "Same trials": the random sampler with one seed proposes the same (lr, batch size) sequence whatever
+    the pruner does (it ignores the history; TPE would not), and every trial trains from the same seed.
+    """
+    sizes = QUICK if b.quick else FULL
+    with tuning_workdir(b, sizes.pruning_train) as (work, described):
+        results = {}
+        for pruner in ("none", "median"):  # one study each: epochs are exact, wall time a single sample
+            config = base_config(b, work, f"pruner-{pruner}", pruner=pruner, sampler="random",
+                                 n_trials=sizes.pruning_trials, epochs=sizes.pruning_epochs)
+            results[f"pruner {pruner}"] = [run_study(config)]
+    none, median = results["pruner none"][0], results["pruner median"][0]
+    saved = 100 * (1 - median["epochs"] / none["epochs"])
+    drop = 100 * (none["summary"]["best_value"] - median["summary"]["best_value"])
+    wall = {"none": none["seconds"], "median": median["seconds"]}
+    best = {"none": none["summary"]["best_value"], "median": median["summary"]["best_value"]}
+    return {
+        "unit": "epochs", "rows": harness(b).summarise(results, "pruner none", "epochs"), "data": described,
+        "study": f"{sizes.pruning_trials} trials x {sizes.pruning_epochs} epochs, random sampler (seed 0), "
+                 f"workers=1, MLflow tracking on",
+        "same_trials": none["params"] == median["params"],
+        "epochs_consumed": {"none": none["epochs"], "median": median["epochs"]}, "epochs_saved_pct": saved,
+        "study_wall_s": wall, "wall_saved_pct": 100 * (1 - wall["median"] / wall["none"]),
+        "best_val_accuracy": best, "best_val_accuracy_drop_points": drop,
+        "trials_pruned": median["summary"]["trials_pruned"],
+        "target_met": saved >= 40 and drop <= 1,
+        "notes": [
+            f"data: {described}; same trials in both: {none['params'] == median['params']}",
+            f"epochs saved {saved:.0f}% ({median['summary']['trials_pruned']} of {sizes.pruning_trials} trials pruned); "
+            f"wall {wall['none']:.0f}s -> {wall['median']:.0f}s ({100 * (1 - wall['median'] / wall['none']):.0f}% saved)",
+            f"best val accuracy {best['none']:.4f} (none) vs {best['median']:.4f} (median): {drop:+.2f} points lost; "
+            f"target (>= 40% epochs saved, <= 1 point lost) {'met' if saved >= 40 and drop <= 1 else 'NOT met'}",
+        ],
+    }
+
+
+def worker_startup_s() -> float:
+    """Seconds from spawning a process until it could start a trial: interpreter, the parent's __main__
+    re-imported as spawn does, then cnnexp.tuning (torch, mlflow, optuna). Loading the prepared data,
+    a few milliseconds here, is left out."""
+    started = time.perf_counter()
+    process = multiprocessing.get_context("spawn").Process(target=importlib.import_module, args=("cnnexp.tuning",))
+    process.start()
+    process.join()
+    return time.perf_counter() - started
+
+
+def workers(b) -> dict:
+    """5. Tuning throughput, workers=1 vs workers=2: trials per minute of the whole call, interleaved.
+
+    Every trial costs the same (batch size fixed at 128; only lr varies; no pruning), so the two
+    contenders do equal work; the 2-worker call includes its second process's start-up.
+    """
+    sizes = QUICK if b.quick else FULL
+    with tuning_workdir(b, sizes.workers_train) as (work, described):
+        runs: dict[str, list[dict]] = {"workers=1": [], "workers=2": []}
+        for repeat in range(sizes.worker_repeats):
+            for n in (1, 2):
+                config = base_config(b, work, f"workers{n}-{repeat}", workers=n, pruner="none", sampler="random",
+                                     n_trials=sizes.worker_trials, epochs=sizes.worker_epochs,
+                                     batch_min=128, batch_max=128)
+                runs[f"workers={n}"].append(run_study(config))
+        startup = worker_startup_s()
+    rows = harness(b).summarise(runs, "workers=1", "trials_per_min", higher_is_better=True)
+    one = statistics.median(r["seconds"] for r in runs["workers=1"])
+    two = statistics.median(r["seconds"] for r in runs["workers=2"])
+    gap = two - one / 2  # seconds over a perfect halving
+    ratio = rows[1]["ratio_vs_baseline"]
+    # As if the second worker started at once: only meaningful when its start-up is a part of the call.
+    ratio_warm = one / (two - startup) if two > 2 * startup else None
+    return {
+        "unit": "trials/min", "rows": rows, "data": described,
+        "study": f"{sizes.worker_trials} trials x {sizes.worker_epochs} epochs, batch 128, no pruning, "
+                 f"{sizes.worker_repeats} interleaved repeat(s), MLflow tracking on",
+        "ratio": ratio, "target_met": ratio >= 1.6,
+        "study_wall_s": {"workers=1": one, "workers=2": two}, "worker_startup_s": startup,
+        "gap_vs_perfect_halving_s": gap, "startup_share_of_gap_pct": 100 * startup / gap if gap > 0 else None,
+        "ratio_without_startup": ratio_warm,
+        "threads_per_worker": {"workers=1": tuning.cpu_cores(), "workers=2": max(1, tuning.cpu_cores() // 2)},
+        "notes": [
+            f"data: {described}; wall {one:.1f}s (1 worker) vs {two:.1f}s (2 workers); "
+            f"target (>= 1.6x) {'met' if ratio >= 1.6 else 'NOT met'}",
+            f"spawned worker start-up {startup:.1f}s = {100 * startup / gap if gap > 0 else 0:.0f}% of the "
+            f"{gap:.1f}s over a perfect halving; without it: "
+            + (f"{ratio_warm:.2f}x" if ratio_warm else "n/a (start-up is most of the call)"),
+        ],
+    }
