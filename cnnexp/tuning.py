@@ -99,7 +99,8 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs)
     if config.pruner == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    # fit reports epochs from 1, so a trial can be pruned after its first epoch once 5 trials have finished.
+    return optuna.pruners.MedianPruner(n_startup_trials=5)
 
 
 def load_study(config: TuneConfig | WorkerConfig, worker: int = 0) -> optuna.Study:
