@@ -62,9 +62,14 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 def use_store(monkeypatch, work: Path) -> None:
-    """Points MLflow at work/mlflow.db. The env var alone is not enough: once any test has called
-    mlflow.set_tracking_uri, that process-wide setting wins over MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    """Points MLflow at work/mlflow.db."""
+    use_tracking_uri(monkeypatch, f"sqlite:///{work / 'mlflow.db'}")
+
+
+def use_tracking_uri(monkeypatch, uri: str) -> None:
+    """The env var alone is not enough: once any test has called mlflow.set_tracking_uri, that
+    process-wide setting wins over MLFLOW_TRACKING_URI (even where a call passes tracking_uri=, as
+    download_artifacts does when it looks up a run's logged model)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(uri)

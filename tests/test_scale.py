@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, subprocess_env, write_idx_dir
+from conftest import REPO, subprocess_env, use_tracking_uri, write_idx_dir
 from pipelines import tune, worker
 from test_tune import assert_optuna_and_mlflow_agree
 
@@ -124,7 +124,7 @@ def test_a_worker_joins_the_study_tune_created_and_runs_until_its_trial_count(wo
 @pytest.mark.slow
 def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # `runs:/` model URIs resolve through the default tracking URI too
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster["MLFLOW_TRACKING_URI"])
+    use_tracking_uri(monkeypatch, cluster["MLFLOW_TRACKING_URI"])
     common, study = create_study(cluster, tmp_path, "three-workers", n_trials=12, epochs=2)
     started = time.monotonic()
     workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 4) for i in range(3)]
