@@ -18,6 +18,7 @@ import threading
 import time
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -300,15 +301,19 @@ def optimize_until(study: optuna.Study, objective: Objective, target: int, confi
 
     A trial running elsewhere counts as on its way; the worker waits for it rather than leaving, since
     if that worker died, its trial is failed and re-queued (heartbeat or pid check) and someone must run
-    the retry. A worker never runs more than `target` trials itself (a study that only fails must end).
+    the retry, even when the others have reached the target meanwhile: nothing is left WAITING.
+    A worker never runs more than `target` trials itself (a study that only fails must end).
     """
     deadline = time.monotonic() + config.timeout if config.timeout else math.inf
     for _ in range(target):
         while time.monotonic() < deadline:
-            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-            if sum(t.state != TrialState.RUNNING for t in trials) >= target:
+            states = Counter(t.state for t in study.get_trials(deepcopy=False))
+            finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+            if states[TrialState.WAITING]:
+                break  # a retried trial: Optuna runs waiting trials first
+            if finished >= target:
                 return
-            if len(trials) < target:
+            if finished + states[TrialState.RUNNING] < target:
                 break
             if has_heartbeats(config.storage):
                 optuna.storages.fail_stale_trials(study)
