@@ -17,6 +17,12 @@ class ConfigError(ValueError):
         self.param = param
 
 
+def first_line(err: BaseException) -> str:
+    """What a one-line error message can say of a library's exception (some span many lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _help(text: str, **kwargs) -> dict:
     return {"help": text, **kwargs}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torchvision.datasets as tvd
 
-from cnnexp.config import PrepareConfig
+from cnnexp.config import PrepareConfig, first_line
 
 IDX_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -166,9 +166,8 @@ def download(dataset: str, into: Path) -> Path:
         for train in (True, False):
             dataset_class(into, train=train, download=True)
     except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(
-            f"download of {dataset} failed ({reason}); without network, pass a directory of the "
+            f"download of {dataset} failed ({first_line(err)}); without network, pass a directory of the "
             f"four IDX files: mlflow run . -e prepare -P source=/path/to/idx-dir"
         ) from None
     return into / dataset_class.__name__ / "raw"

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from cnnexp.config import ConfigError
+from cnnexp.config import ConfigError, first_line
 from cnnexp.data import PreparedData, file_lock
 from cnnexp.plots import learning_curves, samples_per_class
 
@@ -72,9 +72,14 @@ def _flush_quietly() -> None:
         mlflow.flush_async_logging()
 
 
+def error_text(err: BaseException) -> str:
+    """The error as a run tag holds it (MLflow caps tag values; 5,000 characters keeps us under)."""
+    return f"{type(err).__name__}: {err}"[:5000]
+
+
 def mark_failed(run_id: str, err: BaseException) -> None:
     client = MlflowClient()
-    client.set_tag(run_id, ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+    client.set_tag(run_id, ERROR_TAG, error_text(err))
     client.set_terminated(run_id, "FAILED")
 
 
@@ -87,7 +92,7 @@ def end_pending_run(status: str, err: BaseException | None = None, run_id: str |
     with contextlib.suppress(Exception):  # the store itself may be what failed
         if client.get_run(run_id).info.status == "RUNNING":
             if err is not None:
-                client.set_tag(run_id, ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+                client.set_tag(run_id, ERROR_TAG, error_text(err))
             client.set_terminated(run_id, status)
 
 
@@ -268,7 +273,7 @@ def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: to
         with mlflow.start_run(run_id=run_id):
             log_model(model, example_inputs, classes)
     except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
-        MlflowClient().set_tag(run_id, "model_error", f"{type(err).__name__}: {err}"[:5000])
+        MlflowClient().set_tag(run_id, "model_error", error_text(err))
     MlflowClient().set_terminated(run_id, "FINISHED")
 
 
@@ -298,8 +303,7 @@ def resolve_model(model_uri: str) -> tuple[str, str]:
     try:
         info = mlflow.models.get_model_info(model_uri)
     except Exception as err:  # MLflow raises several kinds (missing run, model, artifact)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError("model_uri", f"no model at {model_uri!r}: {reason}") from None
+        raise ConfigError("model_uri", f"no model at {model_uri!r}: {first_line(err)}") from None
     if not info.run_id:
         raise ConfigError("model_uri", f"{model_uri!r} names no training run, so its data cannot be checked")
     return model_uri, info.run_id

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp import tracking
-from cnnexp.config import ConfigError, TuneConfig, WorkerConfig
+from cnnexp.config import ConfigError, TuneConfig, WorkerConfig, first_line
 from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
@@ -78,8 +78,7 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             return optuna.storages.RDBStorage(storage, **heartbeat)
     except Exception as err:  # SQLAlchemy and drivers raise many kinds; the user needs the first line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError("storage", f"cannot open {tracking.redact_url(storage)}: {reason}") from None
+        raise ConfigError("storage", f"cannot open {tracking.redact_url(storage)}: {first_line(err)}") from None
 
 
 def has_heartbeats(storage: str) -> bool:
@@ -235,7 +234,7 @@ class Objective:
             tracking.end_child_run(run_id, "KILLED", {"pruned": "true", "pruned_at_epoch": pruned.args[0]})
             raise
         except BaseException as err:
-            tracking.end_child_run(run_id, "FAILED", {tracking.ERROR_TAG: f"{type(err).__name__}: {err}"})
+            tracking.end_child_run(run_id, "FAILED", {tracking.ERROR_TAG: tracking.error_text(err)})
             raise
         example = to_inputs(self.data.splits["val"].images[:4])
         self.models.submit(run_id, model, example, self.data.classes)
