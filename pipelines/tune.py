@@ -79,10 +79,13 @@ def main(config: TuneConfig) -> dict:
         if config.retrain_best and "best_params" in result:
             scores = retrain_best(config, result["best_params"], data)
             tracking.log_metrics({"best_test_accuracy": scores["accuracy"]})
-    print(f"done: {result['trials_complete']} complete, {result['trials_pruned']} pruned, "
-          f"{result['trials_failed']} failed; best val_accuracy {result.get('best_value', float('nan')):.4f} "
-          f"with {result.get('best_params')}")
+    print(f"done: {summary_line(result)} with {result.get('best_params')}")
     return result
+
+
+def summary_line(result: dict) -> str:
+    return (f"{result['trials_complete']} complete, {result['trials_pruned']} pruned, {result['trials_failed']} failed; "
+            f"best val_accuracy {result.get('best_value', float('nan')):.4f}")
 
 
 def cli(argv: list[str] | None = None, prog: str = "tune") -> int:

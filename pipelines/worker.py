@@ -12,7 +12,7 @@ from cnnexp import tracking, tuning
 from cnnexp.config import ConfigError, WorkerConfig
 from pipelines.common import make_parser, run_entry_point
 from pipelines.train import load_or_prepare
-from pipelines.tune import progress_line
+from pipelines.tune import progress_line, summary_line
 
 
 def main(config: WorkerConfig) -> dict:
@@ -32,8 +32,7 @@ def main(config: WorkerConfig) -> dict:
           f"on {config.workers} worker process(es)")
     tuning.run_workers(settings, parent, [progress_line], target, tuning.joining_offset())
     result = tuning.summary(study)
-    print(f"study now: {result['trials_complete']} complete, {result['trials_pruned']} pruned, "
-          f"{result['trials_failed']} failed; best val_accuracy {result.get('best_value', float('nan')):.4f}")
+    print(f"study now: {summary_line(result)}")
     return result
 
 
