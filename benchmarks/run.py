@@ -194,9 +194,12 @@ def bench_tracking(b: Bench) -> dict:
     from cnnexp import tracking
 
     epochs = 2
+    # Its own store and experiment, named per run rather than set process-wide: the tuning benchmarks
+    # that follow in the same process open stores of their own.
+    previous_uri = tracking.tracking_uri()
     with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as store:
-        mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
-        mlflow.set_experiment("benchmark-tracking")
+        tracking.use_tracking_uri(f"sqlite:///{store}/mlflow.db")
+        experiment_id = mlflow.create_experiment("benchmark-tracking")
 
         def tracked() -> dict:
             spent = []  # seconds inside each log_epoch call
@@ -206,14 +209,17 @@ def bench_tracking(b: Bench) -> dict:
                 tracking.log_epoch(metrics)
                 spent.append(time.perf_counter() - started)
 
-            with tracking.tracked_run():
+            with tracking.tracked_run(experiment_id=experiment_id):
                 result = fit_epochs(b, 100, epochs, on_epoch_end=timed_log_epoch)
                 started = time.perf_counter()
                 tracking.flush()  # once per run: waits for the queued writes
                 flush_s = time.perf_counter() - started
             return {**result, "log_s": sum(spent) / epochs, "flush_s": flush_s}
 
-        results = interleave({"fit untracked": lambda: fit_epochs(b, 100, epochs), "fit tracked": tracked}, b.repeats)
+        try:
+            results = interleave({"fit untracked": lambda: fit_epochs(b, 100, epochs), "fit tracked": tracked}, b.repeats)
+        finally:
+            tracking.use_tracking_uri(previous_uri)
     rows = summarise(results, "fit untracked")
     untracked = rows[0]["median"]
     rows[1]["overhead_pct"] = 100 * (rows[1]["median"] - untracked) / untracked
@@ -272,13 +278,16 @@ def threads_per_worker(b: Bench, k: int) -> int:
 def concurrent_trials(b: Bench, k: int, trials: int, train: Split) -> dict:
     """Aggregate trials per minute of k worker processes sharing the machine (and its one GPU, if any)."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     threads = threads_per_worker(b, k)
-    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with ctx.Pool(k, _init_worker, (train, b.val, str(b.device), threads)) as pool:
-        pool.map(_one_trial, range(k), chunksize=1)  # warm-up: imports, allocator, kernel caches
+    # spawn: CUDA cannot be forked. An executor, not multiprocessing.Pool: a worker that dies at start-up
+    # raises BrokenProcessPool here, where a Pool would replace it forever and hang.
+    with ProcessPoolExecutor(k, multiprocessing.get_context("spawn"), _init_worker,
+                             (train, b.val, str(b.device), threads)) as pool:
+        list(pool.map(_one_trial, range(k)))  # warm-up: imports, allocator, kernel caches
         started = time.perf_counter()
-        pool.map(_one_trial, range(trials), chunksize=1)
+        list(pool.map(_one_trial, range(trials)))
         return {"trials_per_min": 60 * trials / (time.perf_counter() - started)}
 
 
@@ -320,7 +329,7 @@ BENCHMARKS: dict[str, Callable[[Bench], dict]] = {
     "tracking": bench_tracking,
     "eval": bench_eval,
     "trials": bench_trials,  # K concurrent trials vs one (the GPU-sharing question; workers on CPU)
-    "pruning": needs_tuning("pruning"),  # 4. 20-trial study, pruner median vs none
+    "pruning": needs_tuning("pruning"),  # 4. 20-trial study: pruner none vs median vs asha (the default)
     "workers": needs_tuning("workers"),  # 5. trials per minute, workers=1 vs 2
 }
 

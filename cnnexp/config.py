@@ -204,7 +204,7 @@ def _check_seed(seed: int) -> None:
 
 
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("asha", "median", "hyperband", "none")
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,9 @@ class TuneConfig:
     batch_min: int = field(default=16, metadata=_help("smallest batch size (a power of two)"))
     batch_max: int = field(default=1024, metadata=_help("largest batch size (a power of two)"))
     sampler: str = field(default="tpe", metadata=_help("Optuna sampler", choices=SAMPLERS))
-    pruner: str = field(default="median", metadata=_help("Optuna pruner", choices=PRUNERS))
+    pruner: str = field(default="asha", metadata=_help(
+        "Optuna pruner: asha (successive halving: a third go on after epochs 1, 3, 9, ...), median, hyperband or none",
+        choices=PRUNERS))
     storage: str = field(
         default="optuna-journal.log",
         metadata=_help("Optuna journal file, or any Optuna storage URL (sqlite:///..., postgresql://...)"),

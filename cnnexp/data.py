@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision.datasets as tvd
 
 from cnnexp.config import PrepareConfig, first_line
 
@@ -28,7 +27,7 @@ IDX_MAGIC = {"images": 2051, "labels": 2049}
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
-TORCHVISION_CLASSES = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "kmnist": tvd.KMNIST}
+TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST"}
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -61,8 +60,16 @@ class PreparedData:
         return self.manifest["classes"]
 
 
+def torchvision_class(dataset: str) -> type:
+    # Imported only to read or download IDX files: torchvision pulls in torch._dynamo, seconds of start-up
+    # that every tuning worker and `train` (which read the prepared tensors) would otherwise pay.
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, TORCHVISION_CLASSES[dataset])
+
+
 def class_names(dataset: str) -> list[str]:
-    return list(TORCHVISION_CLASSES[dataset].classes)
+    return list(torchvision_class(dataset).classes)
 
 
 def prepared_path(data_dir: str | Path, dataset: str) -> Path:
@@ -128,7 +135,7 @@ def check_idx_header(path: Path, data: bytes, kind: str) -> int:
 def read_source(dataset: str, source: Path) -> tuple[dict[str, Split], dict[str, str]]:
     """Reads train and test through torchvision after checking each file; returns splits and sha256s."""
     files = find_source_files(source)
-    dataset_class = TORCHVISION_CLASSES[dataset]
+    dataset_class = torchvision_class(dataset)
     with tempfile.TemporaryDirectory(prefix="cnnexp-idx-") as root:
         raw_dir = Path(root) / dataset_class.__name__ / "raw"
         raw_dir.mkdir(parents=True)
@@ -161,7 +168,7 @@ def check_labels(path: Path, labels: torch.Tensor) -> None:
 
 def download(dataset: str, into: Path) -> Path:
     """Downloads with torchvision; returns the directory holding the four files."""
-    dataset_class = TORCHVISION_CLASSES[dataset]
+    dataset_class = torchvision_class(dataset)
     try:
         for train in (True, False):
             dataset_class(into, train=train, download=True)

@@ -109,7 +109,7 @@ CASES = {
     "tune batch_min not a power of two": ("tune", ["--batch-min", "12"], BAD, "batch_min: must be a power of two"),
     "tune batch range inverted": ("tune", ["--batch-min", "256", "--batch-max", "64"], BAD, "batch_min: must not exceed batch_max (64)"),
     "tune sampler unknown": ("tune", ["--sampler", "grid"], BAD, "sampler: unknown value 'grid'; allowed: tpe, random"),
-    "tune pruner unknown": ("tune", ["--pruner", "foo"], BAD, "pruner: unknown value 'foo'; allowed: median, hyperband, none"),
+    "tune pruner unknown": ("tune", ["--pruner", "foo"], BAD, "pruner: unknown value 'foo'; allowed: asha, median, hyperband, none"),
     "tune workers negative": ("tune", ["--workers", "-1"], BAD, "workers: must be 0 (run no trials here) or more"),
     "tune storage empty": ("tune", ["--storage", ""], BAD, "storage: must not be empty"),
     "tune study_name empty": ("tune", ["--study-name", ""], BAD, "study_name: must not be empty"),

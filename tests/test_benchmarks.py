@@ -1,19 +1,20 @@
-import importlib.util
+import importlib
 import json
 import sys
 
 import pytest
 import torch
 
+from cnnexp.config import TuneConfig
 from conftest import REPO
 
 
 def _load_run_module():
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    # By a name that the `trials` benchmark's spawned processes can import too (they unpickle its
+    # worker functions by module name); run.py keeps the repository on sys.path for them.
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("benchmarks.run")
 
 
 def test_eval_benchmark_runs_on_synthetic_data_and_writes_json(tmp_path, capsys):
@@ -42,19 +43,24 @@ def test_eval_benchmark_on_cuda(tmp_path):
     assert json.loads(out.read_text())["device"].startswith("cuda")
 
 
-def test_tuning_benchmarks_run_quick_on_synthetic_data(tmp_path):
-    """Benchmarks 4-5 through the real cnnexp.tuning (spawned worker, MLflow child runs) on tiny data."""
+def test_all_benchmarks_run_quick_in_one_process_on_synthetic_data(tmp_path):
+    """All of them in a row, as `run.py` runs them (one must not leave MLflow state that breaks the next);
+    4-5 go through the real cnnexp.tuning (spawned worker, MLflow child runs) on tiny data."""
     run = _load_run_module()
     out = tmp_path / "results.json"
     threads = torch.get_num_threads()
-    run.main(["--quick", "--only", "pruning,workers", "--source", str(tmp_path / "absent"), "--out", str(out)])
+    run.main(["--quick", "--source", str(tmp_path / "absent"), "--out", str(out)])
     report = json.loads(out.read_text())["benchmarks"]
+    assert list(report) == list(run.BENCHMARKS) and not any("skipped" in result for result in report.values())
     pruning, workers = report["pruning"], report["workers"]
     assert pruning["data"].startswith("synthetic") and pruning["same_trials"]
-    assert {row["contender"] for row in pruning["rows"]} == {"pruner none", "pruner median"}
-    assert pruning["epochs_consumed"]["none"] >= pruning["epochs_consumed"]["median"] > 0
+    assert {row["contender"] for row in pruning["rows"]} == {"pruner none", "pruner median", "pruner asha"}
+    consumed = pruning["epochs_consumed"]
+    assert consumed["none"] >= max(consumed["median"], consumed["asha"]) and min(consumed.values()) > 0
+    assert pruning["default_pruner"] == TuneConfig().pruner
+    assert pruning["target_met"] == pruning["pruners"][TuneConfig().pruner]["target_met"]
     for key in ("epochs_saved_pct", "study_wall_s", "best_val_accuracy", "best_val_accuracy_drop_points", "target_met"):
-        assert key in pruning
+        assert all(key in outcome for outcome in pruning["pruners"].values())
     assert {row["contender"] for row in workers["rows"]} == {"workers=1", "workers=2"}
     assert all(row["median"] > 0 for row in workers["rows"])
     for key in ("ratio", "study_wall_s", "worker_startup_s", "ratio_without_startup", "target_met"):

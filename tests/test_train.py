@@ -96,6 +96,16 @@ def test_library_core_imports_neither_mlflow_nor_optuna():
     assert out.strip() == "[]"
 
 
+def test_training_and_tuning_start_without_torchvision():
+    # torchvision imports torch._dynamo: seconds of start-up for every spawned tuning worker.
+    code = (
+        "import sys, pipelines.train, pipelines.worker, pipelines.evaluate, cnnexp.tuning; "
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_fit_on_cuda(splits):
     state = new_training_state(lr=0.01, seed=0, device=torch.device("cuda"))

@@ -75,7 +75,7 @@ BAD_TUNE_ARGS = {
     "batch not a power of two": (["--batch-max", "100"], "batch_max: must be a power of two"),
     "batch range reversed": (["--batch-min", "64", "--batch-max", "32"], "batch_min: must not exceed batch_max"),
     "unknown sampler": (["--sampler", "grid"], "sampler: unknown value 'grid'"),
-    "unknown pruner": (["--pruner", "asha"], "pruner: unknown value 'asha'"),
+    "unknown pruner": (["--pruner", "sha"], "pruner: unknown value 'sha'"),
     "negative workers": (["--workers", "-1"], "workers: must be 0"),
     "negative timeout": (["--timeout", "-1"], "timeout: must be 0"),
 }
