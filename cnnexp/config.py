@@ -62,6 +62,10 @@ class TrainConfig:
     register: str = field(
         default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
     )
+    bf16: bool = field(default=False, metadata=_help("bfloat16 autocast of forward and loss (for recent GPUs; no faster on CPU)"))
+    torch_compile: bool = field(
+        default=False, metadata=_help("torch.compile the training step (compiles once per run: for long GPU runs; 2x slower on CPU)")
+    )
     system_metrics: bool = field(
         default=False,
         metadata=_help("log CPU, memory, disk, network (and NVIDIA GPU) metrics with MLflow's system-metrics monitor"),
@@ -232,6 +236,8 @@ class TuneConfig:
     dataset: str = field(default="fashion-mnist", metadata=_help("dataset to tune on", choices=DATASETS))
     source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"))
     retrain_best: bool = field(default=False, metadata=_help("train the best configuration again, log it and score it on test"))
+    bf16: bool = _like(TrainConfig, "bf16")
+    torch_compile: bool = _like(TrainConfig, "torch_compile")
 
     def validate(self) -> None:
         if self.n_trials < 1:

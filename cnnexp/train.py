@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnexp.config import TrainConfig, TuneConfig
 from cnnexp.data import Split
 from cnnexp.evaluate import predict, score
 from cnnexp.model import Network, to_inputs
@@ -67,15 +68,29 @@ def _fused_adam_supported(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The split, resident on the device for the whole fit; to a GPU from pinned memory, asynchronously."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def train_epoch(
     state: TrainingState,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,
     on_batch_end: BatchCallback | None = None,
+    *,
+    forward: nn.Module | None = None,
+    bf16: bool = False,
 ) -> tuple[float, float]:
-    """One pass over a shuffled copy of the resident split; returns mean loss and accuracy."""
-    model, optimizer = state.model, state.optimizer
+    """One pass over a shuffled copy of the resident split; returns mean loss and accuracy.
+
+    forward: what computes the logits, state.model by default (fit passes its torch.compile'd wrapper,
+    which shares the parameters); bf16: bfloat16 autocast of forward and loss (weights and Adam stay fp32).
+    """
+    model, optimizer = state.model if forward is None else forward, state.optimizer
     model.train()
     order = torch.randperm(len(labels), generator=state.generator).to(inputs.device)
     # Sums stay on the device so the loop never waits for a metric.
@@ -85,8 +100,9 @@ def train_epoch(
         # Gathering each batch, not a shuffled copy of the whole split, halves the epoch's memory traffic.
         rows = order[start : start + batch_size]
         x, y = inputs[rows], labels[rows]
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -95,6 +111,11 @@ def train_epoch(
         if on_batch_end is not None:
             on_batch_end(batch, loss)
     return loss_sum.item() / len(labels), correct.item() / len(labels)
+
+
+def speed_options(config: TrainConfig | TuneConfig) -> dict:
+    """fit's keyword arguments from a TrainConfig or TuneConfig."""
+    return {"bf16": config.bf16, "torch_compile": config.torch_compile}
 
 
 def fit(
@@ -106,16 +127,29 @@ def fit(
     epochs: int,
     on_epoch_end: EpochCallback | None = None,
     on_batch_end: BatchCallback | None = None,
+    bf16: bool = False,
+    torch_compile: bool = False,
 ) -> list[dict]:
-    """Trains from state.epoch up to `epochs`; returns one metrics dict per epoch run here."""
+    """Trains from state.epoch up to `epochs`; returns one metrics dict per epoch run here.
+
+    bf16 and torch_compile change how the step runs, not what it computes (bf16 rounds activations);
+    both are off by default: on the CPU neither paid (benchmarks/README.md).
+    """
     device = next(state.model.parameters()).device
-    train_x, train_y = to_inputs(train.images.to(device)), train.labels.to(device)
-    val_x, val_y = to_inputs(val.images.to(device)), val.labels.to(device)
+    if device.type == "cuda":
+        # Every step has the same shapes (bar the last batch): cuDNN's autotuned kernels pay after a few steps.
+        torch.backends.cudnn.benchmark = True
+    # The wrapper shares state.model's parameters; state.model stays the plain module that is
+    # checkpointed, evaluated and logged.
+    forward = torch.compile(state.model) if torch_compile else state.model
+    train_x, train_y = to_inputs(to_device(train.images, device)), to_device(train.labels, device)
+    val_x, val_y = to_inputs(to_device(val.images, device)), to_device(val.labels, device)
     history = []
     while state.epoch < epochs:
         epoch = state.epoch + 1
         started = time.perf_counter()
-        train_loss, train_accuracy = train_epoch(state, train_x, train_y, batch_size, on_batch_end)
+        train_loss, train_accuracy = train_epoch(state, train_x, train_y, batch_size, on_batch_end,
+                                                 forward=forward, bf16=bf16)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch, train_loss)
         val_scores = score(predict(state.model, val_x), val_y)

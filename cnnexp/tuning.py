@@ -34,7 +34,7 @@ from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
-from cnnexp.train import fit, new_training_state
+from cnnexp.train import fit, new_training_state, speed_options
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 OBJECTIVE = "val_accuracy"
@@ -47,7 +47,8 @@ GRACE_PERIOD_S = 30
 MAX_RETRY = 2  # a trial that kills its worker three times is not tried again
 WAIT_POLL_S = 5  # how often a worker with nothing to start checks the study again
 # What `tune` fixes for the whole study; a joining worker takes these from the study, so no machine drifts.
-STUDY_SETTINGS = ("epochs", "lr_min", "lr_max", "batch_min", "batch_max", "sampler", "pruner", "seed", "dataset")
+STUDY_SETTINGS = ("epochs", "lr_min", "lr_max", "batch_min", "batch_max", "sampler", "pruner", "seed", "dataset",
+                  "bf16", "torch_compile")
 
 
 @dataclass(frozen=True)
@@ -254,15 +255,26 @@ class Objective:
         state = new_training_state(params["lr"], self.config.seed, self.device)
         splits = self.data.splits
         history = fit(state, splits["train"], splits["val"], batch_size=params["batch_size"],
-                      epochs=self.config.epochs, on_epoch_end=on_epoch_end)
+                      epochs=self.config.epochs, on_epoch_end=on_epoch_end, **speed_options(self.config))
         return state.model, history[-1][OBJECTIVE]
 
 
 # --- workers ---------------------------------------------------------------------------------
 
-def split_trials(n_trials: int, workers: int) -> list[int]:
-    """Each worker runs a fixed share, so the call runs exactly n_trials however the workers race."""
-    return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+class TrialBudget:
+    """The trials this call may still start, shared by its local worker processes: each claims one before
+    starting it, so the call runs exactly n_trials, and a worker that started late (a spawned process
+    imports for seconds) or drew short trials (pruned, large batches) takes more of them."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext, n_trials: int):
+        self.remaining = context.Value("i", n_trials)
+
+    def claim(self) -> bool:
+        with self.remaining.get_lock():
+            if self.remaining.value <= 0:
+                return False
+            self.remaining.value -= 1
+            return True
 
 
 def worker_device(name: str, worker: int) -> torch.device:
@@ -277,10 +289,10 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int, callbacks: list[TrialCallback],
+def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget, callbacks: list[TrialCallback],
                target: int | None = None, sampler_offset: int = 0) -> None:
-    """One worker's share: n_trials trials, or (with a target) trials until the study has `target`
-    complete or pruned ones. Loads data once and waits for its models to be logged."""
+    """Trials while the call's budget lasts, or (with a target) until the study has `target` complete
+    or pruned ones. Loads data once and waits for its models to be logged."""
     # N workers on C cores: C // N threads each, or they oversubscribe the cores and all slow down.
     torch.set_num_threads(max(1, cpu_cores() // max(config.workers, 1)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -290,8 +302,9 @@ def run_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int, c
     objective = Objective(config, data, worker_device(config.device, worker), parent, models)
     try:
         if target is None:
-            study.optimize(objective, n_trials=n_trials, timeout=config.timeout or None, catch=(Exception,),
-                           callbacks=callbacks)
+            deadline = time.monotonic() + config.timeout if config.timeout else math.inf
+            while time.monotonic() < deadline and budget.claim():
+                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
         else:
             optimize_until(study, objective, target, config, callbacks)
     finally:
@@ -328,13 +341,13 @@ def optimize_until(study: optuna.Study, objective: Objective, target: int, confi
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
 
 
-def spawned_worker(config: TuneConfig, parent: Parent, worker: int, n_trials: int,
+def spawned_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget,
                    callbacks: list[TrialCallback], target: int | None, sampler_offset: int) -> None:
     """Entry of a worker process: the parent's store, and SIGTERM (how `mlflow run` stops) as Ctrl-C,
     so the running trial ends FAILED in both stores instead of staying RUNNING."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     tracking.use_tracking_uri(parent.tracking_uri)
-    run_worker(config, parent, worker, n_trials, callbacks, target, sampler_offset)
+    run_worker(config, parent, worker, budget, callbacks, target, sampler_offset)
 
 
 def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None,
@@ -349,17 +362,18 @@ def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallbac
     """
     if not has_heartbeats(config.storage):
         recover_dead_trials(load_study(config))
-    shares = split_trials(config.n_trials, config.workers)
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
+    budget = TrialBudget(context, config.n_trials)
+    # No process is spawned for a worker that could not get a trial anyway.
     others = [
-        context.Process(target=spawned_worker, args=(config, parent, i, shares[i], callbacks, target, sampler_offset),
+        context.Process(target=spawned_worker, args=(config, parent, i, budget, callbacks, target, sampler_offset),
                         name=f"tune-worker-{i}")
-        for i in range(1, config.workers) if shares[i] or target is not None
+        for i in range(1, config.workers) if i < config.n_trials or target is not None
     ]
     for process in others:
         process.start()
     try:
-        run_worker(config, parent, 0, shares[0], callbacks, target, sampler_offset)
+        run_worker(config, parent, 0, budget, callbacks, target, sampler_offset)
     finally:
         for process in others:
             process.join()
@@ -466,7 +480,7 @@ def retrain(config: TuneConfig, params: dict, data: PreparedData) -> tuple[torch
     device = worker_device(config.device, 0)
     state = new_training_state(params["lr"], config.seed, device)
     history = fit(state, data.splits["train"], data.splits["val"], batch_size=params["batch_size"],
-                  epochs=config.epochs, on_epoch_end=tracking.log_epoch)
+                  epochs=config.epochs, on_epoch_end=tracking.log_epoch, **speed_options(config))
     test = data.splits["test"]
     scores = score(predict(state.model, to_inputs(test.images.to(device))), test.labels.to(device))
     return state.model, history, scores

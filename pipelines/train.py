@@ -14,7 +14,7 @@ from cnnexp.config import ConfigError, TrainConfig
 from cnnexp.data import PreparedData, is_prepared, load_prepared, prepare
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
-from cnnexp.train import fit, new_training_state
+from cnnexp.train import fit, new_training_state, speed_options
 from pipelines.common import make_parser, register_model, run_entry_point
 from pipelines.progress import EpochProgress
 
@@ -65,7 +65,7 @@ def main(config: TrainConfig) -> list[dict]:
         try:
             fit(
                 state, train, val, batch_size=config.batch_size, epochs=config.epochs,
-                on_epoch_end=on_epoch_end, on_batch_end=progress.batch_callback,
+                on_epoch_end=on_epoch_end, on_batch_end=progress.batch_callback, **speed_options(config),
             )
         except BaseException:
             # Into the run's artifacts too, so it can be resumed wherever the tracking store is reachable.

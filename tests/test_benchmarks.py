@@ -51,7 +51,8 @@ def test_all_benchmarks_run_quick_in_one_process_on_synthetic_data(tmp_path):
     threads = torch.get_num_threads()
     run.main(["--quick", "--source", str(tmp_path / "absent"), "--out", str(out)])
     report = json.loads(out.read_text())["benchmarks"]
-    assert list(report) == list(run.BENCHMARKS) and not any("skipped" in result for result in report.values())
+    assert list(report) == [name for name in run.BENCHMARKS if name != "options"]  # options: CUDA only by default
+    assert not any("skipped" in result for result in report.values())
     pruning, workers = report["pruning"], report["workers"]
     assert pruning["data"].startswith("synthetic") and pruning["same_trials"]
     assert {row["contender"] for row in pruning["rows"]} == {"pruner none", "pruner median", "pruner asha"}
@@ -61,8 +62,21 @@ def test_all_benchmarks_run_quick_in_one_process_on_synthetic_data(tmp_path):
     assert pruning["target_met"] == pruning["pruners"][TuneConfig().pruner]["target_met"]
     for key in ("epochs_saved_pct", "study_wall_s", "best_val_accuracy", "best_val_accuracy_drop_points", "target_met"):
         assert all(key in outcome for outcome in pruning["pruners"].values())
-    assert {row["contender"] for row in workers["rows"]} == {"workers=1", "workers=2"}
+    scenarios = ("batch 128", "search space")
+    assert {row["contender"] for row in workers["rows"]} == {f"workers={n} ({s})" for n in (1, 2) for s in scenarios}
     assert all(row["median"] > 0 for row in workers["rows"])
-    for key in ("ratio", "study_wall_s", "worker_startup_s", "ratio_without_startup", "target_met"):
-        assert key in workers
+    for scenario in scenarios:
+        assert {"ratio", "study_wall_s", "target_met"} <= set(workers["scenarios"][scenario])
+    assert workers["worker_startup_s"] > 0 and workers["one_process_thread_speedup"]["speedup"] > 0
     assert torch.get_num_threads() == threads  # run_worker's cores // workers does not leak into the caller
+
+
+@pytest.mark.slow  # torch.compile on CPU: a minute
+def test_options_benchmark_compares_bf16_and_compile_with_plain_fit(tmp_path):
+    run = _load_run_module()
+    out = tmp_path / "results.json"
+    run.main(["--quick", "--only", "options", "--repeats", "1", "--source", str(tmp_path / "absent"), "--out", str(out)])
+    result = json.loads(out.read_text())["benchmarks"]["options"]
+    assert [row["contender"] for row in result["rows"]] == ["fit", "fit bf16", "fit compile", "fit bf16+compile"]
+    assert all(row["median"] > 0 for row in result["rows"])
+    assert result["first_epoch_extra_s"]["fit compile"] > result["first_epoch_extra_s"]["fit"]  # compiling

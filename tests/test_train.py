@@ -106,8 +106,27 @@ def test_training_and_tuning_start_without_torchvision():
     assert out.strip() == "[]"
 
 
+def test_bf16_autocast_learns_and_keeps_weights_and_adam_in_fp32(splits):
+    state, history = _fit(splits, epochs=3, bf16=True)
+    _, plain = _fit(splits, epochs=3)
+    assert history[0]["train_loss"] != plain[0]["train_loss"]  # autocast ran: bf16 rounds activations
+    assert history[-1]["val_accuracy"] > 0.5
+    assert all(p.dtype == torch.float32 for p in state.model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.optimizer.state.values())
+
+
+@pytest.mark.slow  # compiling takes 10-30 s on CPU
+def test_torch_compile_computes_the_same_step_and_keeps_the_state_dict_plain(splits):
+    compiled_state, compiled = _fit(splits, epochs=1, torch_compile=True)
+    _, plain = _fit(splits, epochs=1)
+    assert compiled[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-3)
+    assert not any(key.startswith("_orig_mod") for key in compiled_state.model.state_dict())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_fit_on_cuda(splits):
+@pytest.mark.parametrize("options", [{}, {"bf16": True, "torch_compile": True}])
+def test_fit_on_cuda(splits, options):
     state = new_training_state(lr=0.01, seed=0, device=torch.device("cuda"))
-    history = fit(state, *splits, batch_size=50, epochs=2)
+    history = fit(state, *splits, batch_size=50, epochs=2, **options)
     assert history[-1]["val_accuracy"] > 0.3
+    assert torch.backends.cudnn.benchmark

@@ -1,5 +1,6 @@
 """The tune entry point: config checks, Optuna and MLflow agreeing on every trial, workers, resuming."""
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -95,10 +96,20 @@ def test_batch_sizes_are_the_powers_of_two_in_range():
     assert TuneConfig(batch_min=8, batch_max=8).batch_sizes == [8]
 
 
-def test_trials_are_shared_exactly_between_workers():
-    assert tuning.split_trials(12, 2) == [6, 6]
-    assert tuning.split_trials(5, 4) == [2, 1, 1, 1]
-    assert sum(tuning.split_trials(7, 3)) == 7
+def _claim_all(budget, claimed):
+    claimed.put(sum(iter(budget.claim, False)))
+
+
+def test_local_workers_claim_exactly_the_budgeted_trials_between_them():
+    context = multiprocessing.get_context("fork")  # the lock and counter are what is tested; fork starts fast
+    budget, claimed = tuning.TrialBudget(context, 7), context.Queue()
+    workers = [context.Process(target=_claim_all, args=(budget, claimed)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    counts = [claimed.get(timeout=30) for _ in workers]
+    for worker in workers:
+        worker.join()
+    assert sum(counts) == 7 and not budget.claim()
 
 
 def test_storage_password_never_reaches_the_logs():
