@@ -87,21 +87,15 @@ def test_device_resolution():
         resolve_device("tpu")
 
 
-def test_library_core_imports_neither_mlflow_nor_optuna():
-    code = (
-        "import sys, cnnexp.config, cnnexp.data, cnnexp.model, cnnexp.train, cnnexp.evaluate, cnnexp.plots, "
-        "cnnexp.serving, cnnexp.devices; print(sorted(m for m in ('mlflow', 'optuna') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
-def test_training_and_tuning_start_without_torchvision():
+@pytest.mark.parametrize("modules, absent", [
+    # The core knows nothing of MLflow or Optuna.
+    ("cnnexp.config, cnnexp.data, cnnexp.model, cnnexp.train, cnnexp.evaluate, cnnexp.plots, cnnexp.serving, "
+     "cnnexp.devices", ("mlflow", "optuna")),
     # torchvision imports torch._dynamo: seconds of start-up for every spawned tuning worker.
-    code = (
-        "import sys, pipelines.train, pipelines.worker, pipelines.evaluate, cnnexp.tuning; "
-        "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))"
-    )
+    ("pipelines.train, pipelines.worker, pipelines.evaluate, cnnexp.tuning", ("torchvision", "torch._dynamo")),
+])
+def test_modules_import_without(modules, absent):
+    code = f"import sys, {modules}; print(sorted(m for m in {absent!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

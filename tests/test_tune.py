@@ -125,10 +125,10 @@ def test_a_plain_path_is_a_journal_and_a_url_goes_to_optuna(tmp_path):
 def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(workdir, tmp_path, monkeypatch):
     real_fit = tuning.fit
 
-    def fit_diverging_at_batch_16(state, train, val, *, batch_size, epochs, on_epoch_end):
+    def fit_diverging_at_batch_16(state, train, val, *, batch_size, **options):
         if batch_size == 16:
             raise NonFiniteLoss(1, float("nan"))
-        return real_fit(state, train, val, batch_size=batch_size, epochs=epochs, on_epoch_end=on_epoch_end)
+        return real_fit(state, train, val, batch_size=batch_size, **options)
 
     monkeypatch.setattr(tuning, "fit", fit_diverging_at_batch_16)
     source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
