@@ -1,6 +1,6 @@
 """Which pruner should `tune` default to? Replays full learning curves through each of tune's pruners.
 
-    python benchmarks/pruner_replay.py                  # 8 sampler seeds, about 4 minutes on 2 idle cores
+    python benchmarks/pruner_replay.py                  # 8 sampler seeds, 3 minutes on 2 idle cores
     python benchmarks/pruner_replay.py --seeds 0,1 --out /tmp/curves.json
 
 For each seed, 20 random-sampler trials (tune's search space, 5 epochs, training seed 0) are trained

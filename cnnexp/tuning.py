@@ -97,8 +97,9 @@ def make_sampler(config: TuneConfig, worker: int) -> optuna.samplers.BaseSampler
 
 def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     if config.pruner == "asha":
-        # The default: on the real sample it saved 44-64% of a study's epochs and kept its best trial
-        # (benchmarks/README.md); the median pruner saved 20-52%, as it can prune none of its first 5 trials.
+        # The default: replayed over 8 studies on the real sample it saved 46-66% of the epochs (median
+        # 32% for the median pruner, which can prune none of its first 5 trials), losing the best trial
+        # on the same one study as median did (benchmarks/pruner_replay.py, README Performance).
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs)
