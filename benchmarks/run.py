@@ -1,6 +1,6 @@
 """Side-by-side timings of cnnexp against the tutorial's loop: prints a table, writes JSON.
 
-    python benchmarks/run.py                 # all benchmarks, about 8-9 minutes on an idle 2-core CPU
+    python benchmarks/run.py                 # all benchmarks, about 8 minutes on an idle 2-core CPU
     python benchmarks/run.py --quick         # fewer repeats on 12,000 images: a smoke test
     python benchmarks/run.py --only epoch,eval --device cuda
 

@@ -181,7 +181,7 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp
     assert not [t for t in trials.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
     _, runs = children(client, study)
-    assert_optuna_and_mlflow_agree(study, runs, client)
+    assert_optuna_and_mlflow_agree(study, runs, client, killed=killed.number)
     stale = client.get_run(killed.user_attrs["mlflow_run_id"])
     assert stale.info.status == "FAILED" and "no heartbeat" in stale.data.tags["error"]
     assert retry.user_attrs["mlflow_run_id"] != stale.info.run_id
