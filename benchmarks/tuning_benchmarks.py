@@ -7,8 +7,8 @@ parent run per study, a child run and a logged model per trial): the overhead us
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
-import math
 import multiprocessing
 import statistics
 import sys
@@ -24,7 +24,6 @@ import torch
 from cnnexp import tracking, tuning
 from cnnexp.config import PrepareConfig, TuneConfig
 from cnnexp.data import Split, prepare
-from cnnexp.train import fit, new_training_state
 
 REAL_TRAIN = 3_443  # the real sample's training images: the prepared split is then exactly the mini data's
 
@@ -182,7 +181,7 @@ def workers(b) -> dict:
     with tuning_workdir(b, sizes.workers_train) as (work, described):
         results = {name: workers_scenario(b, work, name, settings, sizes) for name, settings in scenarios.items()}
         startup = worker_startup_s()
-        speedup = thread_speedup(b, cores)
+        speedup = thread_speedup(b, cores, sizes.workers_train)
     rows = [row for result in results.values() for row in result.pop("rows")]
     notes = [f"data: {described}; spawned worker start-up {startup:.1f}s; one process at batch 128 runs "
              f"{speedup:.2f}x faster on {cores} threads than on 1, so {cores} one-thread workers can give at most "
@@ -225,18 +224,15 @@ def fixed_points(config: TuneConfig, n: int) -> list[dict]:
     return [tuning.suggest(study.ask(), config) for _ in range(n)]
 
 
-def thread_speedup(b, threads: int) -> float:
+def thread_speedup(b, threads: int, n_images: int) -> float:
     """How much faster one process trains (an epoch at batch 128) on `threads` threads than on one."""
-    train = Split(b.train.images[:10_800], b.train.labels[:10_800])
+    small = dataclasses.replace(b, train=Split(b.train.images[:n_images], b.train.labels[:n_images]))
     previous = torch.get_num_threads()
-    seconds = {}
+    seconds: dict[int, list[float]] = {1: [], threads: []}
     try:
         for n in (1, threads, 1, threads):  # interleaved; the faster of two
             torch.set_num_threads(n)
-            state = new_training_state(0.01, 0, b.device)
-            started = time.perf_counter()
-            fit(state, train, b.val, batch_size=128, epochs=1)
-            seconds[n] = min(seconds.get(n, math.inf), time.perf_counter() - started)
+            seconds[n].append(harness(b).fit_epochs(small, 128)["seconds"])
     finally:
         torch.set_num_threads(previous)
-    return seconds[1] / seconds[threads]
+    return min(seconds[1]) / min(seconds[threads])

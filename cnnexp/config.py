@@ -202,6 +202,11 @@ def _check_nonempty(param: str, value: str) -> None:
         raise ConfigError(param, "must not be empty")
 
 
+def _check_timeout(timeout: float) -> None:
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {timeout}")
+
+
 def _check_seed(seed: int) -> None:
     if not (0 <= seed < 2**32):
         raise ConfigError("seed", f"must be between 0 and 2**32 - 1, got {seed}")
@@ -242,8 +247,7 @@ class TuneConfig:
     def validate(self) -> None:
         if self.n_trials < 1:
             raise ConfigError("n_trials", f"must be at least 1, got {self.n_trials}")
-        if not (math.isfinite(self.timeout) and self.timeout >= 0):
-            raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {self.timeout}")
+        _check_timeout(self.timeout)
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
         for name in ("lr_min", "lr_max"):
@@ -295,8 +299,7 @@ class WorkerConfig:
         _check_nonempty("study_name", self.study_name)
         if self.n_trials < 0:
             raise ConfigError("n_trials", f"must be 0 (until the study's trial count) or more, got {self.n_trials}")
-        if not (math.isfinite(self.timeout) and self.timeout >= 0):
-            raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {self.timeout}")
+        _check_timeout(self.timeout)
         if self.workers < 1:
             raise ConfigError("workers", f"must be at least 1, got {self.workers}")
         _check_device(self.device)
