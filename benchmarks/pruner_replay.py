@@ -58,7 +58,7 @@ def replay(pruner: str, curves: list[list[float]], config: TuneConfig) -> tuple[
         for epoch, value in enumerate(curve, 1):
             trial.report(value, epoch)
             epochs += 1
-            if trial.should_prune():
+            if epoch < len(curve) and trial.should_prune():  # as tune's objective: never after the last epoch
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 break
         else:

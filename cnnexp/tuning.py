@@ -250,7 +250,9 @@ class Objective:
         def on_epoch_end(metrics: dict) -> None:
             tracking.log_child_epoch(run_id, metrics)
             trial.report(metrics[OBJECTIVE], metrics["epoch"])
-            if trial.should_prune():
+            # After the last epoch pruning saves nothing and would only discard a finished result
+            # (successive halving has a rung at epoch 3, the end of a 3-epoch study).
+            if metrics["epoch"] < self.config.epochs and trial.should_prune():
                 raise optuna.TrialPruned(metrics["epoch"])
 
         state = new_training_state(params["lr"], self.config.seed, self.device)

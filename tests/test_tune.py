@@ -157,6 +157,23 @@ def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(workdir, tmp
     assert parent.info.status == "FINISHED"
 
 
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_a_trial_is_pruned_before_its_last_epoch_never_after_it(workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "make_pruner", lambda config: AlwaysPrune())
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    for epochs, study_name in ((2, "two-epochs"), (1, "one-epoch")):
+        assert tune.cli(["--n-trials", "2", "--epochs", str(epochs), "--study-name", study_name,
+                         "--source", str(source)]) == 0
+    storage = tune.tuning.open_storage(str(workdir / "optuna-journal.log"))
+    two, one = (optuna.load_study(study_name=name, storage=storage) for name in ("two-epochs", "one-epoch"))
+    assert [(t.state.name, max(t.intermediate_values)) for t in two.trials] == [("PRUNED", 1)] * 2
+    assert [t.state.name for t in one.trials] == ["COMPLETE"] * 2
+
+
 def test_retrain_best_logs_a_model_scored_on_test(workdir, tmp_path):
     source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
     args = ["--n-trials", "2", "--epochs", "1", "--pruner", "none", "--retrain-best", "true", "--source", str(source)]
