@@ -207,12 +207,19 @@ def _check_timeout(timeout: float) -> None:
         raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {timeout}")
 
 
+def _check_cohort(cohort: int) -> None:
+    if cohort < 0:
+        raise ConfigError("cohort", f"must be 0 (the device's default) or a number of trials, got {cohort}")
+
+
 def _check_seed(seed: int) -> None:
     if not (0 <= seed < 2**32):
         raise ConfigError("seed", f"must be between 0 and 2**32 - 1, got {seed}")
 
 
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "gp")
+# Trials one process trains together when `cohort` is 0, by device type (benchmarks/README.md: cohort).
+DEFAULT_COHORT = {"cpu": 8, "cuda": 32}
 PRUNERS = ("asha", "median", "hyperband", "none")
 
 
@@ -235,6 +242,9 @@ class TuneConfig:
     )
     study_name: str = field(default="cnnexp-tune", metadata=_help("study to create or resume"))
     workers: int = field(default=1, metadata=_help("parallel worker processes sharing the study; 0 = only create or extend the study for `cnnexp worker`s"))
+    cohort: int = field(default=0, metadata=_help(
+        f"trials one process trains together as one fused model; 0 picks {DEFAULT_COHORT['cpu']} on CPU, "
+        f"{DEFAULT_COHORT['cuda']} on CUDA; 1 trains them one by one"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps; with several GPUs each worker takes one"))
     seed: int = field(default=0, metadata=_help("weight-init and shuffling seed of every trial; sampler seed base"))
     data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
@@ -268,6 +278,7 @@ class TuneConfig:
         _check_nonempty("study_name", self.study_name)
         if self.workers < 0:
             raise ConfigError("workers", f"must be 0 (run no trials here) or more, got {self.workers}")
+        _check_cohort(self.cohort)
         _check_device(self.device)
         _check_seed(self.seed)
         _check_choice("dataset", self.dataset, DATASETS)
@@ -290,6 +301,7 @@ class WorkerConfig:
     n_trials: int = field(default=0, metadata=_help("trials this call runs; 0 = until the study has the trial count its `tune` set"))
     timeout: float = field(default=0.0, metadata=_help("stop starting new trials after this many seconds; 0 = no limit"))
     workers: int = field(default=1, metadata=_help("parallel worker processes on this machine"))
+    cohort: int = _like(TuneConfig, "cohort")
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps; with several GPUs each worker takes one"))
     data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
     source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"))
@@ -302,5 +314,6 @@ class WorkerConfig:
         _check_timeout(self.timeout)
         if self.workers < 1:
             raise ConfigError("workers", f"must be at least 1, got {self.workers}")
+        _check_cohort(self.cohort)
         _check_device(self.device)
         _check_nonempty("data_dir", self.data_dir)

@@ -7,6 +7,7 @@ pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import multiprocessing
@@ -14,6 +15,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -29,12 +31,13 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp import tracking
-from cnnexp.config import ConfigError, TuneConfig, WorkerConfig, first_line
+from cnnexp.cohort import Member, MemberResult, fit_cohort, new_cohort
+from cnnexp.config import DEFAULT_COHORT, ConfigError, TuneConfig, WorkerConfig, first_line
 from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
-from cnnexp.train import fit, new_training_state, speed_options
+from cnnexp.train import NonFiniteLoss, fit, new_training_state, speed_options
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 OBJECTIVE = "val_accuracy"
@@ -87,12 +90,22 @@ def has_heartbeats(storage: str) -> bool:
     return "://" in storage and not storage.startswith("sqlite")
 
 
-def make_sampler(config: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:
-    # Each worker seeds its sampler differently, or parallel workers would propose the same points.
-    seed = (config.seed + worker) % 2**32
+def sampler_seed(seed: int, worker: int, trials_before: int) -> int:
+    """Differs per worker (or parallel workers would propose the same points) and per call: a resumed
+    study has more trials, so it explores new points, and the same sequence of calls repeats exactly."""
+    return int(np.random.SeedSequence([seed, worker % 2**32, trials_before]).generate_state(1)[0])
+
+
+def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    if config.sampler == "gp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    # constant_liar (Optuna 5's default, stated): the trials of a cohort are asked before any of them
+    # reports, and each is kept away from the others' points.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
@@ -109,11 +122,13 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=5)
 
 
-def load_study(config: TuneConfig | WorkerConfig, worker: int = 0) -> optuna.Study:
-    return optuna.create_study(
+def load_study(config: TuneConfig, worker: int = 0) -> optuna.Study:
+    study = optuna.create_study(
         storage=open_storage(config.storage), study_name=config.study_name, direction="maximize",
-        sampler=make_sampler(config, worker), pruner=make_pruner(config), load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(config), load_if_exists=True,
     )
+    study.sampler = make_sampler(config, sampler_seed(config.seed, worker, len(study.get_trials(deepcopy=False))))
+    return study
 
 
 def register(study: optuna.Study, config: TuneConfig, parent: Parent, data_digest: str) -> int:
@@ -152,7 +167,7 @@ def joined(config: WorkerConfig) -> tuple[optuna.Study, TuneConfig]:
                                         "create it with `cnnexp tune`") from None
     if "settings" not in study.user_attrs:
         raise ConfigError("study_name", f"study {config.study_name!r} was not created by `cnnexp tune`")
-    local = {name: getattr(config, name) for name in ("storage", "study_name", "timeout", "workers", "device", "data_dir", "source")}
+    local = {name: getattr(config, name) for name in ("storage", "study_name", "timeout", "workers", "cohort", "device", "data_dir", "source")}
     return study, TuneConfig(**study.user_attrs["settings"], **local, n_trials=max(config.n_trials, 1))
 
 
@@ -184,100 +199,231 @@ def study_settings(config: TuneConfig) -> dict:
     }
 
 
-# --- objective -------------------------------------------------------------------------------
+# --- trials, a cohort at a time --------------------------------------------------------------
+
+def run_name(number: int, params: dict) -> str:
+    return f"trial-{number}-lr{params['lr']:.3g}-bs{params['batch_size']}"
+
+
+@dataclass
+class TrialRun:
+    """A trial in flight: Optuna's handle, its params and its MLflow child run."""
+
+    trial: optuna.Trial
+    params: dict
+    run_id: str
+
 
 class ModelLogger:
-    """Logs each complete trial's model on a background thread, so the next trial starts at once.
+    """Logs each complete trial's model on a background thread, then tells Optuna the trial is complete.
 
-    Measured here: 0.3-0.6 s per model (2.4 s for the first), against 4.5-13 s for a 5-epoch trial on
-    the mini data; with a GPU training the gap is bigger. The run stays RUNNING until its model is in,
-    then ends FINISHED; close() waits for all of them, so no worker exits with a run still open.
+    Off the training path: 0.3-0.6 s per model against seconds per trial. Optuna hears of the trial
+    only once its model is in, so a worker killed in between leaves the trial RUNNING, and it is failed
+    and retried like any other (dead pid or heartbeat) instead of standing as a best trial with no model.
+    close() waits for every job, so no worker exits with a run still open.
     """
 
-    def __init__(self):
+    def __init__(self, study: optuna.Study, callbacks: list[TrialCallback]):
+        self.study, self.callbacks = study, callbacks
         self.jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="model-logger", daemon=True)
         self.thread.start()
 
-    def submit(self, run_id: str, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
-        self.jobs.put((run_id, copy.deepcopy(model).cpu(), example.cpu(), classes))
+    def submit(self, run: TrialRun, value: float, model: torch.nn.Module, example: torch.Tensor,
+               classes: list[str]) -> None:
+        self.jobs.put((run, value, copy.deepcopy(model).cpu(), example.cpu(), classes))
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            tracking.log_model_and_finish(*job)
+            run, value, model, example, classes = job
+            tracking.log_model_and_finish(run.run_id, model, example, classes)
+            report(self.study, self.callbacks, self.study.tell(run.trial, value))
 
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join()
 
 
-def run_name(trial: optuna.Trial, params: dict) -> str:
-    return f"trial-{trial.number}-lr{params['lr']:.3g}-bs{params['batch_size']}"
+def report(study: optuna.Study, callbacks: list[TrialCallback], trial: FrozenTrial) -> None:
+    for callback in callbacks:
+        callback(study, trial)
 
 
-class Objective:
-    """One trial: a child run, `fit` with a reporting callback, and a run status that matches Optuna's."""
+class Heartbeat:
+    """Beats for the cohort's running trials on storages with heartbeats (what study.optimize does per
+    trial, which ask-and-tell leaves to the caller)."""
 
-    def __init__(self, config: TuneConfig, data: PreparedData, device: torch.device, parent: Parent,
-                 models: ModelLogger):
-        self.config, self.data, self.device, self.parent, self.models = config, data, device, parent, models
+    def __init__(self, study: optuna.Study, trials: list[optuna.Trial]):
+        self.storage, self.trial_ids = study._storage, [t._trial_id for t in trials]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        # Who runs it: a trial whose process is gone can then be told from one still running elsewhere.
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        params = suggest(trial, self.config)
+    def _beat(self) -> None:
+        while True:
+            for trial_id in self.trial_ids:
+                with contextlib.suppress(Exception):  # a finished trial, or a database hiccup: next beat
+                    self.storage.record_heartbeat(trial_id)
+            if self.stop.wait(HEARTBEAT_INTERVAL_S):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class _MemberLeft(Exception):
+    """Ends a one-trial `fit` whose trial was pruned (a cohort drops the member instead)."""
+
+
+class CohortRunner:
+    """Runs trials K at a time: asks Optuna for K distinct points, trains them as one fused cohort (a lone
+    trial with plain `fit`), reports every epoch to every trial and prunes, fails or completes each on its
+    own. Each trial is its own MLflow child run, tagged with its cohort (the first trial's number) and size.
+    """
+
+    def __init__(self, study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device,
+                 parent: Parent, callbacks: list[TrialCallback]):
+        self.study, self.config, self.data, self.device, self.parent = study, config, data, device, parent
+        self.callbacks = callbacks
+        self.models = ModelLogger(study, callbacks)
+        self.active: dict[int, TrialRun] = {}
+
+    def run(self, size: int) -> None:
+        if has_heartbeats(self.config.storage):
+            optuna.storages.fail_stale_trials(self.study)
+        # Asked one after the other, each after the previous one's params: the samplers' constant liar
+        # (TPE, GP) then keeps the cohort's points apart.
+        self.active = {}
+        asked = [self._ask() for _ in range(size)]
+        cohort = {"cohort": str(asked[0][0].number), "cohort_size": str(size)}
+        for member_id, (trial, params) in enumerate(asked):
+            self.active[member_id] = self._start(trial, params, cohort)
+        try:
+            with Heartbeat(self.study, [r.trial for r in self.active.values()]) if has_heartbeats(self.config.storage) \
+                    else contextlib.nullcontext():
+                self._train()
+        except KeyboardInterrupt:
+            for run in self.active.values():
+                self._interrupted(run)
+            raise
+        except Exception as err:  # noqa: BLE001 - the trials fail; the study goes on, as study.optimize(catch=...)
+            for run in self.active.values():
+                self._end(run, "FAILED", TrialState.FAIL, {tracking.ERROR_TAG: tracking.error_text(err)})
+        self.active = {}
+
+    def close(self) -> None:
+        self.models.close()
+
+    def _ask(self) -> tuple[optuna.Trial, dict]:
+        trial = self.study.ask()
+        return trial, suggest(trial, self.config)
+
+    def _start(self, trial: optuna.Trial, params: dict, cohort: dict) -> TrialRun:
         run_id = tracking.start_child_run(
-            self.parent.run_id, self.parent.experiment_id, run_name(trial, params),
+            self.parent.run_id, self.parent.experiment_id, run_name(trial.number, params),
             {**params, "epochs": self.config.epochs, "seed": self.config.seed},
             {"optuna.trial_number": str(trial.number), "optuna.study_name": self.config.study_name,
-             "device": str(self.device)},
+             "device": str(self.device), **cohort, **retry_tags(trial)},
         )
+        # Who runs it: a trial whose process is gone can then be told from one still running elsewhere.
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("mlflow_parent_run_id", self.parent.run_id)
-        try:
-            model, value = self._fit(trial, run_id, params)
-        except optuna.TrialPruned as pruned:
-            tracking.end_child_run(run_id, "KILLED", {"pruned": "true", "pruned_at_epoch": pruned.args[0]})
-            raise
-        except BaseException as err:
-            tracking.end_child_run(run_id, "FAILED", {tracking.ERROR_TAG: tracking.error_text(err)})
-            raise
-        example = to_inputs(self.data.splits["val"].images[:4])
-        self.models.submit(run_id, model, example, self.data.classes)
-        return value
+        trial.set_user_attr("cohort", int(cohort["cohort"]))
+        return TrialRun(trial, params, run_id)
 
-    def _fit(self, trial: optuna.Trial, run_id: str, params: dict) -> tuple[torch.nn.Module, float]:
+    def _train(self) -> None:
+        splits, epochs, options = self.data.splits, self.config.epochs, speed_options(self.config)
+        members = [Member(run.params["lr"], run.params["batch_size"]) for run in self.active.values()]
+        if len(members) > 1:
+            group = new_cohort(members, self.config.seed, self.device)
+            fit_cohort(group, splits["train"], splits["val"], epochs=epochs,
+                       on_epoch_end=lambda results: self._epoch_end(results, group.network), **options)
+            return
+        state = new_training_state(members[0].lr, self.config.seed, self.device)
+
         def on_epoch_end(metrics: dict) -> None:
-            tracking.log_child_epoch(run_id, metrics)
-            trial.report(metrics[OBJECTIVE], metrics["epoch"])
-            # After the last epoch pruning saves nothing and would only discard a finished result
-            # (successive halving has a rung at epoch 3, the end of a 3-epoch study).
-            if metrics["epoch"] < self.config.epochs and trial.should_prune():
-                raise optuna.TrialPruned(metrics["epoch"])
+            if self._epoch_end({0: metrics}, lambda _: state.model):
+                raise _MemberLeft
 
-        state = new_training_state(params["lr"], self.config.seed, self.device)
-        splits = self.data.splits
-        history = fit(state, splits["train"], splits["val"], batch_size=params["batch_size"],
-                      epochs=self.config.epochs, on_epoch_end=on_epoch_end, **speed_options(self.config))
-        return state.model, history[-1][OBJECTIVE]
+        try:
+            fit(state, splits["train"], splits["val"], batch_size=members[0].batch_size, epochs=epochs,
+                on_epoch_end=on_epoch_end, **options)
+        except NonFiniteLoss as err:
+            self._epoch_end({0: err}, lambda _: state.model)
+        except _MemberLeft:
+            pass
+
+    def _epoch_end(self, results: dict[int, MemberResult], network: Callable[[int], torch.nn.Module]) -> set[int]:
+        """Each member's epoch, in both stores; returns the members that leave (pruned, diverged, complete)."""
+        leaving = set()
+        for member_id, result in results.items():
+            run = self.active[member_id]
+            if isinstance(result, NonFiniteLoss):
+                self._end(run, "FAILED", TrialState.FAIL, {tracking.ERROR_TAG: tracking.error_text(result)})
+            elif not self._report(run, result):
+                continue
+            leaving.add(member_id)
+            del self.active[member_id]
+            if isinstance(result, dict) and result["epoch"] == self.config.epochs:
+                example = to_inputs(self.data.splits["val"].images[:4])
+                self.models.submit(run, result[OBJECTIVE], network(member_id), example, self.data.classes)
+        return leaving
+
+    def _report(self, run: TrialRun, metrics: dict) -> bool:
+        """Logs and reports one epoch; True when the trial is done (its last epoch, or pruned)."""
+        tracking.log_child_epoch(run.run_id, metrics)
+        epoch = metrics["epoch"]
+        run.trial.report(metrics[OBJECTIVE], epoch)
+        if epoch == self.config.epochs:
+            return True
+        # After the last epoch pruning saves nothing and would only discard a finished result
+        # (successive halving has a rung at epoch 3, the end of a 3-epoch study).
+        if run.trial.should_prune():
+            self._end(run, "KILLED", TrialState.PRUNED, {"pruned": "true", "pruned_at_epoch": epoch})
+            return True
+        return False
+
+    def _end(self, run: TrialRun, status: str, state: TrialState, tags: dict) -> None:
+        tracking.end_child_run(run.run_id, status, tags)
+        report(self.study, self.callbacks, self.study.tell(run.trial, state=state))
+
+    def _interrupted(self, run: TrialRun) -> None:
+        """Ctrl-C: KILLED in MLflow; Optuna has no such state, so FAIL, marked, and queued for the next call."""
+        run.trial.set_user_attr("interrupted", True)
+        tracking.end_child_run(run.run_id, "KILLED", {"interrupted": "true"})
+        self.study.tell(run.trial, state=TrialState.FAIL)
+        self.study.enqueue_trial(run.params, user_attrs={"retry_of": run.trial.number, "retry_of_run_id": run.run_id})
+
+
+def retry_tags(trial: optuna.Trial) -> dict[str, str]:
+    """A retried trial's run names the trial and run it retries (recorded when it was queued again)."""
+    attrs = trial.user_attrs
+    if "retry_of" not in attrs:
+        return {}
+    return {"retry_of": str(attrs["retry_of"]), "retry_of_run_id": str(attrs.get("retry_of_run_id", ""))}
 
 
 # --- workers ---------------------------------------------------------------------------------
 
 class TrialBudget:
-    """The trials this call may still start, shared by its local worker processes: each claims one before
-    starting it, so the call runs exactly n_trials, and a worker that started late (a spawned process
-    imports for seconds) or drew short trials (pruned, large batches) takes more of them."""
+    """The trials this call may still start, shared by its local worker processes: each claims a cohort's
+    worth before starting it, so the call runs exactly n_trials, and a worker that started late (a spawned
+    process imports for seconds) or drew short trials (pruned, large batches) takes more of them."""
 
     def __init__(self, context: multiprocessing.context.BaseContext, n_trials: int):
         self.remaining = context.Value("i", n_trials)
 
-    def claim(self) -> bool:
+    def claim(self, wanted: int = 1) -> int:
+        """Up to `wanted` trials; 0 when the budget is spent."""
         with self.remaining.get_lock():
-            if self.remaining.value <= 0:
-                return False
-            self.remaining.value -= 1
-            return True
+            granted = max(0, min(wanted, self.remaining.value))
+            self.remaining.value -= granted
+            return granted
 
 
 def worker_device(name: str, worker: int) -> torch.device:
@@ -288,77 +434,93 @@ def worker_device(name: str, worker: int) -> torch.device:
     return device
 
 
+def cohort_size(config: TuneConfig, device: torch.device) -> int:
+    """The cohort parameter, or (0) the measured default for the device (benchmarks/README.md)."""
+    return config.cohort or DEFAULT_COHORT.get(device.type, DEFAULT_COHORT["cpu"])
+
+
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget, callbacks: list[TrialCallback],
                target: int | None = None, sampler_offset: int = 0) -> None:
-    """Trials while the call's budget lasts, or (with a target) until the study has `target` complete
-    or pruned ones. Loads data once and waits for its models to be logged."""
+    """Cohorts while the call's budget lasts, or (with a target) until the study has `target` complete
+    or pruned trials. Loads data once and waits for its models to be logged."""
     # N workers on C cores: C // N threads each, or they oversubscribe the cores and all slow down.
     torch.set_num_threads(max(1, cpu_cores() // max(config.workers, 1)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_prepared(config.data_dir, config.dataset)
     study = load_study(config, worker + sampler_offset)
-    models = ModelLogger()
-    objective = Objective(config, data, worker_device(config.device, worker), parent, models)
+    device = worker_device(config.device, worker)
+    runner = CohortRunner(study, config, data, device, parent, callbacks)
+    size = cohort_size(config, device)
     try:
         if target is None:
             deadline = time.monotonic() + config.timeout if config.timeout else math.inf
-            while time.monotonic() < deadline and budget.claim():
-                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
+            while time.monotonic() < deadline and (granted := budget.claim(size)):
+                runner.run(granted)
         else:
-            optimize_until(study, objective, target, config, callbacks)
+            run_until(study, runner, target, size, config)
     finally:
-        models.close()
+        runner.close()
 
 
-def optimize_until(study: optuna.Study, objective: Objective, target: int, config: TuneConfig,
-                   callbacks: list[TrialCallback]) -> None:
-    """Trials until the study has `target` complete or pruned ones, however many machines take part.
+def run_until(study: optuna.Study, runner: CohortRunner, target: int, size: int, config: TuneConfig) -> None:
+    """Cohorts until the study has `target` complete or pruned trials, however many machines take part.
 
     A trial running elsewhere counts as on its way; the worker waits for it rather than leaving, since
     if that worker died, its trial is failed and re-queued (heartbeat or pid check) and someone must run
     the retry, even when the others have reached the target meanwhile: nothing is left WAITING.
-    A worker never runs more than `target` trials itself (a study that only fails must end).
+    A worker never starts more than `target` trials itself (a study that only fails must end).
     """
     deadline = time.monotonic() + config.timeout if config.timeout else math.inf
-    for _ in range(target):
-        while time.monotonic() < deadline:
-            states = Counter(t.state for t in study.get_trials(deepcopy=False))
-            finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
-            if states[TrialState.WAITING]:
-                break  # a retried trial: Optuna runs waiting trials first
-            if finished >= target:
-                return
-            if finished + states[TrialState.RUNNING] < target:
-                break
-            if has_heartbeats(config.storage):
-                optuna.storages.fail_stale_trials(study)
-            else:
-                recover_dead_trials(study)
-            time.sleep(WAIT_POLL_S)
-        else:
+    started = 0
+    while started < target and time.monotonic() < deadline:
+        states = Counter(t.state for t in study.get_trials(deepcopy=False))
+        finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+        missing = target - finished - states[TrialState.RUNNING]
+        if states[TrialState.WAITING] or missing > 0:
+            # Optuna hands out waiting (retried) trials first.
+            granted = min(size, max(states[TrialState.WAITING], missing), target - started)
+            runner.run(granted)
+            started += granted
+            continue
+        if finished >= target:
             return
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
+        if has_heartbeats(config.storage):
+            optuna.storages.fail_stale_trials(study)
+        else:
+            recover_dead_trials(study)
+        time.sleep(WAIT_POLL_S)
 
 
 def spawned_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget,
                    callbacks: list[TrialCallback], target: int | None, sampler_offset: int) -> None:
     """Entry of a worker process: the parent's store, and SIGTERM (how `mlflow run` stops) as Ctrl-C,
-    so the running trial ends FAILED in both stores instead of staying RUNNING."""
+    so its running trials end KILLED and are queued again instead of staying RUNNING."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     tracking.use_tracking_uri(parent.tracking_uri)
-    run_worker(config, parent, worker, budget, callbacks, target, sampler_offset)
+    try:
+        run_worker(config, parent, worker, budget, callbacks, target, sampler_offset)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the trials are recorded as interrupted; the parent prints the one line
+
+
+def workers_to_spawn(config: TuneConfig, size: int, target: int | None) -> range:
+    """Worker numbers 1.. of the processes worth starting: none that could not get a cohort of its own."""
+    if target is not None:
+        return range(1, config.workers)
+    return range(1, min(config.workers, math.ceil(config.n_trials / size)))
 
 
 def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None,
                 sampler_offset: int = 0) -> None:
     """Worker 0 runs here; the others are spawned processes on the same storage and parent run.
 
-    Worker i seeds its sampler with seed + sampler_offset + i: joining workers on other machines pass
-    an offset of their own (joining_offset), or every machine's worker 0 would propose the same points.
+    Worker i seeds its sampler from seed + sampler_offset + i and the study's trial count: joining
+    workers on other machines pass an offset of their own (joining_offset), or every machine's worker 0
+    would propose the same points.
 
     First, trials that a dead worker of this machine left RUNNING are failed and queued again (on a
     storage with heartbeats, Optuna does that itself, for every machine).
@@ -367,11 +529,11 @@ def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallbac
         recover_dead_trials(load_study(config))
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
     budget = TrialBudget(context, config.n_trials)
-    # No process is spawned for a worker that could not get a trial anyway.
+    size = cohort_size(config, worker_device(config.device, 0))
     others = [
         context.Process(target=spawned_worker, args=(config, parent, i, budget, callbacks, target, sampler_offset),
                         name=f"tune-worker-{i}")
-        for i in range(1, config.workers) if i < config.n_trials or target is not None
+        for i in workers_to_spawn(config, size, target)
     ]
     for process in others:
         process.start()
@@ -380,7 +542,7 @@ def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallbac
     finally:
         for process in others:
             process.join()
-    failed = [f"{p.name} (exit code {p.exitcode})" for p in others if p.exitcode != 0]
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in others if p.exitcode not in (0, 130)]
     if failed:
         if has_heartbeats(config.storage):
             orphans = f"failed and queued again by heartbeat within {GRACE_PERIOD_S} s"
@@ -407,8 +569,8 @@ class FailStaleRunAndRetry:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         end_trial_run(trial, f"its worker sent no heartbeat for {GRACE_PERIOD_S} s (process or machine gone)")
         # The retry copies the user attrs: not the dead worker's run and pid, which the retry replaces.
-        for key in ("mlflow_run_id", "worker"):
-            trial.user_attrs.pop(key, None)
+        trial.user_attrs.update(retry_of=trial.number, retry_of_run_id=trial.user_attrs.pop("mlflow_run_id", ""))
+        trial.user_attrs.pop("worker", None)
         self.retry(study, trial)
 
 
@@ -436,7 +598,8 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     for trial in dead:
         end_trial_run(trial, "its worker process died")
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
+                                                      "retry_of_run_id": trial.user_attrs.get("mlflow_run_id", "")})
     return [t.number for t in dead]
 
 

@@ -90,7 +90,7 @@ def test_device_resolution():
 @pytest.mark.parametrize("modules, absent", [
     # The core knows nothing of MLflow or Optuna.
     ("cnnexp.config, cnnexp.data, cnnexp.model, cnnexp.train, cnnexp.evaluate, cnnexp.plots, cnnexp.serving, "
-     "cnnexp.devices", ("mlflow", "optuna")),
+     "cnnexp.devices, cnnexp.cohort", ("mlflow", "optuna")),
     # torchvision imports torch._dynamo: seconds of start-up for every spawned tuning worker.
     ("pipelines.train, pipelines.worker, pipelines.evaluate, cnnexp.tuning", ("torchvision", "torch._dynamo")),
 ])

@@ -133,17 +133,30 @@ def test_a_plain_path_is_a_journal_and_a_url_goes_to_optuna(tmp_path):
     assert isinstance(tuning.open_storage(f"sqlite:///{tmp_path / 'x.db'}"), optuna.storages.RDBStorage)
 
 
-def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(workdir, tmp_path, monkeypatch):
-    real_fit = tuning.fit
+def _diverging_at_batch_16(monkeypatch):
+    """fit (a lone trial) and fit_cohort (a cohort's members) diverge wherever the batch size is 16."""
+    real_fit, real_fit_cohort = tuning.fit, tuning.fit_cohort
 
-    def fit_diverging_at_batch_16(state, train, val, *, batch_size, **options):
+    def fit(state, train, val, *, batch_size, **options):
         if batch_size == 16:
             raise NonFiniteLoss(1, float("nan"))
         return real_fit(state, train, val, batch_size=batch_size, **options)
 
-    monkeypatch.setattr(tuning, "fit", fit_diverging_at_batch_16)
+    def fit_cohort(cohort, train, val, *, on_epoch_end, **options):
+        def diverge(results):
+            return on_epoch_end({i: NonFiniteLoss(1, float("nan")) if cohort.members[i].batch_size == 16 else r
+                                 for i, r in results.items()})
+        return real_fit_cohort(cohort, train, val, on_epoch_end=diverge, **options)
+
+    monkeypatch.setattr(tuning, "fit", fit)
+    monkeypatch.setattr(tuning, "fit_cohort", fit_cohort)
+
+
+@pytest.mark.parametrize("cohort", [1, 3])
+def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(cohort, workdir, tmp_path, monkeypatch):
+    _diverging_at_batch_16(monkeypatch)
     source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
-    args = ["--n-trials", "6", "--epochs", "2", "--batch-min", "16", "--batch-max", "32",
+    args = ["--n-trials", "6", "--epochs", "2", "--batch-min", "16", "--batch-max", "32", "--cohort", str(cohort),
             "--pruner", "none", "--sampler", "random", "--source", str(source)]
     assert tune.cli(args) == 0
     study = _study(workdir)
@@ -153,6 +166,7 @@ def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(workdir, tmp
     assert_optuna_and_mlflow_agree(study, children[parent.info.run_id], _client(workdir))
     failed = [r for r in children[parent.info.run_id] if r.info.status == "FAILED"]
     assert all("training loss became nan" in r.data.tags["error"] for r in failed)
+    assert {r.data.tags["cohort_size"] for r in children[parent.info.run_id]} == {str(cohort)}
     assert parent.data.metrics["trials_failed"] == states.count("FAIL")
     assert parent.info.status == "FINISHED"
 
