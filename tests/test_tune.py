@@ -260,3 +260,91 @@ def test_trials_a_dead_worker_left_running_end_failed_in_both_stores_and_are_que
     assert retry.system_attrs["fixed_params"] == study.trials[dead].params and retry.user_attrs["retry_of"] == dead
     run = MlflowClient().get_run(study.trials[dead].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "worker process died" in run.data.tags["error"]
+
+
+# --- cohorts, resumes ----------------------------------------------------------------------------
+
+def _points(study):
+    return [(round(t.params["lr"], 12), t.params["batch_size"]) for t in study.trials]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_study_proposes_new_points_and_repeats_for_the_same_calls(sampler, workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    points = {}
+    for name in ("first", "again"):
+        for _ in range(2):  # two calls of 2 trials on one study; TPE's are all start-up (random) trials
+            args = ["--n-trials", "2", "--epochs", "1", "--sampler", sampler, "--study-name", name,
+                    "--pruner", "none", "--source", str(source)]
+            assert tune.cli(args) == 0
+        points[name] = _points(_study(workdir, name))
+    assert len(set(points["first"])) == 4  # the second call explored, not replayed
+    assert points["again"] == points["first"]  # the same sequence of calls, the same points
+
+
+def test_a_cohorts_trials_are_distinct_points_trained_together_and_tagged(workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    args = ["--n-trials", "5", "--epochs", "2", "--cohort", "3", "--sampler", "gp", "--pruner", "none",
+            "--source", str(source)]
+    assert tune.cli(args) == 0
+    study = _study(workdir)
+    assert len(set(_points(study))) == 5
+    (parent,), children = _parent_and_children(workdir)
+    runs = children[parent.info.run_id]
+    assert_optuna_and_mlflow_agree(study, runs, _client(workdir))
+    cohorts = sorted((r.data.tags["cohort"], r.data.tags["cohort_size"]) for r in runs)
+    assert cohorts == [("0", "3")] * 3 + [("3", "2")] * 2  # the budget's last 2 trials form a cohort of 2
+    run = next(r for r in runs if r.data.tags["cohort"] == "0")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_trial_is_complete_in_optuna_only_once_its_model_is_logged(workdir, tmp_path, monkeypatch):
+    real = tracking.log_model_and_finish
+    states_while_logging = []
+
+    def log_model_and_finish(run_id, *args):
+        study = _study(workdir)
+        (trial,) = [t for t in study.trials if t.user_attrs.get("mlflow_run_id") == run_id]
+        states_while_logging.append(trial.state.name)
+        real(run_id, *args)
+
+    monkeypatch.setattr(tracking, "log_model_and_finish", log_model_and_finish)
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    assert tune.cli(["--n-trials", "3", "--epochs", "1", "--cohort", "2", "--source", str(source)]) == 0
+    # RUNNING until the model is in: a worker killed meanwhile leaves a trial that is recovered and retried.
+    assert states_while_logging == ["RUNNING"] * 3
+    assert [t.state.name for t in _study(workdir).trials] == ["COMPLETE"] * 3
+
+
+def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(workdir, tmp_path, monkeypatch, capsys):
+    real_fit_cohort = tuning.fit_cohort
+
+    def interrupted_after_epoch_1(cohort, train, val, *, on_epoch_end, **options):
+        def interrupt(results):
+            on_epoch_end(results)
+            raise KeyboardInterrupt
+        return real_fit_cohort(cohort, train, val, on_epoch_end=interrupt, **options)
+
+    monkeypatch.setattr(tuning, "fit_cohort", interrupted_after_epoch_1)
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    args = ["--n-trials", "2", "--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
+    assert tune.cli(args) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    study = _study(workdir)
+    interrupted, queued = study.trials[:2], study.trials[2:]
+    assert [t.state.name for t in interrupted] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["interrupted"] for t in interrupted)
+    assert [(t.state.name, t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in queued] == \
+        [("WAITING", t.number, t.params) for t in interrupted]
+    for trial in interrupted:
+        run = _client(workdir).get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["interrupted"] == "true"
+
+    monkeypatch.setattr(tuning, "fit_cohort", real_fit_cohort)
+    assert tune.cli(args) == 0  # the next call runs the queued trials first
+    study = _study(workdir)
+    assert [t.state.name for t in study.trials[2:]] == ["COMPLETE", "COMPLETE"]
+    retried = _client(workdir).get_run(study.trials[2].user_attrs["mlflow_run_id"])
+    assert retried.data.tags["retry_of"] == "0"
+    assert retried.data.tags["retry_of_run_id"] == study.trials[0].user_attrs["mlflow_run_id"]
