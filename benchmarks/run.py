@@ -29,6 +29,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cnnexp.cohort import Member, fit_cohort, new_cohort  # noqa: E402
 from cnnexp.data import DataError, Split, read_source  # noqa: E402
 from cnnexp.devices import resolve_device  # noqa: E402
 from cnnexp.evaluate import predict  # noqa: E402
@@ -330,6 +331,65 @@ def bench_trials(b: Bench) -> dict:
             "threads_per_process": {"1": threads_per_worker(b, 1), str(k): threads_per_worker(b, k)}}
 
 
+TUNE_BATCHES = (16, 32, 64, 128, 256, 512, 1024)  # tune's default search space
+
+
+def cohort_members(k: int, mixed: bool) -> list[Member]:
+    """k points of tune's space: lrs log-spaced over 1e-4..1e-1; batch 100, or tune's sizes in turn."""
+    lrs = [10 ** (-4 + 3 * i / max(k - 1, 1)) for i in range(k)]
+    return [Member(lr, TUNE_BATCHES[(3 * i) % 7] if mixed else 100) for i, lr in enumerate(lrs)]
+
+
+def cohort_epoch(b: Bench, members: list[Member]) -> float:
+    cohort = new_cohort(members, SEED, b.device)
+    started = time.perf_counter()
+    fit_cohort(cohort, b.train, b.val, epochs=1)
+    return time.perf_counter() - started
+
+
+def grouped_epochs(b: Bench, members: list[Member]) -> float:
+    """The alternative to one micro-batch stream: one cohort per batch size, one after the other."""
+    sizes = sorted({m.batch_size for m in members})
+    return sum(cohort_epoch(b, [m for m in members if m.batch_size == size]) for size in sizes)
+
+
+def separate_epochs(b: Bench, members: list[Member]) -> list[float]:
+    """Each member's own fit (1 epoch), timed one by one: the first k of them are the k-cohort's baseline."""
+    times = []
+    for member in members:
+        state = new_training_state(member.lr, SEED, b.device)
+        started = time.perf_counter()
+        fit(state, b.train, b.val, batch_size=member.batch_size, epochs=1)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def bench_cohort(b: Bench) -> dict:
+    """Aggregate trial-epochs/s of a cohort of K against K separate fits (same lrs and batch sizes), at
+    batch 100 and at a mix of tune's batch sizes; for the mix also one cohort per batch size."""
+    sizes = (1, 4, 16, 64) if b.device.type == "cuda" else (1, 4, 8, 16)
+    if b.quick:
+        sizes = sizes[:3]
+    rows = []
+    for mode, mixed in (("batch 100", False), ("tune's batch mix", True)):
+        everyone = cohort_members(max(sizes), mixed)
+        results: dict[str, list[dict]] = {}
+        for _ in range(b.repeats):  # interleaved: the separate fits, then each cohort, repeat after repeat
+            separate = separate_epochs(b, everyone)
+            for k in sizes:
+                results.setdefault(f"{mode}: {k} separate fits", []).append({"rate": k / sum(separate[:k])})
+                results.setdefault(f"{mode}: cohort of {k}", []).append({"rate": k / cohort_epoch(b, everyone[:k])})
+                if mixed and k > 1:
+                    results.setdefault(f"{mode}: {k} grouped by batch size", []).append(
+                        {"rate": k / grouped_epochs(b, everyone[:k])})
+        for k in sizes:
+            rows += summarise({name: runs for name, runs in results.items() if name.startswith(f"{mode}: {k} ")
+                               or name == f"{mode}: cohort of {k}"}, f"{mode}: {k} separate fits", "rate",
+                              higher_is_better=True)
+    return {"unit": "trial-epochs/s", "rows": rows, "batch_mix": list(TUNE_BATCHES),
+            "images_per_epoch": len(b.train.labels)}
+
+
 def needs_tuning(name: str) -> Callable[[Bench], dict]:
     """Benchmarks 4-5 time cnnexp.tuning through benchmarks/tuning_benchmarks.py (`pruning(bench)`,
     `workers(bench)`, each returning {"unit", "rows"}); until both exist they say why they were skipped."""
@@ -352,6 +412,7 @@ BENCHMARKS: dict[str, Callable[[Bench], dict]] = {
     "options": bench_options,  # bf16 / torch.compile: by default only on CUDA (minutes of CPU for a known loss)
     "tracking": bench_tracking,
     "eval": bench_eval,
+    "cohort": bench_cohort,  # K trials fused into one model vs K separate fits
     "trials": bench_trials,  # K concurrent trials vs one (the GPU-sharing question; workers on CPU)
     "pruning": needs_tuning("pruning"),  # 4. 20-trial study: pruner none vs median vs asha (the default)
     "workers": needs_tuning("workers"),  # 5. trials per minute, workers=1 vs 2

@@ -62,10 +62,12 @@ class FusedNetworks(nn.Module):
         """x [B, 1, 28, 28], shared by all members -> logits [K, B, classes]."""
         k, batch = self.k, len(x)
         conv1_w, conv1_b, conv2_w, conv2_b, fc1_w, fc1_b, fc2_w, fc2_b, out_w, out_b = self.stacked
+        # Pooling before relu is the same function with the same gradient (relu is monotonic, so it
+        # commutes with max) on a quarter of the values.
         t = F.conv2d(x, _as_conv_weight(conv1_w), conv1_b.flatten())
-        t = F.max_pool2d(F.relu(t), kernel_size=2, stride=2)
+        t = F.relu(F.max_pool2d(t, kernel_size=2, stride=2))
         t = F.conv2d(t, _as_conv_weight(conv2_w), conv2_b.flatten(), groups=k)
-        t = F.max_pool2d(F.relu(t), kernel_size=2, stride=2)
+        t = F.relu(F.max_pool2d(t, kernel_size=2, stride=2))
         # [B, K*12, 4, 4] -> [K, B, 192], each member's features in Network's flatten order (c, h, w).
         t = t.reshape(batch, k, -1).transpose(0, 1)
         t = F.relu(torch.baddbmm(fc1_b.unsqueeze(1), t, fc1_w.transpose(1, 2)))
@@ -202,13 +204,15 @@ def micro_batches(n: int, batch_sizes: list[int], device: torch.device) -> list[
     return stream
 
 
-def train_epoch(cohort: Cohort, inputs: torch.Tensor, labels: torch.Tensor, bf16: bool = False,
-                forward: nn.Module | None = None) -> tuple[list[float], list[float]]:
-    """One pass over the shuffled split for every member; returns each member's mean loss and accuracy."""
+def train_epoch(cohort: Cohort, inputs: torch.Tensor, labels: torch.Tensor, stream: list[MicroBatch],
+                bf16: bool = False, forward: nn.Module | None = None) -> tuple[list[float], list[float]]:
+    """One pass over the shuffled split for every member; returns each member's mean loss and accuracy.
+
+    Nothing in the loop waits for the device: the stream's tensors were made before, sums stay on it.
+    """
     model, optimizer, n = forward or cohort.model, cohort.optimizer, len(labels)
     k = cohort.model.k
     order = torch.randperm(n, generator=cohort.generator).to(inputs.device)
-    stream = micro_batches(n, [m.batch_size for m in cohort.members.values()], inputs.device)
     loss_sum = torch.zeros(k, device=inputs.device)
     correct = torch.zeros(k, dtype=torch.int64, device=inputs.device)
     for micro in stream:
@@ -261,10 +265,13 @@ def fit_cohort(
     val_x, val_y = to_inputs(to_device(val.images, device)), to_device(val.labels, device)
     if device.type == "cpu":
         train_x, val_x = (x.contiguous(memory_format=torch.channels_last) for x in (train_x, val_x))
+    stream = None
     while cohort.epoch < epochs and cohort.members:
         epoch = cohort.epoch + 1
         started = time.perf_counter()
-        train_loss, train_accuracy = train_epoch(cohort, train_x, train_y, bf16, forward)
+        if stream is None:  # again only when members leave
+            stream = micro_batches(len(train_y), [m.batch_size for m in cohort.members.values()], device)
+        train_loss, train_accuracy = train_epoch(cohort, train_x, train_y, stream, bf16, forward)
         val_loss, val_accuracy = evaluate(cohort.model, val_x, val_y)
         cohort.epoch = epoch
         elapsed = time.perf_counter() - started
@@ -282,4 +289,5 @@ def fit_cohort(
         leaving |= {i for i, result in results.items() if isinstance(result, NonFiniteLoss)}
         if leaving:
             cohort.keep([i for i in cohort.ids if i not in leaving])
+            stream = None
     return cohort.history

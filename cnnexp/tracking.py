@@ -248,6 +248,11 @@ def log_child_epoch(run_id: str, metrics: dict) -> None:
     MlflowClient().log_batch(run_id, metrics=values)
 
 
+def reopen(run_id: str) -> None:
+    """Marks an ended run RUNNING again: a study's parent that workers on other machines will finish."""
+    MlflowClient().update_run(run_id, status="RUNNING")
+
+
 def end_child_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
     client = MlflowClient()
     for key, value in (tags or {}).items():

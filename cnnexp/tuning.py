@@ -180,6 +180,12 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+def reached_target(study: optuna.Study, target: int) -> bool:
+    """The study has its target of complete or pruned trials and none still running anywhere."""
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    return states[TrialState.COMPLETE] + states[TrialState.PRUNED] >= target and not states[TrialState.RUNNING]
+
+
 def search_space(config: TuneConfig) -> dict:
     return {"lr": {"low": config.lr_min, "high": config.lr_max, "log": True}, "batch_size": config.batch_sizes}
 
@@ -443,12 +449,18 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_per_worker(workers: int) -> int:
+    """N workers on C cores: C // N threads each, or they oversubscribe the cores and all slow down.
+    OMP_NUM_THREADS, where set, is this process's share of the host (scripts/local-cluster.sh sets it
+    for the `cnnexp worker` processes it starts side by side)."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or cpu_cores()) // max(workers, 1))
+
+
 def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget, callbacks: list[TrialCallback],
                target: int | None = None, sampler_offset: int = 0) -> None:
     """Cohorts while the call's budget lasts, or (with a target) until the study has `target` complete
     or pruned trials. Loads data once and waits for its models to be logged."""
-    # N workers on C cores: C // N threads each, or they oversubscribe the cores and all slow down.
-    torch.set_num_threads(max(1, cpu_cores() // max(config.workers, 1)))
+    torch.set_num_threads(threads_per_worker(config.workers))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = load_prepared(config.data_dir, config.dataset)
     study = load_study(config, worker + sampler_offset)

@@ -18,7 +18,8 @@ def progress_line(study, trial) -> None:
     value = trial.value if trial.value is not None else reported.get(max(reported, default=0))
     shown = "-" if value is None else f"{value:.4f}"
     try:
-        best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
+        best_trial = study.best_trial  # one read: other workers finish trials meanwhile
+        best = f"{best_trial.value:.4f} (trial {best_trial.number})"
     except ValueError:  # no complete trial yet
         best = "-"
     state = trial.state.name + (f" at epoch {max(reported)}" if trial.state.name == "PRUNED" and reported else "")
@@ -33,8 +34,10 @@ def log_study_settings(config: TuneConfig) -> None:
     tracking.log_dict(settings, "study.json")
 
 
-def log_outcome(config: TuneConfig, study) -> dict:
+def log_outcome(study) -> dict:
+    """The study's summary, counts and figures on the active (parent) run."""
     result = tuning.summary(study)
+    tracking.set_tags({STUDY_STATUS_TAG: "complete"})
     tracking.log_metrics({k: v for k, v in result.items() if k.startswith("trials_") or k == "best_value"})
     if "best_params" in result:
         tracking.log_params({f"best_{k}": v for k, v in result["best_params"].items()} | {"best_trial": result["best_trial"]})
@@ -56,6 +59,15 @@ def retrain_best(config: TuneConfig, params: dict, data) -> dict:
     return scores
 
 
+STUDY_STATUS_TAG = "study_status"
+
+
+def summarise_on_parent(study, parent_run_id: str) -> None:
+    """A worker that sees the study reach its target writes the summary `tune --workers 0` could not."""
+    with tracking.tracked_run(run_id=parent_run_id, nested=False):
+        log_outcome(study)
+
+
 def main(config: TuneConfig) -> dict:
     config.validate()
     tuning.worker_device(config.device, 0)  # an unavailable device fails here, before any run starts
@@ -67,18 +79,23 @@ def main(config: TuneConfig) -> dict:
         run_id, experiment_id = tracking.active_run_ids()
         parent = tuning.Parent(run_id, experiment_id, tracking.tracking_uri())
         target = tuning.register(study, config, parent, data.digest)
-        if config.workers:
+        if not config.workers:
+            tracking.set_tags({STUDY_STATUS_TAG: "waiting for workers"})
+            print(f"study {config.study_name!r} ready for {target} complete or pruned trials; on each machine run: "
+                  f"cnnexp worker --storage {tracking.redact_url(config.storage)} --study-name {config.study_name}")
+        else:
             print(f"study {config.study_name!r}: {before} earlier trials; running {config.n_trials} more "
                   f"on {config.workers} worker(s)")
             tuning.run_workers(config, parent, [progress_line])
-        else:
-            print(f"study {config.study_name!r} ready for {target} complete or pruned trials; on each machine run: "
-                  f"cnnexp worker --storage {tracking.redact_url(config.storage)} --study-name {config.study_name}")
-            return {"target_trials": target}
-        result = log_outcome(config, study)
-        if config.retrain_best and "best_params" in result:
-            scores = retrain_best(config, result["best_params"], data)
-            tracking.log_metrics({"best_test_accuracy": scores["accuracy"]})
+            result = log_outcome(study)
+            if config.retrain_best and "best_params" in result:
+                scores = retrain_best(config, result["best_params"], data)
+                tracking.log_metrics({"best_test_accuracy": scores["accuracy"]})
+    if not config.workers:
+        # The parent stays open until the worker that sees the study reach its target summarises it
+        # (under `mlflow run`, which ends it once this process exits, it shows study_status instead).
+        tracking.reopen(run_id)
+        return {"target_trials": target}
     print(f"done: {summary_line(result)} with {result.get('best_params')}")
     return result
 

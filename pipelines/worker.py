@@ -12,7 +12,7 @@ from cnnexp import tracking, tuning
 from cnnexp.config import ConfigError, WorkerConfig
 from pipelines.common import make_parser, run_entry_point
 from pipelines.train import load_or_prepare
-from pipelines.tune import progress_line, summary_line
+from pipelines.tune import STUDY_STATUS_TAG, progress_line, summarise_on_parent, summary_line
 
 
 def main(config: WorkerConfig) -> dict:
@@ -31,6 +31,9 @@ def main(config: WorkerConfig) -> dict:
     print(f"joined study {config.study_name!r} ({len(study.trials)} trials so far): {goal}, "
           f"on {config.workers} worker process(es)")
     tuning.run_workers(settings, parent, [progress_line], target, tuning.joining_offset())
+    if target is not None and tuning.reached_target(study, target) \
+            and tracking.run_tags(parent_id).get(STUDY_STATUS_TAG) == "waiting for workers":
+        summarise_on_parent(study, parent_id)
     result = tuning.summary(study)
     print(f"study now: {summary_line(result)}")
     return result

@@ -73,8 +73,10 @@ workers() {
   shift 3
   eval "$(print_env)"
   local pids=() failed=0
+  # Each process's share of this host's cores: N processes that each took all of them ran 3x slower.
+  local threads=$(( $(nproc) / n )); [ "$threads" -ge 1 ] || threads=1
   for i in $(seq "$n"); do
-    ${CNNEXP:-cnnexp} worker "$@" >"$dir/worker-$i.log" 2>&1 &
+    OMP_NUM_THREADS=$threads ${CNNEXP:-cnnexp} worker "$@" >"$dir/worker-$i.log" 2>&1 &
     pids+=($!)
     echo "worker $i: pid $! (log $dir/worker-$i.log)"
   done

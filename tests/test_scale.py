@@ -97,14 +97,21 @@ def test_a_worker_joins_the_study_tune_created_and_runs_until_its_trial_count(wo
     assert tune.cli(["--workers", "0", "--n-trials", "3", *settings, "--source", str(source)]) == 0
     study = optuna.load_study(study_name="cnnexp-tune", storage=tune.tuning.open_storage("optuna-journal.log"))
     assert not study.trials and study.user_attrs["target_trials"] == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    waiting = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert (waiting.info.status, waiting.data.tags["study_status"]) == ("RUNNING", "waiting for workers")
     # Another "machine": its own data directory, prepared on first use from the same source.
     assert worker.cli(["--source", str(source), "--data-dir", "data-elsewhere"]) == 0
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.state in FINISHED for t in trials)
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     parent, runs = children(client, study)
     assert parent.data.tags["mlflow.runName"] == "tune-cnnexp-tune"
     assert_optuna_and_mlflow_agree(study, runs, client)
+    # The worker that saw the study reach its target summarised it on the parent and ended it.
+    assert (parent.info.status, parent.data.tags["study_status"]) == ("FINISHED", "complete")
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["trials_complete"] == 3
+    assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     capsys.readouterr()
 
     # Settings and data stay the study's: a drifting tune or a worker on other data is refused.

@@ -348,3 +348,11 @@ def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(w
     retried = _client(workdir).get_run(study.trials[2].user_attrs["mlflow_run_id"])
     assert retried.data.tags["retry_of"] == "0"
     assert retried.data.tags["retry_of_run_id"] == study.trials[0].user_attrs["mlflow_run_id"]
+
+
+def test_workers_share_the_cores_or_the_hosts_share_given_in_omp_num_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(tuning, "cpu_cores", lambda: 8)
+    assert [tuning.threads_per_worker(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # one of 4 side-by-side worker processes on 8 cores
+    assert [tuning.threads_per_worker(n) for n in (1, 2, 4)] == [2, 1, 1]
