@@ -194,30 +194,67 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp
     assert retry.user_attrs["mlflow_run_id"] != stale.info.run_id
 
 
+# Loaded through PYTHONPATH into the killed process: its first model upload then hangs, so the SIGKILL
+# lands after training, while the trial's model is being logged (the window of a half-finished trial).
+HANG_ON_MODEL_LOGGING = """
+import time, cnnexp.tracking as tracking
+def log_model_and_finish(run_id, *args):
+    print("LOGGING", run_id, flush=True)
+    time.sleep(600)
+tracking.log_model_and_finish = log_model_and_finish
+"""
+
+
+def wait_for_model_logging(process: subprocess.Popen, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        if line.startswith("LOGGING "):
+            return line.split()[1]
+        assert time.monotonic() < deadline, "no trial finished training"
+    raise AssertionError("the tune process ended before logging a model")
+
+
 @pytest.mark.slow
-def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_journal(workdir, tmp_path):
+@pytest.mark.parametrize("when", ["mid-training", "while its model is logged"])
+def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_journal(when, workdir, tmp_path):
     source = write_idx_dir(tmp_path / "idx", n_train=400, n_test=50)
-    args = ["--epochs", "10", "--pruner", "none", "--sampler", "random", "--source", str(source)]
+    epochs = "10" if when == "mid-training" else "1"
+    args = ["--epochs", epochs, "--pruner", "none", "--sampler", "random", "--cohort", "2", "--source", str(source)]
     env = {**subprocess_env(workdir), "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(cnnexp("tune", "--n-trials", "3", *args), cwd=workdir, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if when != "mid-training":
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text("import cnnexp.tracking\n" + HANG_ON_MODEL_LOGGING)
+        env["PYTHONPATH"] = f"{hook}{os.pathsep}{REPO}"
+    first = subprocess.Popen(cnnexp("tune", "--n-trials", "2", *args), cwd=workdir, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     journal = str(workdir / "optuna-journal.log")
-    deadline = time.monotonic() + 120
-    while not (Path(journal).exists() and "cnnexp-tune" in optuna.get_all_study_names(tune.tuning.open_storage(journal))):
-        assert time.monotonic() < deadline, "the first tune never created its study"
-        time.sleep(0.2)
-    study = optuna.load_study(study_name="cnnexp-tune", storage=tune.tuning.open_storage(journal))
-    killed = wait_for_trial_mid_training(study, first.pid)
+    if when == "mid-training":
+        deadline = time.monotonic() + 120
+        while not (Path(journal).exists() and "cnnexp-tune" in optuna.get_all_study_names(tune.tuning.open_storage(journal))):
+            assert time.monotonic() < deadline, "the first tune never created its study"
+            time.sleep(0.2)
+        study = optuna.load_study(study_name="cnnexp-tune", storage=tune.tuning.open_storage(journal))
+        wait_for_trial_mid_training(study, first.pid)
+    else:
+        wait_for_model_logging(first)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    study = optuna.load_study(study_name="cnnexp-tune", storage=tune.tuning.open_storage(journal))
+    killed = study.get_trials()
+    # Neither trial counts as complete: a trial is complete only once its model is in.
+    assert [t.state for t in killed] == [TrialState.RUNNING] * 2
 
-    assert tune.cli(["--n-trials", "1", *args]) == 0
+    assert tune.cli(["--n-trials", "2", *args]) == 0  # the next tune recovers both and runs them first
     study = optuna.load_study(study_name="cnnexp-tune", storage=tune.tuning.open_storage(journal))
     trials = study.get_trials()
-    assert trials[killed.number].state == TrialState.FAIL
-    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
-    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    stale = client.get_run(killed.user_attrs["mlflow_run_id"])
-    assert stale.info.status == "FAILED" and "worker process died" in stale.data.tags["error"]
-    assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+    for trial in killed:  # each member of the killed cohort on its own: failed in both stores, retried
+        assert trials[trial.number].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == trial.number]
+        assert retry.state == TrialState.COMPLETE and retry.params == trial.params
+        stale = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert stale.info.status == "FAILED" and "worker process died" in stale.data.tags["error"]
+        run = client.get_run(retry.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["retry_of"] == str(trial.number)
+        mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
