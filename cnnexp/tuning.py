@@ -635,7 +635,9 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
 
     makers = {
         "optimization_history.png": lambda: vis.plot_optimization_history(study),
-        "param_importances.png": lambda: vis.plot_param_importances(study),
+        # PED-ANOVA, not the default fANOVA: its random forest took 2 s (import and fit) of a 30 s study.
+        "param_importances.png": lambda: vis.plot_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()),
         "contour_lr_batch_size.png": lambda: vis.plot_contour(study, params=["lr", "batch_size"]),
         "slice.png": lambda: vis.plot_slice(study, params=["lr", "batch_size"]),
         "intermediate_values.png": lambda: vis.plot_intermediate_values(study),

@@ -80,3 +80,19 @@ def test_options_benchmark_compares_bf16_and_compile_with_plain_fit(tmp_path):
     assert [row["contender"] for row in result["rows"]] == ["fit", "fit bf16", "fit compile", "fit bf16+compile"]
     assert all(row["median"] > 0 for row in result["rows"])
     assert result["first_epoch_extra_s"]["fit compile"] > result["first_epoch_extra_s"]["fit"]  # compiling
+
+
+def test_cohort_benchmark_compares_each_cohort_with_as_many_separate_fits(tmp_path):
+    run = _load_run_module()
+    from test_train import _split
+
+    train, val = _split(200, 1), _split(50, 2)
+    bench = run.Bench(train, val, val, "synthetic", torch.device("cpu"), repeats=1, quick=True)
+    result = run.bench_cohort(bench)
+    rows = {row["contender"]: row for row in result["rows"]}
+    for mode in ("batch 100", "tune's batch mix"):
+        for k in (1, 4, 8):
+            assert rows[f"{mode}: cohort of {k}"]["baseline"] == f"{mode}: {k} separate fits"
+            assert rows[f"{mode}: cohort of {k}"]["ratio_vs_baseline"] > 0
+    assert "tune's batch mix: 8 grouped by batch size" in rows
+    assert "batch 100: 8 grouped by batch size" not in rows  # one batch size: nothing to group
