@@ -74,10 +74,14 @@ class FusedNetworks(nn.Module):
         t = F.relu(torch.baddbmm(fc2_b.unsqueeze(1), t, fc2_w.transpose(1, 2)))
         return torch.baddbmm(out_b.unsqueeze(1), t, out_w.transpose(1, 2))
 
+    def weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Member `index`'s slice of the fused weights, by Network's parameter names (views, not copies)."""
+        return {name: p[index].detach() for name, p in zip(self.names, self.stacked)}
+
     def member(self, index: int) -> Network:
         """Member `index` as a plain Network (a copy of its slice of the fused weights)."""
         network = Network(num_classes=self.stacked[-1].shape[1]).to(self.stacked[0].device)
-        network.load_state_dict({name: p[index].detach().clone() for name, p in zip(self.names, self.stacked)})
+        network.load_state_dict(self.weights(index))  # load_state_dict copies
         return network
 
 
@@ -158,6 +162,9 @@ class Cohort:
 
     def network(self, member_id: int) -> Network:
         return self.model.member(self.ids.index(member_id))
+
+    def weights(self, member_id: int) -> dict[str, torch.Tensor]:
+        return self.model.weights(self.ids.index(member_id))
 
     def keep(self, member_ids: list[int]) -> None:
         """The members not named leave; the others' numbers do not change (each row is its own model)."""
