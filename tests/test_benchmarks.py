@@ -69,6 +69,13 @@ def test_all_benchmarks_run_quick_in_one_process_on_synthetic_data(tmp_path):
         assert {"ratio", "study_wall_s", "target_met"} <= set(workers["scenarios"][scenario])
     assert workers["worker_startup_s"] > 0 and workers["one_process_thread_speedup"]["speedup"] > 0
     assert torch.get_num_threads() == threads  # run_worker's cores // workers does not leak into the caller
+    cohort = {row["contender"]: row for row in report["cohort"]["rows"]}
+    for mode in ("batch 100", "tune's batch mix"):
+        for k in (1, 4, 8):
+            assert cohort[f"{mode}: cohort of {k}"]["baseline"] == f"{mode}: {k} separate fits"
+            assert cohort[f"{mode}: cohort of {k}"]["ratio_vs_baseline"] > 0
+    assert "tune's batch mix: 8 grouped by batch size" in cohort
+    assert "batch 100: 8 grouped by batch size" not in cohort  # one batch size: nothing to group
 
 
 @pytest.mark.slow  # torch.compile on CPU: a minute
@@ -81,18 +88,3 @@ def test_options_benchmark_compares_bf16_and_compile_with_plain_fit(tmp_path):
     assert all(row["median"] > 0 for row in result["rows"])
     assert result["first_epoch_extra_s"]["fit compile"] > result["first_epoch_extra_s"]["fit"]  # compiling
 
-
-def test_cohort_benchmark_compares_each_cohort_with_as_many_separate_fits(tmp_path):
-    run = _load_run_module()
-    from test_train import _split
-
-    train, val = _split(200, 1), _split(50, 2)
-    bench = run.Bench(train, val, val, "synthetic", torch.device("cpu"), repeats=1, quick=True)
-    result = run.bench_cohort(bench)
-    rows = {row["contender"]: row for row in result["rows"]}
-    for mode in ("batch 100", "tune's batch mix"):
-        for k in (1, 4, 8):
-            assert rows[f"{mode}: cohort of {k}"]["baseline"] == f"{mode}: {k} separate fits"
-            assert rows[f"{mode}: cohort of {k}"]["ratio_vs_baseline"] > 0
-    assert "tune's batch mix: 8 grouped by batch size" in rows
-    assert "batch 100: 8 grouped by batch size" not in rows  # one batch size: nothing to group
