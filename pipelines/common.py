@@ -59,11 +59,17 @@ def config_from_args(config_class: type[C], args: argparse.Namespace) -> C:
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own messages name the flag already
+        unknown = message.removeprefix("unrecognized arguments: ").split()
+        if message.startswith("unrecognized arguments: ") and unknown:
+            raise ConfigError("arguments", f"unknown parameter {unknown[0]} (not one of {self.prog}'s; "
+                                           f"`{self.prog} --help` lists them)")
         raise ConfigError("arguments", message)
 
 
 def make_parser(prog: str, description: str, config_class: type) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description=description)
+    # No abbreviations: `--epoch 1` (or MLflow's `-P epoch=1`, passed on as `--epoch 1`) must be refused,
+    # not silently taken as --epochs while the run's params record something else.
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
     add_config_arguments(parser, config_class)
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
     return parser

@@ -60,6 +60,7 @@ CASES = {
     "prepare source missing dir": ("prepare", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
     "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], FAILED, "missing (expected train-images-idx3-ubyte"),
     **{f"prepare source {case}": ("prepare", _bad_source(case), FAILED, EXPECTED_FILE[case]) for case in BAD_FILES},
+    "prepare flag abbreviated": ("prepare", ["--val-frac", "0.2"], BAD, "arguments: unknown parameter --val-frac"),
     "prepare data_dir empty": ("prepare", ["--data-dir", ""], BAD, "data_dir: must not be empty"),
     "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
     "prepare val_fraction 0": ("prepare", ["--val-fraction", "0"], BAD, "val_fraction: must be between 0 and 1"),
@@ -69,6 +70,8 @@ CASES = {
     "prepare seed negative": ("prepare", ["--seed", "-1"], BAD, "seed: must be between 0 and 2**32 - 1"),
     "prepare seed text": ("prepare", ["--seed", "abc"], BAD, "seed: invalid int value: 'abc'"),
     # train
+    "train flag abbreviated": ("train", ["--epoch", "1"], BAD, "arguments: unknown parameter --epoch (not one of train's"),
+    "train flag unknown": ("train", ["--epochs", "1", "--learning-rate", "0.1"], BAD, "unknown parameter --learning-rate"),
     "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
     "train lr negative": ("train", ["--lr", "-1"], BAD, "lr: must be a positive number"),
     "train lr nan": ("train", ["--lr", "nan"], BAD, "lr: must be a positive number"),
@@ -92,6 +95,7 @@ CASES = {
     "train resume a finished run": ("train", lambda t: ["--resume", _run_of("train", "--epochs", "1")(t)], BAD, "is FINISHED; only KILLED or FAILED"),
     "train resume other lr": ("train", lambda t: ["--resume", _killed_train_run(t), "--lr", "0.1"], BAD, "lr: run "),
     # evaluate
+    "evaluate flag abbreviated": ("evaluate", ["--model", "abc"], BAD, "unknown parameter --model"),
     "evaluate model_uri empty": ("evaluate", ["--model-uri", ""], BAD, "model_uri: must not be empty"),
     "evaluate model_uri unknown run": ("evaluate", ["--model-uri", "runs:/abc/model"], BAD, "model_uri: no model at 'runs:/abc/model'"),
     "evaluate bare unknown run id": ("evaluate", ["--model-uri", "abc"], BAD, "model_uri: no model at 'runs:/abc/model'"),
@@ -100,6 +104,7 @@ CASES = {
     "evaluate device unknown": ("evaluate", ["--model-uri", "abc", "--device", "tpu"], BAD, "device: unknown device 'tpu'"),
     "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], FAILED, "data_dir: no prepared fashion-mnist data"),
     # tune
+    "tune flag abbreviated": ("tune", ["--n-trial", "1"], BAD, "unknown parameter --n-trial"),
     "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
     "tune n_trials text": ("tune", ["--n-trials", "abc"], BAD, "--n-trials/--n_trials: invalid int value: 'abc'"),
     "tune timeout negative": ("tune", ["--timeout", "-1"], BAD, "timeout: must be 0 (no limit) or a positive number"),
@@ -160,6 +165,8 @@ MLFLOW_RUN_CASES = {
     "prepare val_fraction text": ("prepare", {"val_fraction": "abc"}, "val_fraction: invalid float value: 'abc'"),
     "train batch_size fraction": ("train", {"batch_size": "1.5"}, "batch_size: invalid int value: '1.5'"),
     "train resume unknown run": ("train", {"resume": "0123abc"}, "resume: no run '0123abc'"),
+    # MLflow passes an unknown -P name on as `--epoch 1`: refused, not read as --epochs.
+    "train mistyped -P name": ("train", {"epoch": "1"}, "unknown parameter --epoch"),
 }
 
 
