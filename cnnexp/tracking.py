@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import mlflow.pyfunc
 import mlflow.pytorch
 import pandas as pd
 import torch
-from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -35,21 +36,39 @@ ERROR_TAG = "error"
 def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
     """Starts (or, under `mlflow run`, resumes) a run and always ends it with the status that happened.
 
-    Inside another run (the main pipeline's steps) the new run is its child.
+    Inside another run (the main pipeline's steps) the new run is its child. Ending it never raises:
+    when the store itself is what failed, the error that stopped the run is the one that matters.
     """
     kwargs.setdefault("nested", mlflow.active_run() is not None)
     open_store()
     with mlflow.start_run(**kwargs) as run:
+        _started_runs.append(run.info.run_id)
         try:
             yield run
         except KeyboardInterrupt:
             _flush_quietly()  # metrics of completed epochs may still sit in the async queue
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            _end_quietly("KILLED")
             raise
         except BaseException as err:
             _flush_quietly()
-            mark_failed(run.info.run_id, err)
+            with contextlib.suppress(Exception):
+                MlflowClient().set_tag(run.info.run_id, ERROR_TAG, error_text(err))
+            _end_quietly("FAILED")
             raise
+
+
+_started_runs: list[str] = []
+
+
+def started_a_run() -> bool:
+    """Whether this process has started (or resumed) a run: what an interruption can say it ended."""
+    return bool(_started_runs)
+
+
+def _end_quietly(status: str) -> None:
+    # mlflow.end_run leaves the run before it writes the status, so a failed write ends it locally all the same.
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status)
 
 
 def open_store() -> None:
@@ -67,6 +86,68 @@ def open_store() -> None:
         MlflowClient().search_experiments(max_results=1)
 
 
+# MLflow's own defaults (a 120 s timeout, 7 retries with exponential backoff) make each call to a server
+# that is gone wait about four minutes. Ours: a call gives up after at most ~35 s (3 tries of 10 s, 1 s
+# and 2 s apart), while a server that blinks (a restart) is still retried. A user's own values win.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+STORE_CHECK_TIMEOUT_S = 3
+
+
+def bound_http_waits() -> None:
+    """Applies HTTP_BOUNDS to this process and the workers it spawns (MLflow reads them at every call)."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def store_problem() -> str | None:
+    """Why the tracking server does not answer one quick request (one try, STORE_CHECK_TIMEOUT_S), or None.
+
+    Only servers (http, https) are probed: a local store (sqlite, files) cannot hang on the network.
+    """
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return None
+    try:
+        with _env(MLFLOW_HTTP_REQUEST_TIMEOUT=str(STORE_CHECK_TIMEOUT_S), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"):
+            MlflowClient().search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - connection refused, timeout, HTTP errors: all mean no store
+        return _network_reason(err)
+    return None
+
+
+def _network_reason(err: BaseException) -> str:
+    """The part of MLflow's long request error a user acts on ("Connection refused", "timed out")."""
+    text = first_line(err)
+    for pattern in (r"\[Errno -?\d+\] [^'\")]+", r"(Read|Connect) timed out", r"timed out", r"\d{3} [A-Z][\w ]+"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0).strip()
+    return text[:200]
+
+
+def check_store() -> None:
+    """Refuses to start when the tracking server does not answer, within seconds, naming the setting."""
+    problem = store_problem()
+    if problem is not None:
+        raise ConfigError("MLFLOW_TRACKING_URI", f"the tracking server {redact_url(mlflow.get_tracking_uri())} "
+                                                 f"does not answer ({problem}); start it or point MLFLOW_TRACKING_URI "
+                                                 "at one that runs")
+
+
 def _flush_quietly() -> None:
     with contextlib.suppress(Exception):
         mlflow.flush_async_logging()
@@ -75,12 +156,6 @@ def _flush_quietly() -> None:
 def error_text(err: BaseException) -> str:
     """The error as a run tag holds it (MLflow caps tag values; 5,000 characters keeps us under)."""
     return f"{type(err).__name__}: {err}"[:5000]
-
-
-def mark_failed(run_id: str, err: BaseException) -> None:
-    client = MlflowClient()
-    client.set_tag(run_id, ERROR_TAG, error_text(err))
-    client.set_terminated(run_id, "FAILED")
 
 
 def end_pending_run(status: str, err: BaseException | None = None, run_id: str | None = None) -> None:
@@ -493,8 +568,11 @@ RESUMABLE = ("KILLED", "FAILED")
 CHECKPOINT_ARTIFACTS = "checkpoint"
 
 
-def resumable_run(run_id: str):
-    """The train run `resume` names, or ConfigError saying why it cannot be continued."""
+def resumable_run(run_id: str, running_ok: bool = False):
+    """The train run `resume` names, or ConfigError saying why it cannot be continued.
+
+    running_ok: a run this machine lost its tracking server in, which stays RUNNING there.
+    """
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
@@ -502,7 +580,7 @@ def resumable_run(run_id: str):
     tags = run.data.tags
     if "train" not in (tags.get(ENTRY_POINT_TAG), tags.get("mlflow.project.entryPoint")):
         raise ConfigError("resume", f"run {run_id} is not a train run")
-    if run.info.status not in RESUMABLE:
+    if run.info.status not in RESUMABLE + (("RUNNING",) if running_ok else ()):
         raise ConfigError(
             "resume", f"run {run_id} is {run.info.status}; only KILLED or FAILED train runs can be resumed"
         )

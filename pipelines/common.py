@@ -96,11 +96,16 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
     calm_bars_off_terminal()
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    tracking.bound_http_waits()
     try:
         args = parser.parse_args(argv)
+        tracking.check_store()
         main(config_from_args(config_class, args))
         return 0
     except KeyboardInterrupt:
+        if not (pending_run or tracking.started_a_run()):
+            print(f"{parser.prog}: interrupted before any run started", file=sys.stderr)
+            return EXIT_INTERRUPTED
         tracking.end_pending_run("KILLED", run_id=pending_run)
         if pending_run:
             tracking.guard_killed_status(pending_run)
