@@ -8,6 +8,7 @@ pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -116,18 +117,34 @@ def load_study(config: TuneConfig | WorkerConfig, worker: int = 0) -> optuna.Stu
     )
 
 
+def with_study_settings(config: TuneConfig) -> TuneConfig:
+    """The config with an existing study's settings for those left at their default; others must match.
+
+    So `tune --study-name s --n-trials 5` extends study s as it was created, without repeating its flags.
+    A value given here (other than the default) that differs from the study's is refused, naming it:
+    the study's trials would no longer be comparable. (Under `mlflow run` every parameter arrives as a
+    flag, so a default counts as not given there too.)
+    """
+    try:
+        stored = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage)).user_attrs
+    except KeyError:  # a new study
+        return config
+    settings = stored.get("settings", {})
+    defaults = TuneConfig()
+    for name, value in settings.items():
+        given = getattr(config, name)
+        if given != value and given != getattr(defaults, name):
+            raise ConfigError(name, f"study {config.study_name!r} was created with {name}={value!r}, got {given!r}"
+                                    f" (leave it out to keep the study's, or use a new study_name to change it)")
+    return dataclasses.replace(config, **settings)
+
+
 def register(study: optuna.Study, config: TuneConfig, parent: Parent, data_digest: str) -> int:
     """Records on the study what a joining worker needs; returns its trial count (complete or pruned).
 
-    A study keeps the settings and data it was created with: a second `tune` that differs is refused,
-    naming the parameter. The latest `tune` owns the parent run that workers log under.
+    config has the study's settings already (with_study_settings). The latest `tune` owns the parent run
+    that workers log under.
     """
-    stored = study.user_attrs.get("settings", {})
-    for name, value in stored.items():
-        if getattr(config, name) != value:
-            raise ConfigError(name, f"study {config.study_name!r} was created with {name}={value!r}, got {getattr(config, name)!r}"
-                                    " (use a new study_name to change it)")
-    check_digest(study, data_digest, "data_dir")
     target = finished_count(study) + config.n_trials
     attrs = {"settings": {name: getattr(config, name) for name in STUDY_SETTINGS}, "data_digest": data_digest,
              "mlflow_parent_run_id": parent.run_id, "mlflow_experiment_id": parent.experiment_id, "target_trials": target}

@@ -38,6 +38,13 @@ def _run_of(entry, *args):
     return make
 
 
+def _study_of(tmp, *settings):
+    """Creates a study (no trials); returns the args that reach its data."""
+    source = ["--source", str(write_idx_dir(tmp / "idx"))]
+    assert tune.cli(["--workers", "0", "--n-trials", "1", *settings, *source]) == 0
+    return source
+
+
 def _killed_train_run(tmp):
     """A train run interrupted after its first checkpoint; returns its id."""
     log_epoch = tracking.log_epoch
@@ -120,6 +127,7 @@ CASES = {
     "tune study_name empty": ("tune", ["--study-name", ""], BAD, "study_name: must not be empty"),
     "tune retrain_best not a bool": ("tune", ["--retrain-best", "maybe"], BAD, "retrain-best/--retrain_best: expected true or false"),
     "tune device unknown": ("tune", ["--device", "tpu"], BAD, "device: unknown device 'tpu'"),
+    "tune setting differs from the study's": ("tune", lambda t: [*_study_of(t, "--epochs", "2"), "--epochs", "3"], BAD, "epochs: study 'cnnexp-tune' was created with epochs=2, got 3"),
     "tune storage unreachable": ("tune", lambda t: ["--storage", "postgresql://tuner:s3cret@127.0.0.1:9/optuna", "--source", str(write_idx_dir(t / "idx"))], BAD, "storage: cannot open postgresql://tuner:***@127.0.0.1:9/optuna"),
 }
 
