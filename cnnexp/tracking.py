@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -16,12 +17,13 @@ import mlflow.pyfunc
 import mlflow.pytorch
 import pandas as pd
 import torch
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, SourceType
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
 from cnnexp.config import ConfigError, first_line
 from cnnexp.data import PreparedData, file_lock
@@ -40,6 +42,8 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
     when the store itself is what failed, the error that stopped the run is the one that matters.
     """
     kwargs.setdefault("nested", mlflow.active_run() is not None)
+    if "run_id" not in kwargs and not os.environ.get("MLFLOW_RUN_ID"):  # a run resumed has its own source
+        kwargs["tags"] = {**source_tags(), **kwargs.get("tags", {})}
     open_store()
     with mlflow.start_run(**kwargs) as run:
         _started_runs.append(run.info.run_id)
@@ -58,6 +62,19 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
 
 
 _started_runs: list[str] = []
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """The lineage tags `mlflow run` gives its runs (source name and type, git commit), for the runs
+    `cnnexp` and tuning workers start themselves; without them a run cannot say which code made it."""
+    tags = {MLFLOW_SOURCE_NAME: get_git_repo_url(str(PROJECT_DIR)) or PROJECT_DIR.as_uri(),
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.PROJECT)}
+    commit = get_git_commit(str(PROJECT_DIR))
+    if commit is not None:  # an installed copy, outside any git checkout, has none
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 def started_a_run() -> bool:
@@ -311,7 +328,8 @@ def active_run_ids() -> tuple[str, str]:
 
 def start_child_run(parent_run_id: str, experiment_id: str, run_name: str, params: dict, tags: dict) -> str:
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: parent_run_id, **tags})
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**source_tags(), MLFLOW_PARENT_RUN_ID: parent_run_id, **tags})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 
