@@ -175,16 +175,23 @@ class MainConfig:
             step.validate()
 
 
+# What compare ranks by unless told otherwise: each run's best epoch's val_accuracy. Once the logged model
+# is the best epoch's, this is the validation accuracy of the model each run logged.
+RANKING_METRIC = "best_val_accuracy"
+
+
 @dataclass(frozen=True)
 class CompareConfig:
     experiment: str = field(default="Default", metadata=_help("name of the experiment whose training runs are ranked"))
-    sort_by: str = field(default="best_val_accuracy", metadata=_help("leaderboard column to rank by, best first"))
-    output: str = field(default="leaderboard.csv", metadata=_help("where the leaderboard CSV is written"))
-    plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG"))
+    sort_by: str = field(default=RANKING_METRIC, metadata=_help("leaderboard column to rank by, best first"))
+    include_trials: bool = field(default=False, metadata=_help("rank tuning trials' runs too, among the training runs"))
+    output: str = field(default="", metadata=_help("CSV file to write the leaderboard to; empty writes no file"))
+    plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG beside the CSV"))
 
     def validate(self) -> None:
         _check_nonempty("experiment", self.experiment)
-        _check_nonempty("output", self.output)
+        if self.plot and not self.output.strip():
+            raise ConfigError("plot", "needs output: the figure is saved beside the CSV (same name, .png)")
 
 
 def _check_choice(param: str, value: str, allowed: tuple[str, ...]) -> None:

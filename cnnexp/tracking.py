@@ -25,7 +25,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
-from cnnexp.config import ConfigError, first_line
+from cnnexp.config import RANKING_METRIC, ConfigError, first_line
 from cnnexp.data import PreparedData, file_lock
 from cnnexp.plots import learning_curves, samples_per_class
 
@@ -460,33 +460,53 @@ def _val_accuracy(run_id: str) -> float:
 
 # --- comparing and reusing runs -------------------------------------------------------------
 
-LEADERBOARD_COLUMNS = ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy", "test_accuracy", "duration_s",
-                       "run_id"]
+LEADERBOARD_COLUMNS = ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", RANKING_METRIC, "test_accuracy",
+                       "train_time_s"]
+TRIAL_TAG = "optuna.trial_number"
 
 
-def training_runs(experiment: str) -> pd.DataFrame:
-    """One row per finished run that trained (has lr and val_accuracy), in the named experiment."""
+def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.DataFrame, int]:
+    """One row per finished run that trained (has lr and val_accuracy) in the named experiment, and how
+    many tuning trials were left out (all are rows with include_trials)."""
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         raise ConfigError("experiment", f"no experiment named {experiment!r}")
     client = MlflowClient()
-    rows = []
+    rows, trials_left_out = [], 0
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'"):
         params, metrics = run.data.params, run.data.metrics
         if "lr" not in params or "val_accuracy" not in metrics:
             continue
-        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        is_trial = TRIAL_TAG in run.data.tags
+        if is_trial and not include_trials:
+            trials_left_out += 1
+            continue
         rows.append({
+            "run_id": run.info.run_id,
             "run_name": run.info.run_name,
+            "kind": "trial" if is_trial else "train",
             "lr": float(params["lr"]),
             "batch_size": int(params.get("batch_size", 0)),
             "epochs": int(params.get("epochs", 0)),
-            "best_val_accuracy": max(m.value for m in history),
+            RANKING_METRIC: max(_per_epoch(client, run.info.run_id, "val_accuracy").values()),
             "test_accuracy": metrics.get("test_accuracy", float("nan")),
-            "duration_s": (run.info.end_time - run.info.start_time) / 1000,
-            "run_id": run.info.run_id,
+            "train_time_s": train_time_s(client, run),
         })
-    return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+    return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS), trials_left_out
+
+
+def _per_epoch(client: MlflowClient, run_id: str, metric: str) -> dict[int, float]:
+    # By step: a resumed run may log an epoch its store missed again, from the checkpoint.
+    return {m.step: m.value for m in client.get_metric_history(run_id, metric)}
+
+
+def train_time_s(client: MlflowClient, run: Run) -> float:
+    """Seconds spent training: the sum of its epochs' epoch_time_s. A resumed run's wall-clock span would
+    count the time it sat interrupted; runs from before epoch_time_s was logged fall back to that span."""
+    epochs = _per_epoch(client, run.info.run_id, "epoch_time_s")
+    if epochs:
+        return round(sum(epochs.values()), 1)
+    return round((run.info.end_time - run.info.start_time) / 1000, 1)
 
 
 STEP_TAG = "cnnexp.step"
