@@ -3,10 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 
 DATASETS = ("fashion-mnist", "mnist", "kmnist")
+
+
+# --verbose sets it, so that processes a command spawns (tuning workers) are as loud as it; also for `mlflow run`.
+VERBOSE_ENV = "CNNEXP_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether MLflow's and Optuna's own log lines and warnings are shown (a normal run shows only ours)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class ConfigError(ValueError):

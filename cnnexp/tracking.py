@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from pathlib import Path
 from collections.abc import Iterator
 
@@ -25,7 +26,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
-from cnnexp.config import RANKING_METRIC, ConfigError, first_line
+from cnnexp.config import RANKING_METRIC, ConfigError, first_line, verbose
 from cnnexp.data import PreparedData, file_lock
 from cnnexp.plots import learning_curves, samples_per_class
 
@@ -163,6 +164,18 @@ def check_store() -> None:
         raise ConfigError("MLFLOW_TRACKING_URI", f"the tracking server {redact_url(mlflow.get_tracking_uri())} "
                                                  f"does not answer ({problem}); start it or point MLFLOW_TRACKING_URI "
                                                  "at one that runs")
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (store migrations) and its dataset-source warning stay out of a normal run's output.
+
+    The warning: a local file path as a dataset source matches two registered source kinds, and MLflow
+    says it picked one, at every log_input.
+    """
+    if verbose():
+        return
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
 
 
 def _flush_quietly() -> None:

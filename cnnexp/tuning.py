@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp import tracking
-from cnnexp.config import ConfigError, TuneConfig, WorkerConfig, first_line
+from cnnexp.config import ConfigError, TuneConfig, WorkerConfig, first_line, verbose
 from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
@@ -63,12 +63,22 @@ class Parent:
 
 # --- study -----------------------------------------------------------------------------------
 
+def quiet_optuna() -> None:
+    """Optuna's INFO lines ("A new study created ...") and ExperimentalWarnings (heartbeats on PostgreSQL)
+    stay out of a normal run's output; every process that opens a study passes here, spawned workers too."""
+    if verbose():
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
     """A plain path is a journal file (multi-process safe, no sqlite locks); a database URL gets heartbeats.
 
     sqlite is left without them: it is one machine's file, where a dead worker is found by its pid
     (recover_dead_trials), and a heartbeat thread per worker would only add lock contention.
     """
+    quiet_optuna()
     if "://" not in storage:
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
     heartbeat = {}

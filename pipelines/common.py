@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from cnnexp.config import ConfigError
+from cnnexp.config import VERBOSE_ENV, ConfigError
 from pipelines.progress import calm_bars_off_terminal
 
 C = TypeVar("C")
@@ -71,7 +71,9 @@ def make_parser(prog: str, description: str, config_class: type) -> argparse.Arg
     # not silently taken as --epochs while the run's params record something else.
     parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
     add_config_arguments(parser, config_class)
-    parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show MLflow's and Optuna's own log lines and warnings, and full tracebacks on errors "
+                             f"(or set {VERBOSE_ENV}=1, e.g. for mlflow run)")
     return parser
 
 
@@ -96,6 +98,10 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
     calm_bars_off_terminal()
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    previous_verbose = os.environ.get(VERBOSE_ENV)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    tracking.quiet_mlflow()
     tracking.bound_http_waits()
     try:
         args = parser.parse_args(argv)
@@ -120,6 +126,8 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if previous_verbose is None:  # a caller in the same process (tests, main's steps) is not made loud
+            os.environ.pop(VERBOSE_ENV, None)
 
 
 def register_model(model_uri: str, name: str) -> None:
