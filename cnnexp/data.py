@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,13 +170,16 @@ def check_labels(path: Path, labels: torch.Tensor) -> None:
 def download(dataset: str, into: Path) -> Path:
     """Downloads with torchvision; returns the directory holding the four files."""
     dataset_class = torchvision_class(dataset)
+    existed = into.exists()
     try:
         for train in (True, False):
             dataset_class(into, train=train, download=True)
     except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
+        if not existed:  # half-downloaded files would only mislead the next attempt
+            shutil.rmtree(into, ignore_errors=True)
         raise DataError(
             f"download of {dataset} failed ({first_line(err)}); without network, pass a directory of the "
-            f"four IDX files: mlflow run . -e prepare -P source=/path/to/idx-dir"
+            f"four IDX files: mlflow run . -e prepare --env-manager local -P source=/path/to/idx-dir"
         ) from None
     return into / dataset_class.__name__ / "raw"
 
@@ -211,10 +215,30 @@ def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
     """Reads, checks, splits and stores the data; returns it and whether an earlier result was reused."""
     config.validate()
     target = prepared_path(config.data_dir, config.dataset)
+    created = _first_missing(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"data_dir: cannot create {target.parent} ({err.strerror})") from None
+    try:
+        return _prepare_in(config, target)
+    except BaseException:
+        if created is not None:  # a failed prepare leaves no directory behind that it made
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of path that does not exist yet (what mkdir(parents=True) would create)."""
+    missing = None
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing = directory
+    return missing
+
+
+def _prepare_in(config: PrepareConfig, target: Path) -> tuple[PreparedData, bool]:
     with file_lock(target.parent / f".{config.dataset}.lock"):
         source = Path(config.source) if config.source else download(config.dataset, Path(config.data_dir) / "downloads")
         raw_splits, sha256s = read_source(config.dataset, source)
@@ -244,7 +268,10 @@ def _take(split: Split, idx: torch.Tensor) -> Split:
 
 
 def _write_atomically(target: Path, splits: dict[str, Split], inputs: dict, source: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # Not mkdtemp: its mode 0700 would outlive the rename, and others could not read the data; mkdir
+    # follows the user's umask. The name is unique enough: prepares of one dataset hold the same lock.
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
     try:
         files = {}
         for name, split in splits.items():

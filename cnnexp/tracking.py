@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from mlflow.entities import Metric, Param, Run, SourceType
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
@@ -195,9 +196,13 @@ def end_pending_run(status: str, err: BaseException | None = None, run_id: str |
         return
     client = MlflowClient()
     with contextlib.suppress(Exception):  # the store itself may be what failed
-        if client.get_run(run_id).info.status == "RUNNING":
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING":
             if err is not None:
                 client.set_tag(run_id, ERROR_TAG, error_text(err))
+            entry_point = run.data.tags.get("mlflow.project.entryPoint")
+            if entry_point:  # our code never named it: the entry point, not MLflow's random name, says what it was
+                client.set_tag(run_id, "mlflow.runName", entry_point)
             client.set_terminated(run_id, status)
 
 
@@ -324,7 +329,24 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None):
     from cnnexp.serving import ImageClassifier
 
     network = mlflow.pytorch.load_model(str(Path(data_path).parent))
-    return ImageClassifier(network, model_config["classes"])
+    return _ServedClassifier(ImageClassifier(network, model_config["classes"]))
+
+
+class _ServedClassifier:
+    """ImageClassifier as MLflow serves it: bad input (shape, dtype, pixel range) is the caller's error.
+
+    The scoring server answers an MlflowException with its message and HTTP status; any other exception
+    becomes a generic message, with the reason only in the stack trace.
+    """
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def predict(self, batch, params: dict | None = None) -> pd.DataFrame:
+        try:
+            return self.classifier.predict(batch, params)
+        except ValueError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
 
 
 def set_tags(tags: dict[str, str]) -> None:

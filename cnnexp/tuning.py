@@ -80,6 +80,9 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
     """
     quiet_optuna()
     if "://" not in storage:
+        if not os.path.isdir(os.path.dirname(storage) or "."):
+            raise ConfigError("storage", f"{storage}: directory {os.path.dirname(storage)} does not exist; "
+                                         "create it or choose a path in an existing one")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
     heartbeat = {}
     if has_heartbeats(storage):

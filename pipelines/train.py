@@ -50,6 +50,9 @@ def main(config: TrainConfig) -> list[dict]:
         data = load_or_prepare(config)
         tracking.log_environment(device, data)
         train, val = data.splits["train"], data.splits["val"]
+        if config.batch_size > len(train):
+            print(f"batch_size {config.batch_size} is more than the {len(train)} training images: "
+                  f"each epoch is a single batch of {len(train)}")
         progress = EpochProgress(config.epochs, math.ceil(len(train) / config.batch_size))
         state = new_training_state(config.lr, config.seed, device)
         history = resume_into(state, checkpoint, run_id, data.digest) if checkpoint is not None else []

@@ -128,6 +128,7 @@ CASES = {
     "tune retrain_best not a bool": ("tune", ["--retrain-best", "maybe"], BAD, "retrain-best/--retrain_best: expected true or false"),
     "tune device unknown": ("tune", ["--device", "tpu"], BAD, "device: unknown device 'tpu'"),
     "tune setting differs from the study's": ("tune", lambda t: [*_study_of(t, "--epochs", "2"), "--epochs", "3"], BAD, "epochs: study 'cnnexp-tune' was created with epochs=2, got 3"),
+    "tune storage in a missing directory": ("tune", lambda t: ["--storage", str(t / "nowhere" / "journal.log")], BAD, "nowhere does not exist; create it"),
     "tune storage unreachable": ("tune", lambda t: ["--storage", "postgresql://tuner:s3cret@127.0.0.1:9/optuna", "--source", str(write_idx_dir(t / "idx"))], BAD, "storage: cannot open postgresql://tuner:***@127.0.0.1:9/optuna"),
 }
 
@@ -192,4 +193,5 @@ def test_bad_input_through_mlflow_run_fails_its_run_with_one_line(case, tmp_path
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = MlflowClient().search_runs(["0"])
     assert run.info.status == "FAILED" and message in run.data.tags["error"]
+    assert run.info.run_name == entry  # not MLflow's random name
     assert not (tmp_path / "data").exists()

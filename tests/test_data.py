@@ -1,4 +1,7 @@
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,8 +114,34 @@ def test_failed_download_says_so_and_shows_source(tmp_path, monkeypatch):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
-    with pytest.raises(DataError, match="download of fashion-mnist failed.*source="):
+    with pytest.raises(DataError, match="download of fashion-mnist failed.*--env-manager local -P source="):
         prepare(PrepareConfig(data_dir=str(tmp_path / "data")))
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def half_a_download(self, *args, **kwargs):
+        os.makedirs(self.raw_folder, exist_ok=True)
+        Path(self.raw_folder, "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
+        raise RuntimeError("Error downloading train-labels-idx1-ubyte.gz")
+
+    monkeypatch.setattr(tvd.MNIST, "download", half_a_download)
+    (tmp_path / "old").mkdir()
+    for data_dir in (tmp_path / "new" / "dir", tmp_path / "old"):
+        with pytest.raises(DataError, match="download of mnist failed"):
+            prepare(PrepareConfig(dataset="mnist", data_dir=str(data_dir)))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["old", "old/.mnist.lock"]
+
+
+def test_prepared_data_follows_the_umask(idx_source, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        data, _ = _prepare(idx_source, tmp_path / "data")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(data.path.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in data.path.iterdir())
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "kmnist"])
