@@ -28,7 +28,10 @@ IDX_MAGIC = {"images": 2051, "labels": 2049}
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
-TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST"}
+SAMPLE = "fashion-mnist-sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"  # see its README.md: origin and license
+SAMPLE_OF = {"fashion-mnist": SAMPLE}  # what a failed download of a dataset falls back to
+TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST", SAMPLE: "FashionMNIST"}
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -240,10 +243,10 @@ def _first_missing(path: Path) -> Path | None:
 
 def _prepare_in(config: PrepareConfig, target: Path) -> tuple[PreparedData, bool]:
     with file_lock(target.parent / f".{config.dataset}.lock"):
-        source = Path(config.source) if config.source else download(config.dataset, Path(config.data_dir) / "downloads")
-        raw_splits, sha256s = read_source(config.dataset, source)
+        source, dataset = find_source(config)
+        raw_splits, sha256s = read_source(dataset, source)
         inputs = {
-            "dataset": config.dataset,
+            "dataset": dataset,
             "val_fraction": config.val_fraction,
             "seed": config.seed,
             "source_sha256": sha256s,
@@ -261,6 +264,32 @@ def _prepare_in(config: PrepareConfig, target: Path) -> tuple[PreparedData, bool
         }
         _write_atomically(target, splits, inputs, source)
     return load_prepared(config.data_dir, config.dataset), False
+
+
+def find_source(config: PrepareConfig) -> tuple[Path, str]:
+    """The directory of IDX files to read, and the dataset they hold: the bundled sample stands in
+    for fashion-mnist when its download fails and no source was given (the manifest then names it)."""
+    if config.source:
+        return Path(config.source), config.dataset
+    if config.dataset == SAMPLE:
+        return SAMPLE_DIR, SAMPLE
+    try:
+        return download(config.dataset, Path(config.data_dir) / "downloads"), config.dataset
+    except DataError:
+        if config.dataset not in SAMPLE_OF:
+            raise
+        return SAMPLE_DIR, SAMPLE_OF[config.dataset]
+
+
+def stand_in_notice(data: PreparedData, dataset: str) -> str | None:
+    """One line when the data prepared for `dataset` is the bundled sample instead, else None."""
+    held = data.manifest["inputs"]["dataset"]
+    if held == dataset or held != SAMPLE_OF.get(dataset):
+        return None
+    images = sum(entry["count"] for entry in data.manifest["splits"].values())
+    return (f"{dataset} could not be downloaded: using the bundled {images:,}-image {held} instead "
+            f"(runs are tagged dataset={held}); for the full set, prepare again with network or pass "
+            f"source=<directory of the four IDX files>")
 
 
 def _take(split: Split, idx: torch.Tensor) -> Split:

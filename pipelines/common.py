@@ -130,6 +130,15 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
             os.environ.pop(VERBOSE_ENV, None)
 
 
+def announce_stand_in(data, dataset: str) -> None:
+    """Says so when the data prepared for `dataset` is the bundled sample (a failed download fell back to it)."""
+    from cnnexp.data import stand_in_notice
+
+    notice = stand_in_notice(data, dataset)
+    if notice:
+        print(notice)
+
+
 def register_model(model_uri: str, name: str) -> None:
     """`register=<name>` of train and evaluate: a new version; champion only if it validates better."""
     from cnnexp import tracking

@@ -15,15 +15,18 @@ from cnnexp.data import PreparedData, is_prepared, load_prepared, prepare
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from cnnexp.train import fit, new_training_state, speed_options
-from pipelines.common import make_parser, register_model, run_entry_point
+from pipelines.common import announce_stand_in, make_parser, register_model, run_entry_point
 from pipelines.progress import EpochProgress
 
 
 def load_or_prepare(config: TrainConfig) -> PreparedData:
     if is_prepared(config.data_dir, config.dataset):
-        return load_prepared(config.data_dir, config.dataset)
-    print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
-    return prepare(config.prepare_config())[0]
+        data = load_prepared(config.data_dir, config.dataset)
+    else:
+        print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
+        data = prepare(config.prepare_config())[0]
+    announce_stand_in(data, config.dataset)
+    return data
 
 
 def find_checkpoint(run_id: str, directory: Path) -> dict:
