@@ -141,7 +141,9 @@ def _files(root):
 def migrated_db(tmp_path_factory):
     """An empty MLflow store made once: creating its tables is most of a small case's time."""
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path.parent)  # the default experiment's artifacts go to ./mlruns as of now: not the checkout's
+        MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
 
 
