@@ -113,7 +113,7 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     if config.pruner == "asha":
         # The default: replayed over 8 studies on the real sample it saved 46-66% of the epochs (median
         # 32% for the median pruner, which can prune none of its first 5 trials), losing the best trial
-        # on the same one study as median did (benchmarks/pruner_replay.py, README Performance).
+        # on the same one study as median did (benchmarks/pruner_replay.py, docs/performance.md).
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs)
