@@ -3,10 +3,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 
-DATASETS = ("fashion-mnist", "mnist", "kmnist")
+# fashion-mnist-sample: 4,443 real Fashion-MNIST images shipped inside the package (cnnexp/sample_data),
+# so the main job runs offline too; prepare falls back to it when the fashion-mnist download fails.
+DATASETS = ("fashion-mnist", "mnist", "kmnist", "fashion-mnist-sample")
+
+
+# --verbose sets it, so that processes a command spawns (tuning workers) are as loud as it; also for `mlflow run`.
+VERBOSE_ENV = "CNNEXP_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether MLflow's and Optuna's own log lines and warnings are shown (a normal run shows only ours)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class ConfigError(ValueError):
@@ -32,7 +44,8 @@ class PrepareConfig:
     dataset: str = field(default="fashion-mnist", metadata=_help("dataset to prepare", choices=DATASETS))
     source: str = field(
         default="",
-        metadata=_help("directory holding the four IDX files (gzipped or not); empty downloads with torchvision"),
+        metadata=_help("directory holding the four IDX files (gzipped or not); empty downloads with torchvision "
+                       "(fashion-mnist falls back to the bundled sample offline)"),
     )
     data_dir: str = field(default="data", metadata=_help("where prepared splits are written"))
     val_fraction: float = field(default=0.1, metadata=_help("fraction of the training files held out for validation"))
@@ -175,16 +188,23 @@ class MainConfig:
             step.validate()
 
 
+# What compare ranks by unless told otherwise: each run's best epoch's val_accuracy. Once the logged model
+# is the best epoch's, this is the validation accuracy of the model each run logged.
+RANKING_METRIC = "best_val_accuracy"
+
+
 @dataclass(frozen=True)
 class CompareConfig:
     experiment: str = field(default="Default", metadata=_help("name of the experiment whose training runs are ranked"))
-    sort_by: str = field(default="best_val_accuracy", metadata=_help("leaderboard column to rank by, best first"))
-    output: str = field(default="leaderboard.csv", metadata=_help("where the leaderboard CSV is written"))
-    plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG"))
+    sort_by: str = field(default=RANKING_METRIC, metadata=_help("leaderboard column to rank by, best first"))
+    include_trials: bool = field(default=False, metadata=_help("rank tuning trials' runs too, among the training runs"))
+    output: str = field(default="", metadata=_help("CSV file to write the leaderboard to; empty writes no file"))
+    plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG beside the CSV"))
 
     def validate(self) -> None:
         _check_nonempty("experiment", self.experiment)
-        _check_nonempty("output", self.output)
+        if self.plot and not self.output.strip():
+            raise ConfigError("plot", "needs output: the figure is saved beside the CSV (same name, .png)")
 
 
 def _check_choice(param: str, value: str, allowed: tuple[str, ...]) -> None:

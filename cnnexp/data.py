@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,10 @@ IDX_MAGIC = {"images": 2051, "labels": 2049}
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
-TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST"}
+SAMPLE = "fashion-mnist-sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"  # see its README.md: origin and license
+SAMPLE_OF = {"fashion-mnist": SAMPLE}  # what a failed download of a dataset falls back to
+TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST", SAMPLE: "FashionMNIST"}
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -169,13 +173,16 @@ def check_labels(path: Path, labels: torch.Tensor) -> None:
 def download(dataset: str, into: Path) -> Path:
     """Downloads with torchvision; returns the directory holding the four files."""
     dataset_class = torchvision_class(dataset)
+    existed = into.exists()
     try:
         for train in (True, False):
             dataset_class(into, train=train, download=True)
     except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
+        if not existed:  # half-downloaded files would only mislead the next attempt
+            shutil.rmtree(into, ignore_errors=True)
         raise DataError(
             f"download of {dataset} failed ({first_line(err)}); without network, pass a directory of the "
-            f"four IDX files: mlflow run . -e prepare -P source=/path/to/idx-dir"
+            f"four IDX files: mlflow run . -e prepare --env-manager local -P source=/path/to/idx-dir"
         ) from None
     return into / dataset_class.__name__ / "raw"
 
@@ -211,15 +218,35 @@ def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
     """Reads, checks, splits and stores the data; returns it and whether an earlier result was reused."""
     config.validate()
     target = prepared_path(config.data_dir, config.dataset)
+    created = _first_missing(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"data_dir: cannot create {target.parent} ({err.strerror})") from None
+    try:
+        return _prepare_in(config, target)
+    except BaseException:
+        if created is not None:  # a failed prepare leaves no directory behind that it made
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of path that does not exist yet (what mkdir(parents=True) would create)."""
+    missing = None
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing = directory
+    return missing
+
+
+def _prepare_in(config: PrepareConfig, target: Path) -> tuple[PreparedData, bool]:
     with file_lock(target.parent / f".{config.dataset}.lock"):
-        source = Path(config.source) if config.source else download(config.dataset, Path(config.data_dir) / "downloads")
-        raw_splits, sha256s = read_source(config.dataset, source)
+        source, dataset = find_source(config)
+        raw_splits, sha256s = read_source(dataset, source)
         inputs = {
-            "dataset": config.dataset,
+            "dataset": dataset,
             "val_fraction": config.val_fraction,
             "seed": config.seed,
             "source_sha256": sha256s,
@@ -239,12 +266,41 @@ def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
     return load_prepared(config.data_dir, config.dataset), False
 
 
+def find_source(config: PrepareConfig) -> tuple[Path, str]:
+    """The directory of IDX files to read, and the dataset they hold: the bundled sample stands in
+    for fashion-mnist when its download fails and no source was given (the manifest then names it)."""
+    if config.source:
+        return Path(config.source), config.dataset
+    if config.dataset == SAMPLE:
+        return SAMPLE_DIR, SAMPLE
+    try:
+        return download(config.dataset, Path(config.data_dir) / "downloads"), config.dataset
+    except DataError:
+        if config.dataset not in SAMPLE_OF:
+            raise
+        return SAMPLE_DIR, SAMPLE_OF[config.dataset]
+
+
+def stand_in_notice(data: PreparedData, dataset: str) -> str | None:
+    """One line when the data prepared for `dataset` is the bundled sample instead, else None."""
+    held = data.manifest["inputs"]["dataset"]
+    if held == dataset or held != SAMPLE_OF.get(dataset):
+        return None
+    images = sum(entry["count"] for entry in data.manifest["splits"].values())
+    return (f"{dataset} could not be downloaded: using the bundled {images:,}-image {held} instead "
+            f"(runs are tagged dataset={held}); for the full set, prepare again with network or pass "
+            f"source=<directory of the four IDX files>")
+
+
 def _take(split: Split, idx: torch.Tensor) -> Split:
     return Split(split.images[idx].contiguous(), split.labels[idx].contiguous())
 
 
 def _write_atomically(target: Path, splits: dict[str, Split], inputs: dict, source: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # Not mkdtemp: its mode 0700 would outlive the rename, and others could not read the data; mkdir
+    # follows the user's umask. The name is unique enough: prepares of one dataset hold the same lock.
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
     try:
         files = {}
         for name, split in splits.items():

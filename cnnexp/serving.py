@@ -30,10 +30,18 @@ def as_inputs(batch) -> torch.Tensor:
     if array.ndim != 3 or array.shape[1:] != (28, 28):
         raise ValueError(f"expected a batch of 28x28 images, got shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
+        _check_range(array, 1.0, "float pixels must be within 0-1 (integer pixels are read as 0-255)")
         return torch.from_numpy(array.astype(np.float32)).unsqueeze(1)
     if np.issubdtype(array.dtype, np.integer):
-        return to_inputs(torch.from_numpy(np.clip(array, 0, 255).astype(np.uint8)))
+        _check_range(array, 255, "integer pixels must be within 0-255 (float pixels are read as 0-1)")
+        return to_inputs(torch.from_numpy(array.astype(np.uint8)))
     raise ValueError(f"expected integer (0-255) or float (0-1) pixels, got dtype {array.dtype}")
+
+
+def _check_range(array: np.ndarray, high: float, rule: str) -> None:
+    # Out-of-range pixels would be clipped or wrapped into a confident answer about another image.
+    if array.size and not (np.all(array >= 0) and np.all(array <= high)):  # NaN fails both
+        raise ValueError(f"{rule}; got values from {array.min():g} to {array.max():g}")
 
 
 class ImageClassifier:

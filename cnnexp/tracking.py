@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import platform
+import re
 import time
+import warnings
 from pathlib import Path
 from collections.abc import Iterator
 
@@ -15,14 +18,16 @@ import mlflow.pyfunc
 import mlflow.pytorch
 import pandas as pd
 import torch
-from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.entities import Metric, Param, Run, SourceType
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
-from cnnexp.config import ConfigError, first_line
+from cnnexp.config import RANKING_METRIC, ConfigError, first_line, verbose
 from cnnexp.data import PreparedData, file_lock
 from cnnexp.plots import learning_curves, samples_per_class
 
@@ -35,21 +40,54 @@ ERROR_TAG = "error"
 def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
     """Starts (or, under `mlflow run`, resumes) a run and always ends it with the status that happened.
 
-    Inside another run (the main pipeline's steps) the new run is its child.
+    Inside another run (the main pipeline's steps) the new run is its child. Ending it never raises:
+    when the store itself is what failed, the error that stopped the run is the one that matters.
     """
     kwargs.setdefault("nested", mlflow.active_run() is not None)
+    if "run_id" not in kwargs and not os.environ.get("MLFLOW_RUN_ID"):  # a run resumed has its own source
+        kwargs["tags"] = {**source_tags(), **kwargs.get("tags", {})}
     open_store()
     with mlflow.start_run(**kwargs) as run:
+        _started_runs.append(run.info.run_id)
         try:
             yield run
         except KeyboardInterrupt:
             _flush_quietly()  # metrics of completed epochs may still sit in the async queue
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            _end_quietly("KILLED")
             raise
         except BaseException as err:
             _flush_quietly()
-            mark_failed(run.info.run_id, err)
+            with contextlib.suppress(Exception):
+                MlflowClient().set_tag(run.info.run_id, ERROR_TAG, error_text(err))
+            _end_quietly("FAILED")
             raise
+
+
+_started_runs: list[str] = []
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """The lineage tags `mlflow run` gives its runs (source name and type, git commit), for the runs
+    `cnnexp` and tuning workers start themselves; without them a run cannot say which code made it."""
+    tags = {MLFLOW_SOURCE_NAME: get_git_repo_url(str(PROJECT_DIR)) or PROJECT_DIR.as_uri(),
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.PROJECT)}
+    commit = get_git_commit(str(PROJECT_DIR))
+    if commit is not None:  # an installed copy, outside any git checkout, has none
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def started_a_run() -> bool:
+    """Whether this process has started (or resumed) a run: what an interruption can say it ended."""
+    return bool(_started_runs)
+
+
+def _end_quietly(status: str) -> None:
+    # mlflow.end_run leaves the run before it writes the status, so a failed write ends it locally all the same.
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status)
 
 
 def open_store() -> None:
@@ -67,6 +105,80 @@ def open_store() -> None:
         MlflowClient().search_experiments(max_results=1)
 
 
+# MLflow's own defaults (a 120 s timeout, 7 retries with exponential backoff) make each call to a server
+# that is gone wait about four minutes. Ours: a call gives up after at most ~35 s (3 tries of 10 s, 1 s
+# and 2 s apart), while a server that blinks (a restart) is still retried. A user's own values win.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+STORE_CHECK_TIMEOUT_S = 3
+
+
+def bound_http_waits() -> None:
+    """Applies HTTP_BOUNDS to this process and the workers it spawns (MLflow reads them at every call)."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def store_problem() -> str | None:
+    """Why the tracking server does not answer one quick request (one try, STORE_CHECK_TIMEOUT_S), or None.
+
+    Only servers (http, https) are probed: a local store (sqlite, files) cannot hang on the network.
+    """
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return None
+    try:
+        with _env(MLFLOW_HTTP_REQUEST_TIMEOUT=str(STORE_CHECK_TIMEOUT_S), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"):
+            MlflowClient().search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - connection refused, timeout, HTTP errors: all mean no store
+        return _network_reason(err)
+    return None
+
+
+def _network_reason(err: BaseException) -> str:
+    """The part of MLflow's long request error a user acts on ("Connection refused", "timed out")."""
+    text = first_line(err)
+    for pattern in (r"\[Errno -?\d+\] [^'\")]+", r"(Read|Connect) timed out", r"timed out", r"\d{3} [A-Z][\w ]+"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0).strip()
+    return text[:200]
+
+
+def check_store() -> None:
+    """Refuses to start when the tracking server does not answer, within seconds, naming the setting."""
+    problem = store_problem()
+    if problem is not None:
+        raise ConfigError("MLFLOW_TRACKING_URI", f"the tracking server {redact_url(mlflow.get_tracking_uri())} "
+                                                 f"does not answer ({problem}); start it or point MLFLOW_TRACKING_URI "
+                                                 "at one that runs")
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (store migrations) and its dataset-source warning stay out of a normal run's output.
+
+    The warning: a local file path as a dataset source matches two registered source kinds, and MLflow
+    says it picked one, at every log_input.
+    """
+    if verbose():
+        return
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+
+
 def _flush_quietly() -> None:
     with contextlib.suppress(Exception):
         mlflow.flush_async_logging()
@@ -77,12 +189,6 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:5000]
 
 
-def mark_failed(run_id: str, err: BaseException) -> None:
-    client = MlflowClient()
-    client.set_tag(run_id, ERROR_TAG, error_text(err))
-    client.set_terminated(run_id, "FAILED")
-
-
 def end_pending_run(status: str, err: BaseException | None = None, run_id: str | None = None) -> None:
     """Ends the run `mlflow run` created for us if our code never got to end it (e.g. bad parameters)."""
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
@@ -90,9 +196,13 @@ def end_pending_run(status: str, err: BaseException | None = None, run_id: str |
         return
     client = MlflowClient()
     with contextlib.suppress(Exception):  # the store itself may be what failed
-        if client.get_run(run_id).info.status == "RUNNING":
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING":
             if err is not None:
                 client.set_tag(run_id, ERROR_TAG, error_text(err))
+            entry_point = run.data.tags.get("mlflow.project.entryPoint")
+            if entry_point:  # our code never named it: the entry point, not MLflow's random name, says what it was
+                client.set_tag(run_id, "mlflow.runName", entry_point)
             client.set_terminated(run_id, status)
 
 
@@ -149,7 +259,7 @@ def log_prepared_data(data: PreparedData) -> None:
     mlflow.log_dict(data.manifest, "manifest.json")
     train = data.splits["train"]
     log_figure(samples_per_class(train.images, train.labels, data.classes), "samples_per_class.png")
-    mlflow.set_tag("data_digest", data.digest)
+    mlflow.set_tags({"data_digest": data.digest, "dataset": dataset})
 
 
 def log_figure(fig, artifact_file: str) -> None:
@@ -219,7 +329,24 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None):
     from cnnexp.serving import ImageClassifier
 
     network = mlflow.pytorch.load_model(str(Path(data_path).parent))
-    return ImageClassifier(network, model_config["classes"])
+    return _ServedClassifier(ImageClassifier(network, model_config["classes"]))
+
+
+class _ServedClassifier:
+    """ImageClassifier as MLflow serves it: bad input (shape, dtype, pixel range) is the caller's error.
+
+    The scoring server answers an MlflowException with its message and HTTP status; any other exception
+    becomes a generic message, with the reason only in the stack trace.
+    """
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def predict(self, batch, params: dict | None = None) -> pd.DataFrame:
+        try:
+            return self.classifier.predict(batch, params)
+        except ValueError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
 
 
 def set_tags(tags: dict[str, str]) -> None:
@@ -236,7 +363,8 @@ def active_run_ids() -> tuple[str, str]:
 
 def start_child_run(parent_run_id: str, experiment_id: str, run_name: str, params: dict, tags: dict) -> str:
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name, tags={MLFLOW_PARENT_RUN_ID: parent_run_id, **tags})
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**source_tags(), MLFLOW_PARENT_RUN_ID: parent_run_id, **tags})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 
@@ -372,33 +500,53 @@ def _val_accuracy(run_id: str) -> float:
 
 # --- comparing and reusing runs -------------------------------------------------------------
 
-LEADERBOARD_COLUMNS = ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy", "test_accuracy", "duration_s",
-                       "run_id"]
+LEADERBOARD_COLUMNS = ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", RANKING_METRIC, "test_accuracy",
+                       "train_time_s"]
+TRIAL_TAG = "optuna.trial_number"
 
 
-def training_runs(experiment: str) -> pd.DataFrame:
-    """One row per finished run that trained (has lr and val_accuracy), in the named experiment."""
+def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.DataFrame, int]:
+    """One row per finished run that trained (has lr and val_accuracy) in the named experiment, and how
+    many tuning trials were left out (all are rows with include_trials)."""
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         raise ConfigError("experiment", f"no experiment named {experiment!r}")
     client = MlflowClient()
-    rows = []
+    rows, trials_left_out = [], 0
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'"):
         params, metrics = run.data.params, run.data.metrics
         if "lr" not in params or "val_accuracy" not in metrics:
             continue
-        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        is_trial = TRIAL_TAG in run.data.tags
+        if is_trial and not include_trials:
+            trials_left_out += 1
+            continue
         rows.append({
+            "run_id": run.info.run_id,
             "run_name": run.info.run_name,
+            "kind": "trial" if is_trial else "train",
             "lr": float(params["lr"]),
             "batch_size": int(params.get("batch_size", 0)),
             "epochs": int(params.get("epochs", 0)),
-            "best_val_accuracy": max(m.value for m in history),
+            RANKING_METRIC: max(_per_epoch(client, run.info.run_id, "val_accuracy").values()),
             "test_accuracy": metrics.get("test_accuracy", float("nan")),
-            "duration_s": (run.info.end_time - run.info.start_time) / 1000,
-            "run_id": run.info.run_id,
+            "train_time_s": train_time_s(client, run),
         })
-    return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+    return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS), trials_left_out
+
+
+def _per_epoch(client: MlflowClient, run_id: str, metric: str) -> dict[int, float]:
+    # By step: a resumed run may log an epoch its store missed again, from the checkpoint.
+    return {m.step: m.value for m in client.get_metric_history(run_id, metric)}
+
+
+def train_time_s(client: MlflowClient, run: Run) -> float:
+    """Seconds spent training: the sum of its epochs' epoch_time_s. A resumed run's wall-clock span would
+    count the time it sat interrupted; runs from before epoch_time_s was logged fall back to that span."""
+    epochs = _per_epoch(client, run.info.run_id, "epoch_time_s")
+    if epochs:
+        return round(sum(epochs.values()), 1)
+    return round((run.info.end_time - run.info.start_time) / 1000, 1)
 
 
 STEP_TAG = "cnnexp.step"
@@ -498,8 +646,11 @@ RESUMABLE = ("KILLED", "FAILED")
 CHECKPOINT_ARTIFACTS = "checkpoint"
 
 
-def resumable_run(run_id: str):
-    """The train run `resume` names, or ConfigError saying why it cannot be continued."""
+def resumable_run(run_id: str, running_ok: bool = False):
+    """The train run `resume` names, or ConfigError saying why it cannot be continued.
+
+    running_ok: a run this machine lost its tracking server in, which stays RUNNING there.
+    """
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
@@ -507,7 +658,7 @@ def resumable_run(run_id: str):
     tags = run.data.tags
     if "train" not in (tags.get(ENTRY_POINT_TAG), tags.get("mlflow.project.entryPoint")):
         raise ConfigError("resume", f"run {run_id} is not a train run")
-    if run.info.status not in RESUMABLE:
+    if run.info.status not in RESUMABLE + (("RUNNING",) if running_ok else ()):
         raise ConfigError(
             "resume", f"run {run_id} is {run.info.status}; only KILLED or FAILED train runs can be resumed"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -32,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp import tracking
 from cnnexp.cohort import Member, MemberResult, fit_cohort, new_cohort
-from cnnexp.config import DEFAULT_COHORT, ConfigError, TuneConfig, WorkerConfig, first_line
+from cnnexp.config import DEFAULT_COHORT, ConfigError, TuneConfig, WorkerConfig, first_line, verbose
 from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
@@ -65,13 +66,26 @@ class Parent:
 
 # --- study -----------------------------------------------------------------------------------
 
+def quiet_optuna() -> None:
+    """Optuna's INFO lines ("A new study created ...") and ExperimentalWarnings (heartbeats on PostgreSQL)
+    stay out of a normal run's output; every process that opens a study passes here, spawned workers too."""
+    if verbose():
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def open_storage(storage: str) -> optuna.storages.BaseStorage | str:
     """A plain path is a journal file (multi-process safe, no sqlite locks); a database URL gets heartbeats.
 
     sqlite is left without them: it is one machine's file, where a dead worker is found by its pid
     (recover_dead_trials), and a heartbeat thread per worker would only add lock contention.
     """
+    quiet_optuna()
     if "://" not in storage:
+        if not os.path.isdir(os.path.dirname(storage) or "."):
+            raise ConfigError("storage", f"{storage}: directory {os.path.dirname(storage)} does not exist; "
+                                         "create it or choose a path in an existing one")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
     heartbeat = {}
     if has_heartbeats(storage):
@@ -112,7 +126,7 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     if config.pruner == "asha":
         # The default: replayed over 8 studies on the real sample it saved 46-66% of the epochs (median
         # 32% for the median pruner, which can prune none of its first 5 trials), losing the best trial
-        # on the same one study as median did (benchmarks/pruner_replay.py, README Performance).
+        # on the same one study as median did (benchmarks/pruner_replay.py, docs/performance.md).
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs)
@@ -131,18 +145,34 @@ def load_study(config: TuneConfig, worker: int = 0) -> optuna.Study:
     return study
 
 
+def with_study_settings(config: TuneConfig) -> TuneConfig:
+    """The config with an existing study's settings for those left at their default; others must match.
+
+    So `tune --study-name s --n-trials 5` extends study s as it was created, without repeating its flags.
+    A value given here (other than the default) that differs from the study's is refused, naming it:
+    the study's trials would no longer be comparable. (Under `mlflow run` every parameter arrives as a
+    flag, so a default counts as not given there too.)
+    """
+    try:
+        stored = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage)).user_attrs
+    except KeyError:  # a new study
+        return config
+    settings = stored.get("settings", {})
+    defaults = TuneConfig()
+    for name, value in settings.items():
+        given = getattr(config, name)
+        if given != value and given != getattr(defaults, name):
+            raise ConfigError(name, f"study {config.study_name!r} was created with {name}={value!r}, got {given!r}"
+                                    f" (leave it out to keep the study's, or use a new study_name to change it)")
+    return dataclasses.replace(config, **settings)
+
+
 def register(study: optuna.Study, config: TuneConfig, parent: Parent, data_digest: str) -> int:
     """Records on the study what a joining worker needs; returns its trial count (complete or pruned).
 
-    A study keeps the settings and data it was created with: a second `tune` that differs is refused,
-    naming the parameter. The latest `tune` owns the parent run that workers log under.
+    config has the study's settings already (with_study_settings). The latest `tune` owns the parent run
+    that workers log under.
     """
-    stored = study.user_attrs.get("settings", {})
-    for name, value in stored.items():
-        if getattr(config, name) != value:
-            raise ConfigError(name, f"study {config.study_name!r} was created with {name}={value!r}, got {getattr(config, name)!r}"
-                                    " (use a new study_name to change it)")
-    check_digest(study, data_digest, "data_dir")
     target = finished_count(study) + config.n_trials
     attrs = {"settings": {name: getattr(config, name) for name in STUDY_SETTINGS}, "data_digest": data_digest,
              "mlflow_parent_run_id": parent.run_id, "mlflow_experiment_id": parent.experiment_id, "target_trials": target}

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from cnnexp.config import ConfigError
+from cnnexp.config import VERBOSE_ENV, ConfigError
 from pipelines.progress import calm_bars_off_terminal
 
 C = TypeVar("C")
@@ -59,13 +59,21 @@ def config_from_args(config_class: type[C], args: argparse.Namespace) -> C:
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own messages name the flag already
+        unknown = message.removeprefix("unrecognized arguments: ").split()
+        if message.startswith("unrecognized arguments: ") and unknown:
+            raise ConfigError("arguments", f"unknown parameter {unknown[0]} (not one of {self.prog}'s; "
+                                           f"`{self.prog} --help` lists them)")
         raise ConfigError("arguments", message)
 
 
 def make_parser(prog: str, description: str, config_class: type) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description=description)
+    # No abbreviations: `--epoch 1` (or MLflow's `-P epoch=1`, passed on as `--epoch 1`) must be refused,
+    # not silently taken as --epochs while the run's params record something else.
+    parser = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
     add_config_arguments(parser, config_class)
-    parser.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"show MLflow's and Optuna's own log lines and warnings, and full tracebacks on errors "
+                             f"(or set {VERBOSE_ENV}=1, e.g. for mlflow run)")
     return parser
 
 
@@ -90,11 +98,20 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
     calm_bars_off_terminal()
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    previous_verbose = os.environ.get(VERBOSE_ENV)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    tracking.quiet_mlflow()
+    tracking.bound_http_waits()
     try:
         args = parser.parse_args(argv)
+        tracking.check_store()
         main(config_from_args(config_class, args))
         return 0
     except KeyboardInterrupt:
+        if not (pending_run or tracking.started_a_run()):
+            print(f"{parser.prog}: interrupted before any run started", file=sys.stderr)
+            return EXIT_INTERRUPTED
         tracking.end_pending_run("KILLED", run_id=pending_run)
         if pending_run:
             tracking.guard_killed_status(pending_run)
@@ -109,6 +126,17 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if previous_verbose is None:  # a caller in the same process (tests, main's steps) is not made loud
+            os.environ.pop(VERBOSE_ENV, None)
+
+
+def announce_stand_in(data, dataset: str) -> None:
+    """Says so when the data prepared for `dataset` is the bundled sample (a failed download fell back to it)."""
+    from cnnexp.data import stand_in_notice
+
+    notice = stand_in_notice(data, dataset)
+    if notice:
+        print(notice)
 
 
 def register_model(model_uri: str, name: str) -> None:

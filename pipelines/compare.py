@@ -1,4 +1,4 @@
-"""cnnexp compare: a leaderboard of an experiment's training runs, best first, as a table and CSV."""
+"""cnnexp compare: a leaderboard of an experiment's training runs, best first; CSV and plot where asked."""
 from __future__ import annotations
 
 import sys
@@ -7,10 +7,11 @@ from pathlib import Path
 import pandas as pd
 
 from cnnexp import plots, tracking
-from cnnexp.config import CompareConfig, ConfigError
+from cnnexp.config import RANKING_METRIC, CompareConfig, ConfigError
 from pipelines.common import make_parser, run_entry_point
 
-ASCENDING = ("duration_s", "run_name", "run_id")  # smaller is better (or just alphabetical)
+ASCENDING = ("train_time_s", "run_name", "run_id", "kind")  # smaller is better (or just alphabetical)
+METRIC_MEANING = {RANKING_METRIC: "each run's best epoch's val_accuracy"}
 
 
 def leaderboard(runs: pd.DataFrame, sort_by: str) -> pd.DataFrame:
@@ -20,20 +21,37 @@ def leaderboard(runs: pd.DataFrame, sort_by: str) -> pd.DataFrame:
     return runs.sort_values(sort_by, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
+def heading(config: CompareConfig, table: pd.DataFrame, trials_left_out: int) -> str:
+    """What the table ranks, by which metric, and what it leaves out."""
+    order = "smallest first" if config.sort_by in ASCENDING or config.sort_by.endswith("loss") else "best first"
+    meaning = f" ({METRIC_MEANING[config.sort_by]})" if config.sort_by in METRIC_MEANING else ""
+    kinds = "training runs and tuning trials" if config.include_trials else "training runs"
+    left_out = f"; {trials_left_out} tuning trials left out (--include-trials true ranks them too)" if trials_left_out else ""
+    return f"{len(table)} finished {kinds} of experiment {config.experiment!r}, by {config.sort_by}{meaning}, {order}{left_out}"
+
+
 def main(config: CompareConfig) -> pd.DataFrame:
     config.validate()
-    table = leaderboard(tracking.training_runs(config.experiment), config.sort_by)
-    with pd.option_context("display.width", 200, "display.max_columns", None):
-        print(table.drop(columns="run_id").to_string(index=False) if len(table) else "no finished training runs")
-    table.to_csv(config.output, index=False)
-    print(f"leaderboard of {len(table)} runs written to {config.output}")
-    if config.plot:
-        figure_path = Path(config.output).with_suffix(".png")
-        figure = plots.accuracy_vs_lr(table["lr"].tolist(), table["best_val_accuracy"].tolist(),
-                                      table["batch_size"].tolist())
-        plots.save(figure, figure_path)
-        print(f"val_accuracy vs lr saved to {figure_path}")
+    runs, trials_left_out = tracking.training_runs(config.experiment, config.include_trials)
+    table = leaderboard(runs, config.sort_by)
+    print(heading(config, table, trials_left_out))
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(table.to_string(index=False) if len(table) else "no finished training runs")
+    if config.output:
+        write_files(config, table)
     return table
+
+
+def write_files(config: CompareConfig, table: pd.DataFrame) -> None:
+    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False)
+    print(f"leaderboard of {len(table)} runs written to {output}")
+    if config.plot:
+        figure_path = output.with_suffix(".png")
+        figure = plots.accuracy_vs_lr(table["lr"].tolist(), table[RANKING_METRIC].tolist(), table["batch_size"].tolist())
+        plots.save(figure, figure_path)
+        print(f"{RANKING_METRIC} vs lr saved to {figure_path}")
 
 
 def cli(argv: list[str] | None = None, prog: str = "compare") -> int:

@@ -77,7 +77,7 @@ def main(config: EvaluateConfig) -> dict[str, float]:
         tracking.log_config(config)
         data = load_checked_data(config, training_run_id)
         tracking.set_tags({"scored_run_id": training_run_id, "scored_model_uri": model_uri,
-                           "data_digest": data.digest, "dataset": config.dataset})
+                           "data_digest": data.digest, "dataset": data.manifest["inputs"]["dataset"]})
         device = resolve_device(config.device)
         split = data.splits[config.split]
         logits = evaluate.predict(tracking.load_network(model_uri).to(device), to_inputs(split.images).to(device)).cpu()

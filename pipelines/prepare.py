@@ -6,7 +6,7 @@ import sys
 from cnnexp import tracking
 from cnnexp.config import PrepareConfig
 from cnnexp.data import PreparedData, prepare
-from pipelines.common import make_parser, run_entry_point
+from pipelines.common import announce_stand_in, make_parser, run_entry_point
 
 
 def main(config: PrepareConfig) -> PreparedData:
@@ -14,6 +14,7 @@ def main(config: PrepareConfig) -> PreparedData:
     with tracking.tracked_run(run_name=f"prepare-{config.dataset}"):
         tracking.log_config(config)
         data, reused = prepare(config)
+        announce_stand_in(data, config.dataset)
         tracking.log_prepared_data(data)
         tracking.set_tags({"reused": str(reused).lower()})
     counts = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())

@@ -15,20 +15,23 @@ from cnnexp.data import PreparedData, is_prepared, load_prepared, prepare
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from cnnexp.train import fit, new_training_state, speed_options
-from pipelines.common import make_parser, register_model, run_entry_point
+from pipelines.common import announce_stand_in, make_parser, register_model, run_entry_point
 from pipelines.progress import EpochProgress
 
 
 def load_or_prepare(config: TrainConfig) -> PreparedData:
     if is_prepared(config.data_dir, config.dataset):
-        return load_prepared(config.data_dir, config.dataset)
-    print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
-    return prepare(config.prepare_config())[0]
+        data = load_prepared(config.data_dir, config.dataset)
+    else:
+        print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
+        data = prepare(config.prepare_config())[0]
+    announce_stand_in(data, config.dataset)
+    return data
 
 
 def find_checkpoint(run_id: str, directory: Path) -> dict:
     """The last checkpoint of a run to resume: the local one, else the one it logged as an artifact."""
-    tracking.resumable_run(run_id)
+    tracking.resumable_run(run_id, running_ok=(directory / STORE_LOST).is_file())
     if not has_checkpoint(directory) and not tracking.fetch_checkpoint(run_id, directory):
         raise ConfigError("resume", f"run {run_id} has no checkpoint (it stopped before its first epoch ended)")
     return load_checkpoint(directory)
@@ -50,6 +53,9 @@ def main(config: TrainConfig) -> list[dict]:
         data = load_or_prepare(config)
         tracking.log_environment(device, data)
         train, val = data.splits["train"], data.splits["val"]
+        if config.batch_size > len(train):
+            print(f"batch_size {config.batch_size} is more than the {len(train)} training images: "
+                  f"each epoch is a single batch of {len(train)}")
         progress = EpochProgress(config.epochs, math.ceil(len(train) / config.batch_size))
         state = new_training_state(config.lr, config.seed, device)
         history = resume_into(state, checkpoint, run_id, data.digest) if checkpoint is not None else []
@@ -72,14 +78,43 @@ def main(config: TrainConfig) -> list[dict]:
             with contextlib.suppress(Exception):  # never hide why training stopped
                 tracking.log_checkpoint(checkpoints)
             raise
-        tracking.log_learning_curves(history)
-        model_uri = tracking.log_model(state.model, to_inputs(val.images[:4]), data.classes)
-        tracking.flush()
+        try:
+            model_uri = log_results(state, history, data)
+        except Exception as err:
+            raise store_lost_error(err, checkpoints, run_id, state.epoch) from None
         if config.register:
             register_model(model_uri, config.register)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run is not resumed; its model is logged
     print(f"model: {model_uri}  final val_accuracy {history[-1]['val_accuracy']:.4f}")
     return history
+
+
+def log_results(state, history: list[dict], data: PreparedData) -> str:
+    tracking.log_learning_curves(history)
+    model_uri = tracking.log_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes)
+    tracking.flush()
+    return model_uri
+
+
+STORE_LOST = "store-lost.txt"  # in a run's checkpoint directory: the run may be resumed though still RUNNING
+
+
+def store_lost_error(err: Exception, checkpoints: Path, run_id: str, epoch: int) -> Exception:
+    """err, or (when the tracking server has stopped answering) one line: what is missing, how to get it in.
+
+    Training has finished by then; its checkpoint stays, marked so that `resume` accepts the run even
+    though the server could not be told that it stopped.
+    """
+    problem = tracking.store_problem()
+    if problem is None:
+        return err
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / STORE_LOST).write_text(f"{problem}\n")
+    return RuntimeError(
+        f"MLFLOW_TRACKING_URI: the tracking server {tracking.redact_url(tracking.tracking_uri())} stopped answering "
+        f"({problem}); not logged: the model, its learning curves and any epoch metrics the server missed. "
+        f"{checkpoints} keeps all {epoch} epochs: once the server answers, `cnnexp train --resume {run_id}` logs them"
+    )
 
 
 def resume_into(state, checkpoint: dict, run_id: str, data_digest: str) -> list[dict]:

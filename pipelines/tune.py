@@ -69,12 +69,17 @@ def summarise_on_parent(study, parent_run_id: str) -> None:
 
 
 def main(config: TuneConfig) -> dict:
+    # Everything that can refuse the call does so before its run starts: no FAILED run is left behind.
     config.validate()
-    tuning.worker_device(config.device, 0)  # an unavailable device fails here, before any run starts
-    study = tuning.load_study(config)  # and so does a storage that cannot be opened
+    tuning.worker_device(config.device, 0)  # an unavailable device
+    config, kept = settled(config)  # a storage that cannot be opened, a setting that differs from the study's
+    study = tuning.load_study(config)
+    data = load_or_prepare(config)
+    tuning.check_digest(study, data.digest, "data_dir")  # other data than the study's
     with tracking.tracked_run(run_name=f"tune-{config.study_name}"):
         log_study_settings(config)
-        data = load_or_prepare(config)
+        if kept:  # under `mlflow run` the params hold the defaults it passed; this says what ran
+            tracking.set_tags({"settings_from_study": kept})
         before = len(study.trials)
         run_id, experiment_id = tracking.active_run_ids()
         parent = tuning.Parent(run_id, experiment_id, tracking.tracking_uri())
@@ -98,6 +103,16 @@ def main(config: TuneConfig) -> dict:
         return {"target_trials": target}
     print(f"done: {summary_line(result)} with {result.get('best_params')}")
     return result
+
+
+def settled(config: TuneConfig) -> tuple[TuneConfig, str]:
+    """config with the settings of the study it extends, and which ones it took from the study."""
+    resolved = tuning.with_study_settings(config)
+    taken = [f"{name}={getattr(resolved, name)!r}" for name in tuning.STUDY_SETTINGS
+             if getattr(resolved, name) != getattr(config, name)]
+    if taken:
+        print(f"study {config.study_name!r} keeps its settings: {', '.join(taken)}")
+    return resolved, ", ".join(taken)
 
 
 def summary_line(result: dict) -> str:

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = REPO.parent / "shared" / "data" / "fashion-mnist-mini"
-needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST sample absent: {REAL_DATA}")
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:

@@ -38,6 +38,13 @@ def _run_of(entry, *args):
     return make
 
 
+def _study_of(tmp, *settings):
+    """Creates a study (no trials); returns the args that reach its data."""
+    source = ["--source", str(write_idx_dir(tmp / "idx"))]
+    assert tune.cli(["--workers", "0", "--n-trials", "1", *settings, *source]) == 0
+    return source
+
+
 def _killed_train_run(tmp):
     """A train run interrupted after its first checkpoint; returns its id."""
     log_epoch = tracking.log_epoch
@@ -60,6 +67,7 @@ CASES = {
     "prepare source missing dir": ("prepare", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
     "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], FAILED, "missing (expected train-images-idx3-ubyte"),
     **{f"prepare source {case}": ("prepare", _bad_source(case), FAILED, EXPECTED_FILE[case]) for case in BAD_FILES},
+    "prepare flag abbreviated": ("prepare", ["--val-frac", "0.2"], BAD, "arguments: unknown parameter --val-frac"),
     "prepare data_dir empty": ("prepare", ["--data-dir", ""], BAD, "data_dir: must not be empty"),
     "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
     "prepare val_fraction 0": ("prepare", ["--val-fraction", "0"], BAD, "val_fraction: must be between 0 and 1"),
@@ -69,6 +77,8 @@ CASES = {
     "prepare seed negative": ("prepare", ["--seed", "-1"], BAD, "seed: must be between 0 and 2**32 - 1"),
     "prepare seed text": ("prepare", ["--seed", "abc"], BAD, "seed: invalid int value: 'abc'"),
     # train
+    "train flag abbreviated": ("train", ["--epoch", "1"], BAD, "arguments: unknown parameter --epoch (not one of train's"),
+    "train flag unknown": ("train", ["--epochs", "1", "--learning-rate", "0.1"], BAD, "unknown parameter --learning-rate"),
     "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
     "train lr negative": ("train", ["--lr", "-1"], BAD, "lr: must be a positive number"),
     "train lr nan": ("train", ["--lr", "nan"], BAD, "lr: must be a positive number"),
@@ -92,6 +102,7 @@ CASES = {
     "train resume a finished run": ("train", lambda t: ["--resume", _run_of("train", "--epochs", "1")(t)], BAD, "is FINISHED; only KILLED or FAILED"),
     "train resume other lr": ("train", lambda t: ["--resume", _killed_train_run(t), "--lr", "0.1"], BAD, "lr: run "),
     # evaluate
+    "evaluate flag abbreviated": ("evaluate", ["--model", "abc"], BAD, "unknown parameter --model"),
     "evaluate model_uri empty": ("evaluate", ["--model-uri", ""], BAD, "model_uri: must not be empty"),
     "evaluate model_uri unknown run": ("evaluate", ["--model-uri", "runs:/abc/model"], BAD, "model_uri: no model at 'runs:/abc/model'"),
     "evaluate bare unknown run id": ("evaluate", ["--model-uri", "abc"], BAD, "model_uri: no model at 'runs:/abc/model'"),
@@ -100,6 +111,7 @@ CASES = {
     "evaluate device unknown": ("evaluate", ["--model-uri", "abc", "--device", "tpu"], BAD, "device: unknown device 'tpu'"),
     "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], FAILED, "data_dir: no prepared fashion-mnist data"),
     # tune
+    "tune flag abbreviated": ("tune", ["--n-trial", "1"], BAD, "unknown parameter --n-trial"),
     "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
     "tune n_trials text": ("tune", ["--n-trials", "abc"], BAD, "--n-trials/--n_trials: invalid int value: 'abc'"),
     "tune timeout negative": ("tune", ["--timeout", "-1"], BAD, "timeout: must be 0 (no limit) or a positive number"),
@@ -115,6 +127,8 @@ CASES = {
     "tune study_name empty": ("tune", ["--study-name", ""], BAD, "study_name: must not be empty"),
     "tune retrain_best not a bool": ("tune", ["--retrain-best", "maybe"], BAD, "retrain-best/--retrain_best: expected true or false"),
     "tune device unknown": ("tune", ["--device", "tpu"], BAD, "device: unknown device 'tpu'"),
+    "tune setting differs from the study's": ("tune", lambda t: [*_study_of(t, "--epochs", "2"), "--epochs", "3"], BAD, "epochs: study 'cnnexp-tune' was created with epochs=2, got 3"),
+    "tune storage in a missing directory": ("tune", lambda t: ["--storage", str(t / "nowhere" / "journal.log")], BAD, "nowhere does not exist; create it"),
     "tune storage unreachable": ("tune", lambda t: ["--storage", "postgresql://tuner:s3cret@127.0.0.1:9/optuna", "--source", str(write_idx_dir(t / "idx"))], BAD, "storage: cannot open postgresql://tuner:***@127.0.0.1:9/optuna"),
 }
 
@@ -127,7 +141,9 @@ def _files(root):
 def migrated_db(tmp_path_factory):
     """An empty MLflow store made once: creating its tables is most of a small case's time."""
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path.parent)  # the default experiment's artifacts go to ./mlruns as of now: not the checkout's
+        MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
 
 
@@ -160,6 +176,8 @@ MLFLOW_RUN_CASES = {
     "prepare val_fraction text": ("prepare", {"val_fraction": "abc"}, "val_fraction: invalid float value: 'abc'"),
     "train batch_size fraction": ("train", {"batch_size": "1.5"}, "batch_size: invalid int value: '1.5'"),
     "train resume unknown run": ("train", {"resume": "0123abc"}, "resume: no run '0123abc'"),
+    # MLflow passes an unknown -P name on as `--epoch 1`: refused, not read as --epochs.
+    "train mistyped -P name": ("train", {"epoch": "1"}, "unknown parameter --epoch"),
 }
 
 
@@ -177,4 +195,5 @@ def test_bad_input_through_mlflow_run_fails_its_run_with_one_line(case, tmp_path
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = MlflowClient().search_runs(["0"])
     assert run.info.status == "FAILED" and message in run.data.tags["error"]
+    assert run.info.run_name == entry  # not MLflow's random name
     assert not (tmp_path / "data").exists()

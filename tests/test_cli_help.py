@@ -63,3 +63,13 @@ def test_a_bad_bool_is_one_line_naming_the_flag(capsys, workdir):
     assert cli.main(["train", "--system-metrics", "maybe"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--system-metrics" in err and "expected true or false" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", cli.COMMANDS)
+def test_an_abbreviated_or_unknown_flag_is_refused_naming_it(command, capsys, monkeypatch, workdir):
+    flags = [e.split()[0] for e in _option_entries(_help_text(command, capsys, monkeypatch))]
+    abbreviated = next(f for f in flags if f.startswith("--") and f != "--help")[:-1]
+    for typo in (abbreviated, "--no-such-flag"):
+        assert cli.main([command, typo, "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"unknown parameter {typo} " in err and "\n" not in err, err

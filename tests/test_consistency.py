@@ -51,8 +51,15 @@ def test_conda_env_lists_the_same_requirements_as_pyproject():
     assert "python=3.11" in conda["dependencies"]
 
 
+PARAMETERS_DOC = REPO / "docs" / "parameters.md"  # the full parameter reference, linked from README
+
+
+def test_readme_links_the_parameter_reference():
+    assert "(docs/parameters.md)" in (REPO / "README.md").read_text()
+
+
 def test_readme_states_the_train_defaults():
-    readme = (REPO / "README.md").read_text()
+    readme = PARAMETERS_DOC.read_text()
     for f in dataclasses.fields(cfg.TrainConfig):
         if f.name in ("lr", "batch_size", "epochs"):
             assert re.search(rf"`{f.name}`[^\n|]*\|\s*`?{re.escape(str(f.default))}`?", readme), f.name
@@ -78,8 +85,8 @@ def test_cli_only_commands_match_their_config(entry, config_class):
 
 
 def test_readme_tables_list_every_worker_parameter_with_its_default():
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### `worker`"):readme.index("## Scale out")]
+    readme = PARAMETERS_DOC.read_text()
+    section = readme[readme.index("### `worker`"):readme.index("### `evaluate`")]
     for f in dataclasses.fields(cfg.WorkerConfig):
         default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default) or "(empty)"
         assert re.search(rf"\| `{f.name}` \| `?{re.escape(default)}`? \|", section), f.name

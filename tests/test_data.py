@@ -1,12 +1,15 @@
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cnnexp.config import PrepareConfig
-from cnnexp.data import DataError, load_prepared, prepare, stratified_split
-from conftest import REAL_DATA, idx_bytes, needs_real_data, write_idx_dir
+from cnnexp.data import SAMPLE, SAMPLE_DIR, DataError, load_prepared, prepare, stratified_split
+from conftest import REPO, idx_bytes, write_idx_dir
 
 
 def _prepare(source, data_dir, **kwargs):
@@ -110,9 +113,35 @@ def test_failed_download_says_so_and_shows_source(tmp_path, monkeypatch):
     def no_network(self, *args, **kwargs):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
-    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
-    with pytest.raises(DataError, match="download of fashion-mnist failed.*source="):
-        prepare(PrepareConfig(data_dir=str(tmp_path / "data")))
+    monkeypatch.setattr(tvd.MNIST, "download", no_network)  # fashion-mnist would fall back to the sample
+    with pytest.raises(DataError, match="download of mnist failed.*--env-manager local -P source="):
+        prepare(PrepareConfig(dataset="mnist", data_dir=str(tmp_path / "data")))
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def half_a_download(self, *args, **kwargs):
+        os.makedirs(self.raw_folder, exist_ok=True)
+        Path(self.raw_folder, "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
+        raise RuntimeError("Error downloading train-labels-idx1-ubyte.gz")
+
+    monkeypatch.setattr(tvd.MNIST, "download", half_a_download)
+    (tmp_path / "old").mkdir()
+    for data_dir in (tmp_path / "new" / "dir", tmp_path / "old"):
+        with pytest.raises(DataError, match="download of mnist failed"):
+            prepare(PrepareConfig(dataset="mnist", data_dir=str(data_dir)))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["old", "old/.mnist.lock"]
+
+
+def test_prepared_data_follows_the_umask(idx_source, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        data, _ = _prepare(idx_source, tmp_path / "data")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(data.path.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in data.path.iterdir())
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "kmnist"])
@@ -121,8 +150,35 @@ def test_other_torchvision_datasets_read_the_same_files(dataset, idx_source, tmp
     assert data.path.name == dataset and len(data.classes) == 10
 
 
-@needs_real_data
-def test_real_fashion_mnist_sample_prepares(tmp_path):
-    data, _ = _prepare(REAL_DATA, tmp_path / "data")
+def test_the_bundled_sample_prepares_as_its_own_dataset(tmp_path):
+    data, _ = prepare(PrepareConfig(dataset=SAMPLE, data_dir=str(tmp_path / "data")))
     assert len(data.splits["train"]) + len(data.splits["val"]) == 3443
     assert len(data.splits["test"]) == 1000
+    assert data.path.name == SAMPLE and data.classes[0] == "T-shirt/top"
+
+
+def test_the_bundled_sample_ships_with_the_package_and_says_where_it_comes_from():
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cnnexp"]
+    shipped = {p.name for pattern in globs for p in (REPO / "cnnexp").glob(pattern)}
+    assert shipped == {p.name for p in SAMPLE_DIR.iterdir()}
+    notice = (SAMPLE_DIR / "README.md").read_text()
+    assert "Zalando Research" in notice and "MIT License" in notice
+
+
+def test_a_failed_fashion_mnist_download_falls_back_to_the_sample(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    from cnnexp.data import stand_in_notice
+
+    def no_network(self, *args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
+    data, _ = prepare(PrepareConfig(data_dir=str(tmp_path / "data")))
+    assert data.path.name == "fashion-mnist" and data.manifest["inputs"]["dataset"] == SAMPLE
+    assert not (tmp_path / "data" / "downloads").exists()
+    notice = stand_in_notice(data, "fashion-mnist")
+    assert "using the bundled 4,443-image fashion-mnist-sample instead" in notice and "for the full set" in notice
+    assert stand_in_notice(data, SAMPLE) is None

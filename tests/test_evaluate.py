@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
@@ -62,6 +63,23 @@ def test_model_inputs_read_dtype_as_scale():
     assert torch.equal(as_inputs(pd.DataFrame(uint8.reshape(2, -1))), torch.ones(2, 1, 28, 28))
     with pytest.raises(ValueError, match="28x28"):
         as_inputs(np.zeros((2, 27, 28)))
+
+
+@pytest.mark.parametrize("pixels, allowed", [
+    (np.full((1, 28, 28), 300), "integer pixels must be within 0-255"),
+    (np.full((1, 28, 28), -1), "integer pixels must be within 0-255"),
+    (np.full((1, 28, 28), -0.5), "float pixels must be within 0-1"),
+    (np.full((1, 28, 28), 255.0), "float pixels must be within 0-1"),
+    (np.full((1, 28, 28), np.nan), "float pixels must be within 0-1"),
+])
+def test_pixels_out_of_range_are_refused_saying_the_range(pixels, allowed):
+    with pytest.raises(ValueError, match=allowed):
+        as_inputs(pixels)
+    # What the scoring server answers HTTP 400 with, its message saying the range.
+    served = tracking._ServedClassifier(SimpleNamespace(predict=lambda batch, params: as_inputs(batch)))
+    with pytest.raises(mlflow.exceptions.MlflowException, match=allowed) as refused:
+        served.predict(pixels)
+    assert refused.value.get_http_status_code() == 400
 
 
 def test_evaluate_writes_test_metrics_on_its_run_and_the_training_run(trained):
@@ -147,8 +165,8 @@ def test_compare_ranks_runs_by_the_chosen_metric(trained, capsys):
     assert compare.cli(["--sort-by", "test_accuracy", "--output", "board.csv", "--plot", "true"]) == 0
     board = pd.read_csv("board.csv")
     assert board["lr"].iloc[0] == best and set(board["lr"]) >= set(LRS)
-    assert list(board.columns[:7]) == ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy",
-                                       "test_accuracy", "duration_s"]
+    assert list(board.columns) == ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", "best_val_accuracy",
+                                   "test_accuracy", "train_time_s"]
     assert (trained.work / "board.png").stat().st_size > 0
     assert "best_val_accuracy" in capsys.readouterr().out
     assert compare.cli(["--sort-by", "nope"]) == 2
@@ -194,6 +212,10 @@ def test_served_model_answers_as_evaluate_predicted(trained):
         for inputs in (images.tolist(), (images / 255.0).tolist()):
             answers = _post(port, {"inputs": inputs})
             assert [a["class_index"] for a in answers] == expected
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(port, {"inputs": (images[:1].astype(int) + 300).tolist()})
+        assert refused.value.code == 400
+        assert "integer pixels must be within 0-255" in json.load(refused.value)["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)

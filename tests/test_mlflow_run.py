@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from cnnexp.data import load_prepared
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
-from conftest import REAL_DATA, REPO, needs_real_data, subprocess_env
+from conftest import REPO, subprocess_env
 from pipelines import train
 
 pytestmark = pytest.mark.slow
@@ -53,12 +53,11 @@ def test_mlflow_run_train_prepares_on_first_use(tmp_path, idx_source):
     assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")] == [1]
 
 
-@needs_real_data
 def test_real_sample_trains_well_above_chance(workdir):
-    assert train.cli(["--epochs", "5", "--source", str(REAL_DATA)]) == 0
+    assert train.cli(["--epochs", "5", "--dataset", "fashion-mnist-sample"]) == 0  # the bundled real images
     (run,) = MlflowClient().search_runs(experiment_ids=["0"])
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    test = load_prepared("data", "fashion-mnist").splits["test"]
+    test = load_prepared("data", "fashion-mnist-sample").splits["test"]
     accuracy = score(predict(model, to_inputs(test.images)), test.labels)["accuracy"]
     print(f"real-data test accuracy after 5 epochs: {accuracy:.3f}")
     assert accuracy > 0.6  # chance is 0.1

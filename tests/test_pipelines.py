@@ -4,6 +4,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import write_idx_dir
 from pipelines import cli, prepare, train
 
 
@@ -58,3 +59,25 @@ def test_cnnexp_help_lists_commands_and_unknown_command_fails(capsys):
     assert cli.main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
     assert cli.main(["fly"]) == 2
+
+
+def test_a_batch_larger_than_the_training_split_says_so_and_trains(workdir, tmp_path, capsys):
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=20)
+    assert train.cli(["--epochs", "1", "--batch-size", "100000", "--source", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert "batch_size 100000 is more than the 90 training images: each epoch is a single batch of 90" in out
+
+
+def test_offline_prepare_falls_back_to_the_sample_and_its_run_names_it(workdir, monkeypatch, capsys):
+    import torchvision.datasets as tvd
+
+    def no_network(self, *args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
+    assert prepare.cli([]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "4,443-image" in line]
+    assert len(lines) == 1 and "for the full set" in lines[0]
+    (run,) = MlflowClient().search_runs(["0"])
+    assert run.data.tags["dataset"] == "fashion-mnist-sample"
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {f"fashion-mnist-sample-{s}" for s in ("train", "val", "test")}

@@ -115,8 +115,8 @@ def test_a_worker_joins_the_study_tune_created_and_runs_until_its_trial_count(wo
     capsys.readouterr()
 
     # Settings and data stay the study's: a drifting tune or a worker on other data is refused.
-    assert tune.cli(["--workers", "0", "--n-trials", "3", *settings[:-4], "--source", str(source)]) == 2
-    assert "batch_min: study 'cnnexp-tune' was created with batch_min=32, got 16" in capsys.readouterr().err
+    assert tune.cli(["--workers", "0", "--n-trials", "3", *settings[:-4], "--batch-min", "64", "--source", str(source)]) == 2
+    assert "batch_min: study 'cnnexp-tune' was created with batch_min=32, got 64" in capsys.readouterr().err
     other = write_idx_dir(tmp_path / "other", n_train=300, n_test=50)
     assert worker.cli(["--source", str(other), "--data-dir", "data-other"]) == 2
     assert "source: prepared data (digest" in capsys.readouterr().err

@@ -102,6 +102,22 @@ def test_bad_tune_parameter_gets_one_line_and_exit_2(case, workdir, capsys):
     assert not (workdir / "mlflow.db").exists()  # no run was started, not even the store opened
 
 
+def test_a_study_is_extended_with_its_own_settings_and_a_differing_one_is_refused_before_any_run(
+        workdir, tmp_path, capsys):
+    source = ["--source", str(write_idx_dir(tmp_path / "idx", n_train=200, n_test=50))]
+    assert tune.cli(["--workers", "0", "--n-trials", "2", "--epochs", "2", "--batch-min", "32", *source]) == 0
+    capsys.readouterr()
+    assert tune.cli(["--workers", "0", "--n-trials", "1", *source]) == 0
+    assert "keeps its settings: epochs=2, batch_min=32" in capsys.readouterr().out
+    settings = _study(workdir).user_attrs["settings"]
+    assert settings["epochs"] == 2 and settings["batch_min"] == 32
+    parents, _ = _parent_and_children(workdir)
+    assert parents[-1].data.params["epochs"] == "2" and parents[-1].info.status == "FINISHED"
+    assert tune.cli(["--workers", "0", "--n-trials", "1", "--epochs", "3", *source]) == 2
+    assert "epochs: study 'cnnexp-tune' was created with epochs=2, got 3 (leave it out" in capsys.readouterr().err
+    assert len(_parent_and_children(workdir)[0]) == 2  # the refused call made no run
+
+
 def test_batch_sizes_are_the_powers_of_two_in_range():
     assert TuneConfig(batch_min=16, batch_max=128).batch_sizes == [16, 32, 64, 128]
     assert TuneConfig(batch_min=8, batch_max=8).batch_sizes == [8]
