@@ -39,9 +39,10 @@ def _run_of(entry, *args):
 
 
 def _study_of(tmp, *settings):
-    """Creates a study (no trials); returns the args that reach its data."""
-    source = ["--source", str(write_idx_dir(tmp / "idx"))]
-    assert tune.cli(["--workers", "0", "--n-trials", "1", *settings, *source]) == 0
+    """Creates a study with one trial (a study waiting for workers would leave its parent RUNNING);
+    returns the args that reach its data."""
+    source = ["--source", str(write_idx_dir(tmp / "idx", n_train=100, n_test=20))]
+    assert tune.cli(["--n-trials", "1", *settings, *source]) == 0
     return source
 
 

@@ -112,7 +112,8 @@ def test_a_study_is_extended_with_its_own_settings_and_a_differing_one_is_refuse
     settings = _study(workdir).user_attrs["settings"]
     assert settings["epochs"] == 2 and settings["batch_min"] == 32
     parents, _ = _parent_and_children(workdir)
-    assert parents[-1].data.params["epochs"] == "2" and parents[-1].info.status == "FINISHED"
+    assert parents[-1].data.params["epochs"] == "2"
+    assert parents[-1].info.status == "RUNNING"  # --workers 0: open until a worker finishes the study
     assert tune.cli(["--workers", "0", "--n-trials", "1", "--epochs", "3", *source]) == 2
     assert "epochs: study 'cnnexp-tune' was created with epochs=2, got 3 (leave it out" in capsys.readouterr().err
     assert len(_parent_and_children(workdir)[0]) == 2  # the refused call made no run
