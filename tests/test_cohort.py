@@ -81,3 +81,20 @@ def test_the_micro_batch_stream_completes_every_members_batches():
     last = stream[-1]
     assert last.inv_batch_len.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 22])
     assert micro_batches(70, [32, 32], CPU)[0].stepping is None  # equal batches: no masking
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_cohort_on_cuda_trains_each_member_as_its_own_fit_there(data):
+    cuda = torch.device("cuda")
+    cohort = new_cohort(MEMBERS, seed=0, device=cuda)
+    history = fit_cohort(cohort, *data, epochs=2)
+    for i, member in enumerate(MEMBERS):
+        state = new_training_state(member.lr, seed=0, device=cuda)
+        expected = fit(state, *data, batch_size=member.batch_size, epochs=2)
+        weights = {name: t.cpu() for name, t in state.model.state_dict().items()}
+        # cuDNN picks its own kernels for either shape: looser than on CPU, still one model's numbers.
+        for got, want in zip(history[i], expected):
+            assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=0.02)
+        network = cohort.network(i).cpu()
+        for name, tensor in network.state_dict().items():
+            assert ((tensor - weights[name]).norm() / weights[name].norm()).item() < 1e-2, name
