@@ -178,6 +178,9 @@ def quiet_mlflow() -> None:
     if verbose():
         return
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Its ERROR per failed background batch repeats what our one line says at the end of a run whose
+    # server went away (what was not logged, and how to resume).
+    logging.getLogger("mlflow.utils.async_logging").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
 
 
