@@ -43,12 +43,13 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
     Inside another run (the main pipeline's steps) the new run is its child. Ending it never raises:
     when the store itself is what failed, the error that stopped the run is the one that matters.
     """
+    global _runs_started
     kwargs.setdefault("nested", mlflow.active_run() is not None)
     if "run_id" not in kwargs and not os.environ.get("MLFLOW_RUN_ID"):  # a run resumed has its own source
         kwargs["tags"] = {**source_tags(), **kwargs.get("tags", {})}
     open_store()
     with mlflow.start_run(**kwargs) as run:
-        _started_runs.append(run.info.run_id)
+        _runs_started += 1
         try:
             yield run
         except KeyboardInterrupt:
@@ -56,14 +57,15 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
             _end_quietly("KILLED")
             raise
         except BaseException as err:
-            _flush_quietly()
-            with contextlib.suppress(Exception):
-                MlflowClient().set_tag(run.info.run_id, ERROR_TAG, error_text(err))
+            if store_problem() is None:  # a server that is gone would only make each write wait out its retries
+                _flush_quietly()
+                with contextlib.suppress(Exception):
+                    MlflowClient().set_tag(run.info.run_id, ERROR_TAG, error_text(err))
             _end_quietly("FAILED")
             raise
 
 
-_started_runs: list[str] = []
+_runs_started = 0
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -79,9 +81,9 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
-def started_a_run() -> bool:
-    """Whether this process has started (or resumed) a run: what an interruption can say it ended."""
-    return bool(_started_runs)
+def runs_started() -> int:
+    """How many runs this process has started (or resumed): whether an interruption ended one."""
+    return _runs_started
 
 
 def _end_quietly(status: str) -> None:
@@ -176,6 +178,9 @@ def quiet_mlflow() -> None:
     if verbose():
         return
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Its ERROR per failed background batch repeats what our one line says at the end of a run whose
+    # server went away (what was not logged, and how to resume).
+    logging.getLogger("mlflow.utils.async_logging").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
 
 

@@ -103,13 +103,14 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
         os.environ[VERBOSE_ENV] = "1"
     tracking.quiet_mlflow()
     tracking.bound_http_waits()
+    runs_before = tracking.runs_started()
     try:
         args = parser.parse_args(argv)
         tracking.check_store()
         main(config_from_args(config_class, args))
         return 0
     except KeyboardInterrupt:
-        if not (pending_run or tracking.started_a_run()):
+        if not pending_run and tracking.runs_started() == runs_before:
             print(f"{parser.prog}: interrupted before any run started", file=sys.stderr)
             return EXIT_INTERRUPTED
         tracking.end_pending_run("KILLED", run_id=pending_run)
@@ -128,6 +129,8 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
             signal.signal(sig, handler)
         if previous_verbose is None:  # a caller in the same process (tests, main's steps) is not made loud
             os.environ.pop(VERBOSE_ENV, None)
+        else:
+            os.environ[VERBOSE_ENV] = previous_verbose
 
 
 def announce_stand_in(data, dataset: str) -> None:
