@@ -491,7 +491,7 @@ def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBud
     """Cohorts while the call's budget lasts, or (with a target) until the study has `target` complete
     or pruned trials. Loads data once and waits for its models to be logged."""
     torch.set_num_threads(threads_per_worker(config.workers))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()  # --verbose keeps Optuna's per-trial lines, in spawned workers too
     data = load_prepared(config.data_dir, config.dataset)
     study = load_study(config, worker + sampler_offset)
     device = worker_device(config.device, worker)
