@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO))
 
 from cnnexp import tuning  # noqa: E402
 from cnnexp.config import PRUNERS, PrepareConfig, TuneConfig  # noqa: E402
-from cnnexp.data import PreparedData, prepare  # noqa: E402
+from cnnexp.data import SAMPLE_DIR, PreparedData, prepare  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402
 
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "fashion-mnist-mini"
+DEFAULT_SOURCE = SAMPLE_DIR  # the real 4,443-image sample shipped in the package
 
 
 def learning_curves(data: PreparedData, config: TuneConfig, sampler_seed: int) -> list[list[float]]:

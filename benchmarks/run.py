@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cnnexp.cohort import Member, fit_cohort, new_cohort  # noqa: E402
-from cnnexp.data import DataError, Split, read_source  # noqa: E402
+from cnnexp.data import SAMPLE_DIR, DataError, Split, read_source  # noqa: E402
 from cnnexp.devices import resolve_device  # noqa: E402
 from cnnexp.evaluate import predict  # noqa: E402
 from cnnexp.model import Network, to_inputs  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402
 
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "fashion-mnist-mini"
+DEFAULT_SOURCE = SAMPLE_DIR  # the real 4,443-image sample shipped in the package
 LR, SEED = 0.01, 0
 
 
