@@ -62,6 +62,8 @@ class FusedNetworks(nn.Module):
         """x [B, 1, 28, 28], shared by all members -> logits [K, B, classes]."""
         k, batch = self.k, len(x)
         conv1_w, conv1_b, conv2_w, conv2_b, fc1_w, fc1_b, fc2_w, fc2_b, out_w, out_b = self.stacked
+        if x.device.type == "cpu":
+            x = _channels_last_strides(x)
         # Pooling before relu is the same function with the same gradient (relu is monotonic, so it
         # commutes with max) on a quarter of the values.
         t = F.conv2d(x, _as_conv_weight(conv1_w), conv1_b.flatten())
@@ -83,6 +85,14 @@ class FusedNetworks(nn.Module):
         network = Network(num_classes=self.stacked[-1].shape[1]).to(self.stacked[0].device)
         network.load_state_dict(self.weights(index))  # load_state_dict copies
         return network
+
+
+def _channels_last_strides(x: torch.Tensor) -> torch.Tensor:
+    """The one-channel batch with NHWC strides. With one channel NCHW and NHWC hold the same bytes, but
+    only these strides make oneDNN write conv1's 6K channels NHWC, where its pooling is 4-5x faster
+    (conv1 + pool1 of a K=16, batch-100 step: 49 ms -> 13 ms on one thread)."""
+    n, c, h, w = x.shape
+    return x.as_strided(x.shape, (c * h * w, 1, w * c, c)) if c == 1 else x.contiguous(memory_format=torch.channels_last)
 
 
 def _as_conv_weight(stacked: torch.Tensor) -> torch.Tensor:
