@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 DATASETS = ("fashion-mnist", "mnist", "kmnist")
+KEEPS = ("best", "last")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,8 @@ class TrainConfig:
     lr: float = field(default=0.01, metadata=_help("Adam learning rate"))
     batch_size: int = field(default=100, metadata=_help("images per optimiser step"))
     epochs: int = field(default=10, metadata=_help("passes over the training split"))
+    keep: str = field(default="best", metadata=_help(
+        "which epoch's weights are logged as the model: best (highest val_accuracy) or last", choices=KEEPS))
     seed: int = field(default=0, metadata=_help("seed of weight init and per-epoch shuffling"))
     device: str = field(default="auto", metadata=_help("auto picks CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps"))
     data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
@@ -86,6 +89,7 @@ class TrainConfig:
             raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
+        _check_choice("keep", self.keep, KEEPS)
         _check_seed(self.seed)
         _check_device(self.device)
         _check_choice("dataset", self.dataset, DATASETS)
@@ -115,7 +119,7 @@ class TrainConfig:
         return replace(self, **{name: saved[name] for name in RESUME_KEEPS})
 
 
-RESUME_KEEPS = ("lr", "batch_size", "epochs", "seed", "dataset")
+RESUME_KEEPS = ("lr", "batch_size", "epochs", "keep", "seed", "dataset")
 
 
 SPLITS_TO_SCORE = ("test", "val")

@@ -127,18 +127,21 @@ def log_environment(device: torch.device, data: PreparedData) -> None:
     )
 
 
+def split_dataset(data: PreparedData, name: str) -> mlflow.data.Dataset:
+    """A prepared split as an MLflow dataset: named <dataset>-<split>, digest from its file's sha256."""
+    entry, split = data.manifest["splits"][name], data.splits[name]
+    return mlflow.data.from_numpy(
+        features=split.images.numpy(),
+        targets=split.labels.numpy(),
+        source=str(data.path / entry["file"]),
+        name=f"{data.manifest['inputs']['dataset']}-{name}",
+        digest=entry["sha256"][:16],
+    )
+
+
 def log_prepared_data(data: PreparedData) -> None:
-    dataset = data.manifest["inputs"]["dataset"]
-    for name, split in data.splits.items():
-        entry = data.manifest["splits"][name]
-        ds = mlflow.data.from_numpy(
-            features=split.images.numpy(),
-            targets=split.labels.numpy(),
-            source=str(data.path / entry["file"]),
-            name=f"{dataset}-{name}",
-            digest=entry["sha256"][:16],
-        )
-        mlflow.log_input(ds, context=name)
+    for name in data.splits:
+        mlflow.log_input(split_dataset(data, name), context=name)
     mlflow.log_table(
         {
             "class": data.classes,
@@ -170,8 +173,9 @@ MODEL_SIGNATURE = ModelSignature(
 )
 
 
-def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None) -> str:
-    """Logs the network as one MLflow model with two faces; returns its URI.
+def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None,
+              step: int = 0) -> mlflow.models.model.ModelInfo:
+    """Logs the network as one MLflow model with two faces, at `step` (the epoch its weights are from).
 
     mlflow.pytorch.load_model gives back the nn.Module (float [N, 1, 28, 28] -> logits), pickled
     rather than torch.export'ed: an exported program loads as a GraphModule that refuses .eval().
@@ -182,11 +186,33 @@ def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: lis
     model = model.cpu().eval()
     classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
     images = (example_inputs[:2, 0].cpu() * 255).round().to(torch.uint8).numpy()
-    info = mlflow.models.Model.log(
+    return mlflow.models.Model.log(
         artifact_path=None, name=MODEL_NAME, flavor=_ClassifierFlavor, network=model, classes=classes,
-        signature=MODEL_SIGNATURE, input_example=images,
+        signature=MODEL_SIGNATURE, input_example=images, step=step,
     )
-    return info.model_uri
+
+
+# The one figure that judges a model, wherever models are ranked (compare, the registry's champion,
+# tune's best trial): the val_accuracy of the model itself, i.e. of the epoch whose weights were logged.
+JUDGED_BY = "val_accuracy"
+
+
+def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str], epoch: int,
+                   summary: dict[str, float], val: mlflow.data.Dataset) -> mlflow.models.model.ModelInfo:
+    """Into the active run: the validation data as an input, the model at step = the epoch its weights
+    are from, and the run's summary metrics (best_val_accuracy, best_epoch).
+
+    Logged at a step, the model gets the run's points of that step as its own metrics (MLflow links
+    them itself), so its val_accuracy is its epoch's. They carry no dataset: the SQL store keeps none
+    on run metrics, and a second, dataset-linked copy would collide with MLflow's on the model metric's
+    key (name, step, timestamp) unless given a timestamp of its own, which would log every kept
+    epoch's val point twice in the run's history.
+    """
+    mlflow.flush_async_logging()  # the points MLflow links must be in the store, not in the async queue
+    mlflow.log_input(val, context="val")
+    info = log_model(model, example_inputs, classes, step=epoch)
+    mlflow.log_metrics(summary, synchronous=True)
+    return info
 
 
 def model_requirements() -> list[str]:
@@ -263,15 +289,16 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
-def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str]) -> None:
-    """Logs a model into an existing run (from any thread) and ends the run FINISHED either way.
+def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str],
+                         epoch: int, summary: dict[str, float], val: mlflow.data.Dataset) -> None:
+    """log_kept_model into an existing run (from any thread), then ends the run FINISHED either way.
 
     A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
     """
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its pickle warning, once per trial, is noise
     try:
         with mlflow.start_run(run_id=run_id):
-            log_model(model, example_inputs, classes)
+            log_kept_model(model, example_inputs, classes, epoch, summary, val)
     except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
         MlflowClient().set_tag(run_id, "model_error", error_text(err))
     MlflowClient().set_terminated(run_id, "FINISHED")

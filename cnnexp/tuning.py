@@ -34,7 +34,7 @@ from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
-from cnnexp.train import fit, new_training_state, speed_options
+from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 OBJECTIVE = "val_accuracy"
@@ -199,8 +199,10 @@ class ModelLogger:
         self.thread = threading.Thread(target=self._work, name="model-logger", daemon=True)
         self.thread.start()
 
-    def submit(self, run_id: str, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
-        self.jobs.put((run_id, copy.deepcopy(model).cpu(), example.cpu(), classes))
+    def submit(self, run_id: str, model: torch.nn.Module, example: torch.Tensor, classes: list[str], epoch: int,
+               summary: dict[str, float], val) -> None:
+        """Arguments as for tracking.log_model_and_finish; the model is copied, so training may go on."""
+        self.jobs.put((run_id, copy.deepcopy(model).cpu(), example.cpu(), classes, epoch, summary, val))
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -221,6 +223,7 @@ class Objective:
     def __init__(self, config: TuneConfig, data: PreparedData, device: torch.device, parent: Parent,
                  models: ModelLogger):
         self.config, self.data, self.device, self.parent, self.models = config, data, device, parent, models
+        self.val = tracking.split_dataset(data, "val")
 
     def __call__(self, trial: optuna.Trial) -> float:
         # Who runs it: a trial whose process is gone can then be told from one still running elsewhere.
@@ -235,7 +238,7 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("mlflow_parent_run_id", self.parent.run_id)
         try:
-            model, value = self._fit(trial, run_id, params)
+            model, best = self._fit(trial, run_id, params)
         except optuna.TrialPruned as pruned:
             tracking.end_child_run(run_id, "KILLED", {"pruned": "true", "pruned_at_epoch": pruned.args[0]})
             raise
@@ -243,12 +246,16 @@ class Objective:
             tracking.end_child_run(run_id, "FAILED", {tracking.ERROR_TAG: tracking.error_text(err)})
             raise
         example = to_inputs(self.data.splits["val"].images[:4])
-        self.models.submit(run_id, model, example, self.data.classes)
-        return value
+        self.models.submit(run_id, model, example, self.data.classes, best.epoch, best.summary(), self.val)
+        return best.val_accuracy  # the trial's value is its model's: the best epoch's
 
-    def _fit(self, trial: optuna.Trial, run_id: str, params: dict) -> tuple[torch.nn.Module, float]:
+    def _fit(self, trial: optuna.Trial, run_id: str, params: dict) -> tuple[torch.nn.Module, BestEpoch]:
+        """The trained model, holding its best epoch's weights, and that epoch."""
+        best = BestEpoch()
+
         def on_epoch_end(metrics: dict) -> None:
             tracking.log_child_epoch(run_id, metrics)
+            best.update(metrics["epoch"], metrics[OBJECTIVE], state.model)
             trial.report(metrics[OBJECTIVE], metrics["epoch"])
             # After the last epoch pruning saves nothing and would only discard a finished result
             # (successive halving has a rung at epoch 3, the end of a 3-epoch study).
@@ -257,9 +264,9 @@ class Objective:
 
         state = new_training_state(params["lr"], self.config.seed, self.device)
         splits = self.data.splits
-        history = fit(state, splits["train"], splits["val"], batch_size=params["batch_size"],
-                      epochs=self.config.epochs, on_epoch_end=on_epoch_end, **speed_options(self.config))
-        return state.model, history[-1][OBJECTIVE]
+        fit(state, splits["train"], splits["val"], batch_size=params["batch_size"], epochs=self.config.epochs,
+            on_epoch_end=on_epoch_end, **speed_options(self.config))
+        return best.restore(state.model), best
 
 
 # --- workers ---------------------------------------------------------------------------------

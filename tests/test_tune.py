@@ -70,8 +70,11 @@ def assert_optuna_and_mlflow_agree(study, child_runs, client, killed=None):
         else:
             assert logged == trial.intermediate_values
         if trial.state.name == "COMPLETE":
-            assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
-            assert len(run.outputs.model_outputs) == 1, number  # MLflow 3: a LoggedModel of the run
+            # The trial's value is its best epoch's, whose weights are its model (MLflow 3: a LoggedModel of the run).
+            assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
+            assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
+            (model,) = run.outputs.model_outputs
+            assert model.step == run.data.metrics["best_epoch"], number
         else:
             assert not run.outputs.model_outputs, number
         if trial.state.name == "PRUNED":
