@@ -323,8 +323,8 @@ def tracking_uri() -> str:
 
 # --- evaluation --------------------------------------------------------------------------------
 
-def resolve_model(model_uri: str) -> tuple[str, str]:
-    """(model URI, id of the run that trained it); a bare run id stands for that run's model."""
+def resolve_model(model_uri: str) -> tuple[str, str, str | None]:
+    """(model URI, id of the run that trained it, its LoggedModel id); a bare run id stands for that run's model."""
     if ":" not in model_uri and "/" not in model_uri:
         model_uri = f"runs:/{model_uri}/{MODEL_NAME}"
     try:
@@ -333,7 +333,7 @@ def resolve_model(model_uri: str) -> tuple[str, str]:
         raise ConfigError("model_uri", f"no model at {model_uri!r}: {first_line(err)}") from None
     if not info.run_id:
         raise ConfigError("model_uri", f"{model_uri!r} names no training run, so its data cannot be checked")
-    return model_uri, info.run_id
+    return model_uri, info.run_id, info.model_id
 
 
 def load_network(model_uri: str) -> torch.nn.Module:
@@ -344,10 +344,15 @@ def run_tags(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.tags
 
 
-def log_metrics(metrics: dict[str, float], run_id: str | None = None) -> None:
-    """Onto the active run, or onto another (finished) run, e.g. test metrics onto the training run."""
+def log_metrics(metrics: dict[str, float], run_id: str | None = None, model_id: str | None = None,
+                dataset: mlflow.data.Dataset | None = None) -> None:
+    """Onto the active run, or onto another (finished) run, e.g. test metrics onto the training run.
+
+    With model_id (and the dataset they were computed on) they are that model's metrics too: the
+    Models tab and mlflow.search_logged_models show them.
+    """
     if run_id is None:
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
         return
     client = MlflowClient()
     for key, value in metrics.items():

@@ -74,6 +74,24 @@ def test_evaluate_writes_test_metrics_on_its_run_and_the_training_run(trained):
             assert training.data.metrics[metric] == pytest.approx(evaluation.data.metrics[metric])
 
 
+def test_search_logged_models_ranks_the_models_by_val_accuracy_and_shows_their_test_metrics(trained):
+    models = mlflow.search_logged_models(
+        experiment_ids=["0"], order_by=[{"field_name": f"metrics.{tracking.JUDGED_BY}", "ascending": False}],
+        output_format="list",
+    )
+    assert {m.source_run_id for m in models} == set(trained.runs.values())
+    for model in models:
+        metrics = {m.key: m for m in model.metrics}
+        training = trained.client.get_run(model.source_run_id)
+        assert metrics["val_accuracy"].value == training.data.metrics["best_val_accuracy"]
+        evaluation = trained.evaluations[float(training.data.params["lr"])]
+        assert metrics["test_accuracy"].value == evaluation.data.metrics["test_accuracy"]
+        assert metrics["test_accuracy"].dataset_name == "fashion-mnist-test"
+        assert metrics["test_accuracy"].run_id == evaluation.info.run_id
+    ranked = [m.source_run_id for m in models]
+    assert ranked == sorted(ranked, key=lambda r: -trained.client.get_run(r).data.metrics["best_val_accuracy"])
+
+
 def test_evaluation_artifacts_agree_with_test_accuracy(trained):
     for lr, evaluation in trained.evaluations.items():
         run_id = evaluation.info.run_id
