@@ -63,7 +63,7 @@ class TrainConfig:
         metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"),
     )
     register: str = field(
-        default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
+        default="", metadata=_help("registered model name; empty skips registration (alias champion follows the model's val_accuracy)")
     )
     bf16: bool = field(default=False, metadata=_help("bfloat16 autocast of forward and loss (for recent GPUs; no faster on CPU)"))
     torch_compile: bool = field(
@@ -135,7 +135,7 @@ class EvaluateConfig:
     split: str = field(default="test", metadata=_help("split to score", choices=SPLITS_TO_SCORE))
     device: str = field(default="auto", metadata=_help("auto picks CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps"))
     register: str = field(
-        default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
+        default="", metadata=_help("registered model name; empty skips registration (alias champion follows the model's val_accuracy)")
     )
 
     def validate(self) -> None:
@@ -182,7 +182,8 @@ class MainConfig:
 @dataclass(frozen=True)
 class CompareConfig:
     experiment: str = field(default="Default", metadata=_help("name of the experiment whose training runs are ranked"))
-    sort_by: str = field(default="best_val_accuracy", metadata=_help("leaderboard column to rank by, best first"))
+    sort_by: str = field(default="model_val_accuracy", metadata=_help(
+        "leaderboard column to rank by, best first (model_val_accuracy: the logged model's own, as the champion rule)"))
     output: str = field(default="leaderboard.csv", metadata=_help("where the leaderboard CSV is written"))
     plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG"))
 

@@ -374,7 +374,7 @@ CHAMPION = "champion"
 
 
 def register(model_uri: str, name: str) -> tuple[int, bool]:
-    """Registers a version; moves alias champion to it only if its val_accuracy beats the champion's.
+    """Registers a version; moves alias champion to it only if its judged_value beats the champion's.
 
     Returns (version, whether it became champion).
     """
@@ -386,21 +386,30 @@ def register(model_uri: str, name: str) -> tuple[int, bool]:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no champion yet
         champion = None
-    promoted = champion is None or _val_accuracy(version.run_id) > _val_accuracy(champion.run_id)
+    promoted = champion is None or (judged_value(version.model_id, version.run_id)
+                                    > judged_value(champion.model_id, champion.run_id))
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return int(version.version), promoted
 
 
-def _val_accuracy(run_id: str) -> float:
-    """The final epoch's val_accuracy: the weights that were logged are the final epoch's."""
-    return MlflowClient().get_run(run_id).data.metrics.get("val_accuracy", float("-inf"))
+def judged_value(model_id: str | None, run_id: str) -> float:
+    """What a model is judged by (JUDGED_BY): the val_accuracy its training run linked to it, i.e. that
+    of the epoch whose weights it holds. A model logged before metrics were linked to models holds the
+    last epoch's weights, so for it (or a run without a model) it is the run's final val_accuracy."""
+    client = MlflowClient()
+    if model_id:
+        linked = [m.value for m in client.get_logged_model(model_id).metrics or []
+                  if m.key == JUDGED_BY and m.run_id == run_id]
+        if linked:
+            return linked[-1]
+    return client.get_run(run_id).data.metrics.get(JUDGED_BY, float("-inf"))
 
 
 # --- comparing and reusing runs -------------------------------------------------------------
 
-LEADERBOARD_COLUMNS = ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy", "test_accuracy", "duration_s",
-                       "run_id"]
+MODEL_SCORE = f"model_{JUDGED_BY}"  # the leaderboard's column of judged_value
+LEADERBOARD_COLUMNS = ["run_name", "lr", "batch_size", "epochs", MODEL_SCORE, "test_accuracy", "duration_s", "run_id"]
 
 
 def training_runs(experiment: str) -> pd.DataFrame:
@@ -414,13 +423,13 @@ def training_runs(experiment: str) -> pd.DataFrame:
         params, metrics = run.data.params, run.data.metrics
         if "lr" not in params or "val_accuracy" not in metrics:
             continue
-        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        models = run.outputs.model_outputs if run.outputs else []
         rows.append({
             "run_name": run.info.run_name,
             "lr": float(params["lr"]),
             "batch_size": int(params.get("batch_size", 0)),
             "epochs": int(params.get("epochs", 0)),
-            "best_val_accuracy": max(m.value for m in history),
+            MODEL_SCORE: judged_value(models[-1].model_id if models else None, run.info.run_id),
             "test_accuracy": metrics.get("test_accuracy", float("nan")),
             "duration_s": (run.info.end_time - run.info.start_time) / 1000,
             "run_id": run.info.run_id,

@@ -37,7 +37,7 @@ from cnnexp.model import to_inputs
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
-OBJECTIVE = "val_accuracy"
+OBJECTIVE = tracking.JUDGED_BY  # a trial's value is its model's, as compare and the champion rule judge it
 # Heartbeats (RDB storages): a live worker beats every 10 s; a trial silent for 30 s is failed and retried.
 # 30 s is three missed beats, so a worker slowed by a busy machine or a slow database round trip is not
 # failed by mistake, while a dead worker's trial is retried within about half a minute (plus the next
@@ -485,12 +485,19 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
     return drawn
 
 
-def retrain(config: TuneConfig, params: dict, data: PreparedData) -> tuple[torch.nn.Module, list[dict], dict]:
-    """The best configuration trained again from scratch on train; returns model, history, test scores."""
+def retrain(config: TuneConfig, params: dict, data: PreparedData) -> tuple[torch.nn.Module, list[dict], BestEpoch, dict]:
+    """The best configuration trained again from scratch on train; returns the model (its best epoch's
+    weights, as a trial's), history, that epoch and the model's test scores."""
     device = worker_device(config.device, 0)
-    state = new_training_state(params["lr"], config.seed, device)
+    state, best = new_training_state(params["lr"], config.seed, device), BestEpoch()
+
+    def on_epoch_end(metrics: dict) -> None:
+        tracking.log_epoch(metrics)
+        best.update(metrics["epoch"], metrics[OBJECTIVE], state.model)
+
     history = fit(state, data.splits["train"], data.splits["val"], batch_size=params["batch_size"],
-                  epochs=config.epochs, on_epoch_end=tracking.log_epoch, **speed_options(config))
+                  epochs=config.epochs, on_epoch_end=on_epoch_end, **speed_options(config))
     test = data.splits["test"]
-    scores = score(predict(state.model, to_inputs(test.images.to(device))), test.labels.to(device))
-    return state.model, history, scores
+    model = best.restore(state.model)
+    scores = score(predict(model, to_inputs(test.images.to(device))), test.labels.to(device))
+    return model, history, best, scores

@@ -11,6 +11,8 @@ from cnnexp.config import CompareConfig, ConfigError
 from pipelines.common import make_parser, run_entry_point
 
 ASCENDING = ("duration_s", "run_name", "run_id")  # smaller is better (or just alphabetical)
+# The same figure the registry's champion rule and tune's best trial use: each run's model's own val_accuracy.
+JUDGED_BY = tracking.MODEL_SCORE
 
 
 def leaderboard(runs: pd.DataFrame, sort_by: str) -> pd.DataFrame:
@@ -29,8 +31,7 @@ def main(config: CompareConfig) -> pd.DataFrame:
     print(f"leaderboard of {len(table)} runs written to {config.output}")
     if config.plot:
         figure_path = Path(config.output).with_suffix(".png")
-        figure = plots.accuracy_vs_lr(table["lr"].tolist(), table["best_val_accuracy"].tolist(),
-                                      table["batch_size"].tolist())
+        figure = plots.accuracy_vs_lr(table["lr"].tolist(), table[JUDGED_BY].tolist(), table["batch_size"].tolist())
         plots.save(figure, figure_path)
         print(f"val_accuracy vs lr saved to {figure_path}")
     return table

@@ -48,10 +48,12 @@ def retrain_best(config: TuneConfig, params: dict, data) -> dict:
     """Best configuration, trained again in a child run: its model and its test score."""
     with tracking.tracked_run(run_name="best-retrained", nested=True):
         tracking.log_params({**params, "epochs": config.epochs, "seed": config.seed})
-        model, history, scores = tuning.retrain(config, params, data)
+        model, history, best, scores = tuning.retrain(config, params, data)
         tracking.log_learning_curves(history)
-        tracking.log_metrics({"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})
-        tracking.log_model(model, to_inputs(data.splits["val"].images[:4]), data.classes)
+        info = tracking.log_kept_model(model, to_inputs(data.splits["val"].images[:4]), data.classes, best.epoch,
+                                       best.summary(), tracking.split_dataset(data, "val"))
+        tracking.log_metrics({"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]},
+                             model_id=info.model_id, dataset=tracking.split_dataset(data, "test"))
         tracking.flush()
     return scores
 

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp import evaluate as core
 from cnnexp import tracking
+from cnnexp.config import CompareConfig
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
 from cnnexp.serving import as_inputs
@@ -150,7 +151,7 @@ def test_evaluate_bad_input_is_one_line(trained, capsys, args, message):
 
 
 def test_champion_moves_only_to_a_better_validated_version(trained):
-    by_val = sorted(trained.runs.values(), key=lambda r: trained.client.get_run(r).data.metrics["val_accuracy"])
+    by_val = sorted(trained.runs.values(), key=lambda r: trained.client.get_run(r).data.metrics["best_val_accuracy"])
     worse, better = (f"runs:/{run_id}/model" for run_id in by_val)
     assert tracking.register(worse, "cnn") == (1, True)
     assert tracking.register(better, "cnn") == (2, True)
@@ -160,15 +161,28 @@ def test_champion_moves_only_to_a_better_validated_version(trained):
     assert trained.client.get_model_version_by_alias("cnn-evaluated", "champion").run_id == by_val[1]
 
 
+def test_compare_and_the_champion_rule_judge_a_model_by_the_same_figure(trained):
+    board = compare.main(CompareConfig(output="same.csv"))  # ranked by its default column
+    assert list(board["run_id"]) == sorted(trained.runs.values(), key=lambda r: -_judged(r))
+    for run_id, figure in zip(board["run_id"], board[compare.JUDGED_BY]):
+        assert figure == _judged(run_id) == trained.client.get_run(run_id).data.metrics["best_val_accuracy"]
+
+
+def _judged(run_id: str) -> float:
+    """The champion rule's figure for the run's model."""
+    (output,) = MlflowClient().get_run(run_id).outputs.model_outputs
+    return tracking.judged_value(output.model_id, run_id)
+
+
 def test_compare_ranks_runs_by_the_chosen_metric(trained, capsys):
     best = max(trained.runs, key=lambda lr: trained.client.get_run(trained.runs[lr]).data.metrics["test_accuracy"])
     assert compare.cli(["--sort-by", "test_accuracy", "--output", "board.csv", "--plot", "true"]) == 0
     board = pd.read_csv("board.csv")
     assert board["lr"].iloc[0] == best and set(board["lr"]) >= set(LRS)
-    assert list(board.columns[:7]) == ["run_name", "lr", "batch_size", "epochs", "best_val_accuracy",
+    assert list(board.columns[:7]) == ["run_name", "lr", "batch_size", "epochs", "model_val_accuracy",
                                        "test_accuracy", "duration_s"]
     assert (trained.work / "board.png").stat().st_size > 0
-    assert "best_val_accuracy" in capsys.readouterr().out
+    assert "model_val_accuracy" in capsys.readouterr().out
     assert compare.cli(["--sort-by", "nope"]) == 2
 
 
