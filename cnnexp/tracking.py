@@ -177,11 +177,13 @@ def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: lis
               step: int = 0) -> mlflow.models.model.ModelInfo:
     """Logs the network as one MLflow model with two faces, at `step` (the epoch its weights are from).
 
-    mlflow.pytorch.load_model gives back the nn.Module (float [N, 1, 28, 28] -> logits), pickled
-    rather than torch.export'ed: an exported program loads as a GraphModule that refuses .eval().
+    mlflow.pytorch.load_model gives back the Network (float [N, 1, 28, 28] -> logits), pickled: MLflow's
+    only other format, pt2 (torch.export), loads as a GraphModule, not a Network, that refuses .eval(),
+    and needs a TensorSpec input signature, which pyfunc would enforce on the uint8 form.
     mlflow.pyfunc.load_model (and `mlflow models serve`) gives cnnexp.serving.ImageClassifier:
-    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name. code_paths ships cnnexp
-    inside the model so both load where cnnexp is not installed.
+    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name, built from the weights alone
+    (no unpickling; see _ClassifierFlavor). code_paths ships cnnexp inside the model so both load
+    where cnnexp is not installed.
     """
     model = model.cpu().eval()
     classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
@@ -224,8 +226,16 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
+WEIGHTS_FILE = "weights.pt"  # the network's state dict, beside the pickled module in the model's data folder
+
+
 class _ClassifierFlavor:
-    """The `flavor` Model.log wants: the pytorch flavor, with pyfunc loading through _load_pyfunc below."""
+    """The `flavor` Model.log wants: the pytorch flavor, with pyfunc loading through _load_pyfunc below.
+
+    The pyfunc face (pyfunc.load_model, `mlflow models serve`) reads only WEIGHTS_FILE, with
+    torch.load(weights_only=True), into a fresh Network: serving never unpickles, so it also works
+    with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. Only mlflow.pytorch.load_model reads the pickle.
+    """
 
     @staticmethod
     def save_model(path: str, mlflow_model: mlflow.models.Model, network: torch.nn.Module, classes: list[str],
@@ -235,6 +245,7 @@ class _ClassifierFlavor:
             pip_requirements=model_requirements(), **kwargs
         )
         pyfunc = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        torch.save(network.state_dict(), os.path.join(path, pyfunc[mlflow.pyfunc.DATA], WEIGHTS_FILE))
         pyfunc[mlflow.pyfunc.MAIN] = __name__
         pyfunc["config"] = {"classes": classes}  # MLflow hands this to _load_pyfunc as model_config
         mlflow_model.save(os.path.join(path, "MLmodel"))
@@ -242,10 +253,13 @@ class _ClassifierFlavor:
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None):
     """Called by mlflow.pyfunc.load_model with the model's data folder."""
+    from cnnexp.model import Network
     from cnnexp.serving import ImageClassifier
 
-    network = mlflow.pytorch.load_model(str(Path(data_path).parent))
-    return ImageClassifier(network, model_config["classes"])
+    classes = model_config["classes"]
+    network = Network(num_classes=len(classes))
+    network.load_state_dict(torch.load(Path(data_path, WEIGHTS_FILE), map_location="cpu", weights_only=True))
+    return ImageClassifier(network, classes)
 
 
 def set_tags(tags: dict[str, str]) -> None:

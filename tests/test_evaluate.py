@@ -110,11 +110,14 @@ def test_evaluation_artifacts_agree_with_test_accuracy(trained):
         assert list(per_class["class"]) == load_prepared("data", "fashion-mnist").classes
 
 
-def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(trained):
+def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(trained, monkeypatch):
     run_id = trained.runs[LRS[0]]
     uri = f"runs:/{run_id}/model"
     assert isinstance(mlflow.pytorch.load_model(uri), Network)
-    model = mlflow.pyfunc.load_model(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="pickle"):
+        mlflow.pytorch.load_model(uri)  # the Network face is a pickle ...
+    model = mlflow.pyfunc.load_model(uri)  # ... the pyfunc face is built from the weights alone
     assert model.metadata.signature.outputs.input_names() == ["class_index", "class_name"]
     assert model.metadata.saved_input_example_info["type"] == "ndarray"
     data = load_prepared("data", "fashion-mnist")
@@ -208,7 +211,9 @@ def test_served_model_answers_as_evaluate_predicted(trained):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
-        cwd=trained.work, env=subprocess_env(trained.work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # Serving loads the weights alone: it must work with MLflow's pickle loading switched off.
+        cwd=trained.work, env={**subprocess_env(trained.work), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         started = time.monotonic()
