@@ -318,6 +318,16 @@ def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: to
     MlflowClient().set_terminated(run_id, "FINISHED")
 
 
+def model_id_of(run_id: str) -> str | None:
+    """The id of the model a run logged last (models:/<id> loads it), or None if it logged none."""
+    return _model_id(MlflowClient().get_run(run_id))
+
+
+def _model_id(run: Run) -> str | None:
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return outputs[-1].model_id if outputs else None
+
+
 def log_params(params: dict) -> None:
     mlflow.log_params(params)
 
@@ -437,13 +447,12 @@ def training_runs(experiment: str) -> pd.DataFrame:
         params, metrics = run.data.params, run.data.metrics
         if "lr" not in params or "val_accuracy" not in metrics:
             continue
-        models = run.outputs.model_outputs if run.outputs else []
         rows.append({
             "run_name": run.info.run_name,
             "lr": float(params["lr"]),
             "batch_size": int(params.get("batch_size", 0)),
             "epochs": int(params.get("epochs", 0)),
-            MODEL_SCORE: judged_value(models[-1].model_id if models else None, run.info.run_id),
+            MODEL_SCORE: judged_value(_model_id(run), run.info.run_id),
             "test_accuracy": metrics.get("test_accuracy", float("nan")),
             "duration_s": (run.info.end_time - run.info.start_time) / 1000,
             "run_id": run.info.run_id,

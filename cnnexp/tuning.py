@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import optuna
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
@@ -461,6 +462,16 @@ def summary(study: optuna.Study) -> dict:
     return result
 
 
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Optuna's trials_dataframe() plus each trial's MLflow run id, and its cohort where trials ran in cohorts."""
+    frame = study.trials_dataframe()
+    attrs = [trial.user_attrs for trial in study.get_trials(deepcopy=False)]  # the frame's rows, in order
+    frame["mlflow_run_id"] = [a.get("mlflow_run_id") for a in attrs]
+    if any("cohort" in a for a in attrs):
+        frame["cohort"] = [a.get("cohort") for a in attrs]
+    return frame
+
+
 def figures(study: optuna.Study) -> dict[str, Figure]:
     """Study figures by file name; a figure Optuna cannot draw yet (too few trials) is left out."""
     from optuna.visualization import matplotlib as vis
@@ -471,6 +482,9 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
         "contour_lr_batch_size.png": lambda: vis.plot_contour(study, params=["lr", "batch_size"]),
         "slice.png": lambda: vis.plot_slice(study, params=["lr", "batch_size"]),
         "intermediate_values.png": lambda: vis.plot_intermediate_values(study),
+        "parallel_coordinate.png": lambda: vis.plot_parallel_coordinate(study, params=["lr", "batch_size"]),
+        # One bar per trial over wall time, coloured by state: how workers (and cohorts) spent the study.
+        "timeline.png": lambda: vis.plot_timeline(study),
     }
     drawn = {}
     with warnings.catch_warnings():

@@ -39,9 +39,21 @@ def log_outcome(config: TuneConfig, study) -> dict:
     if "best_params" in result:
         tracking.log_params({f"best_{k}": v for k, v in result["best_params"].items()} | {"best_trial": result["best_trial"]})
     tracking.log_dict(result, "summary.json")
+    log_trials_table(study, result)
     for name, fig in tuning.figures(study).items():
         tracking.log_figure(fig, name)
     return result
+
+
+def log_trials_table(study, result: dict) -> None:
+    """trials.csv: one row per trial with its MLflow run and model; the best trial's model id as a tag."""
+    trials = tuning.trials_table(study)
+    trials["mlflow_model_id"] = [tracking.model_id_of(run_id) if run_id else None for run_id in trials["mlflow_run_id"]]
+    tracking.log_csv(trials, "trials.csv")
+    if "best_trial" in result:
+        best_model_id = trials.loc[trials["number"] == result["best_trial"], "mlflow_model_id"].iloc[0]
+        if best_model_id:
+            tracking.set_tags({"best_model_id": best_model_id})
 
 
 def retrain_best(config: TuneConfig, params: dict, data) -> dict:
