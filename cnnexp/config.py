@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 # fashion-mnist-sample: 4,443 real Fashion-MNIST images shipped inside the package (cnnexp/sample_data),
 # so the main job runs offline too; prepare falls back to it when the fashion-mnist download fails.
 DATASETS = ("fashion-mnist", "mnist", "kmnist", "fashion-mnist-sample")
+KEEPS = ("best", "last")
 
 
 # --verbose sets it, so that processes a command spawns (tuning workers) are as loud as it; also for `mlflow run`.
@@ -64,6 +65,8 @@ class TrainConfig:
     lr: float = field(default=0.01, metadata=_help("Adam learning rate"))
     batch_size: int = field(default=100, metadata=_help("images per optimiser step"))
     epochs: int = field(default=10, metadata=_help("passes over the training split"))
+    keep: str = field(default="best", metadata=_help(
+        "which epoch's weights are logged as the model: best (highest val_accuracy) or last", choices=KEEPS))
     seed: int = field(default=0, metadata=_help("seed of weight init and per-epoch shuffling"))
     device: str = field(default="auto", metadata=_help("auto picks CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps"))
     data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
@@ -73,7 +76,7 @@ class TrainConfig:
         metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"),
     )
     register: str = field(
-        default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
+        default="", metadata=_help("registered model name; empty skips registration (alias champion follows the model's val_accuracy)")
     )
     bf16: bool = field(default=False, metadata=_help("bfloat16 autocast of forward and loss (for recent GPUs; no faster on CPU)"))
     torch_compile: bool = field(
@@ -99,6 +102,7 @@ class TrainConfig:
             raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
+        _check_choice("keep", self.keep, KEEPS)
         _check_seed(self.seed)
         _check_device(self.device)
         _check_choice("dataset", self.dataset, DATASETS)
@@ -128,7 +132,7 @@ class TrainConfig:
         return replace(self, **{name: saved[name] for name in RESUME_KEEPS})
 
 
-RESUME_KEEPS = ("lr", "batch_size", "epochs", "seed", "dataset")
+RESUME_KEEPS = ("lr", "batch_size", "epochs", "keep", "seed", "dataset")
 
 
 SPLITS_TO_SCORE = ("test", "val")
@@ -144,7 +148,7 @@ class EvaluateConfig:
     split: str = field(default="test", metadata=_help("split to score", choices=SPLITS_TO_SCORE))
     device: str = field(default="auto", metadata=_help("auto picks CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps"))
     register: str = field(
-        default="", metadata=_help("registered model name; empty skips registration (alias champion follows val_accuracy)")
+        default="", metadata=_help("registered model name; empty skips registration (alias champion follows the model's val_accuracy)")
     )
 
     def validate(self) -> None:
@@ -188,15 +192,17 @@ class MainConfig:
             step.validate()
 
 
-# What compare ranks by unless told otherwise: each run's best epoch's val_accuracy. Once the logged model
-# is the best epoch's, this is the validation accuracy of the model each run logged.
-RANKING_METRIC = "best_val_accuracy"
+# What a model is judged by, everywhere (compare, the registry's champion rule, tune's best trial): the
+# val_accuracy its training run linked to it, i.e. that of the epoch whose weights it holds.
+JUDGED_BY = "val_accuracy"
+RANKING_METRIC = f"model_{JUDGED_BY}"  # compare's leaderboard column of it, and its default sort
 
 
 @dataclass(frozen=True)
 class CompareConfig:
     experiment: str = field(default="Default", metadata=_help("name of the experiment whose training runs are ranked"))
-    sort_by: str = field(default=RANKING_METRIC, metadata=_help("leaderboard column to rank by, best first"))
+    sort_by: str = field(default=RANKING_METRIC, metadata=_help(
+        "leaderboard column to rank by, best first (model_val_accuracy: the logged model's own, as the champion rule)"))
     include_trials: bool = field(default=False, metadata=_help("rank tuning trials' runs too, among the training runs"))
     output: str = field(default="", metadata=_help("CSV file to write the leaderboard to; empty writes no file"))
     plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG beside the CSV"))

@@ -78,7 +78,7 @@ def accuracy_vs_lr(lr: list[float], accuracy: list[float], batch_size: list[int]
         ax.scatter([lr[i] for i in chosen], [accuracy[i] for i in chosen], label=f"batch_size {size}")
     ax.legend()
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel="best val_accuracy", title="Validation accuracy vs learning rate")
+    ax.set(xlabel="learning rate", ylabel="val_accuracy of the logged model", title="Validation accuracy vs learning rate")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

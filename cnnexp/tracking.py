@@ -27,7 +27,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
-from cnnexp.config import RANKING_METRIC, ConfigError, first_line, verbose
+from cnnexp.config import JUDGED_BY, RANKING_METRIC, ConfigError, first_line, verbose
 from cnnexp.data import PreparedData, file_lock
 from cnnexp.plots import learning_curves, samples_per_class
 
@@ -242,18 +242,21 @@ def log_environment(device: torch.device, data: PreparedData) -> None:
     )
 
 
+def split_dataset(data: PreparedData, name: str) -> mlflow.data.Dataset:
+    """A prepared split as an MLflow dataset: named <dataset>-<split>, digest from its file's sha256."""
+    entry, split = data.manifest["splits"][name], data.splits[name]
+    return mlflow.data.from_numpy(
+        features=split.images.numpy(),
+        targets=split.labels.numpy(),
+        source=str(data.path / entry["file"]),
+        name=f"{data.manifest['inputs']['dataset']}-{name}",
+        digest=entry["sha256"][:16],
+    )
+
+
 def log_prepared_data(data: PreparedData) -> None:
-    dataset = data.manifest["inputs"]["dataset"]
-    for name, split in data.splits.items():
-        entry = data.manifest["splits"][name]
-        ds = mlflow.data.from_numpy(
-            features=split.images.numpy(),
-            targets=split.labels.numpy(),
-            source=str(data.path / entry["file"]),
-            name=f"{dataset}-{name}",
-            digest=entry["sha256"][:16],
-        )
-        mlflow.log_input(ds, context=name)
+    for name in data.splits:
+        mlflow.log_input(split_dataset(data, name), context=name)
     mlflow.log_table(
         {
             "class": data.classes,
@@ -285,23 +288,43 @@ MODEL_SIGNATURE = ModelSignature(
 )
 
 
-def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None) -> str:
-    """Logs the network as one MLflow model with two faces; returns its URI.
+def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None,
+              step: int = 0) -> mlflow.models.model.ModelInfo:
+    """Logs the network as one MLflow model with two faces, at `step` (the epoch its weights are from).
 
-    mlflow.pytorch.load_model gives back the nn.Module (float [N, 1, 28, 28] -> logits), pickled
-    rather than torch.export'ed: an exported program loads as a GraphModule that refuses .eval().
+    mlflow.pytorch.load_model gives back the Network (float [N, 1, 28, 28] -> logits), pickled: MLflow's
+    only other format, pt2 (torch.export), loads as a GraphModule, not a Network, that refuses .eval(),
+    and needs a TensorSpec input signature, which pyfunc would enforce on the uint8 form.
     mlflow.pyfunc.load_model (and `mlflow models serve`) gives cnnexp.serving.ImageClassifier:
-    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name. code_paths ships cnnexp
-    inside the model so both load where cnnexp is not installed.
+    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name, built from the weights alone
+    (no unpickling; see _ClassifierFlavor). code_paths ships cnnexp inside the model so both load
+    where cnnexp is not installed.
     """
     model = model.cpu().eval()
     classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
     images = (example_inputs[:2, 0].cpu() * 255).round().to(torch.uint8).numpy()
-    info = mlflow.models.Model.log(
+    return mlflow.models.Model.log(
         artifact_path=None, name=MODEL_NAME, flavor=_ClassifierFlavor, network=model, classes=classes,
-        signature=MODEL_SIGNATURE, input_example=images,
+        signature=MODEL_SIGNATURE, input_example=images, step=step,
     )
-    return info.model_uri
+
+
+def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str], epoch: int,
+                   summary: dict[str, float], val: mlflow.data.Dataset) -> mlflow.models.model.ModelInfo:
+    """Into the active run: the validation data as an input, the model at step = the epoch its weights
+    are from, and the run's summary metrics (best_val_accuracy, best_epoch).
+
+    Logged at a step, the model gets the run's points of that step as its own metrics (MLflow links
+    them itself), so its val_accuracy is its epoch's. They carry no dataset: the SQL store keeps none
+    on run metrics, and a second, dataset-linked copy would collide with MLflow's on the model metric's
+    key (name, step, timestamp) unless given a timestamp of its own, which would log every kept
+    epoch's val point twice in the run's history.
+    """
+    mlflow.flush_async_logging()  # the points MLflow links must be in the store, not in the async queue
+    mlflow.log_input(val, context="val")
+    info = log_model(model, example_inputs, classes, step=epoch)
+    mlflow.log_metrics(summary, synchronous=True)
+    return info
 
 
 def model_requirements() -> list[str]:
@@ -313,8 +336,16 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
+WEIGHTS_FILE = "weights.pt"  # the network's state dict, beside the pickled module in the model's data folder
+
+
 class _ClassifierFlavor:
-    """The `flavor` Model.log wants: the pytorch flavor, with pyfunc loading through _load_pyfunc below."""
+    """The `flavor` Model.log wants: the pytorch flavor, with pyfunc loading through _load_pyfunc below.
+
+    The pyfunc face (pyfunc.load_model, `mlflow models serve`) reads only WEIGHTS_FILE, with
+    torch.load(weights_only=True), into a fresh Network: serving never unpickles, so it also works
+    with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. Only mlflow.pytorch.load_model reads the pickle.
+    """
 
     @staticmethod
     def save_model(path: str, mlflow_model: mlflow.models.Model, network: torch.nn.Module, classes: list[str],
@@ -324,6 +355,7 @@ class _ClassifierFlavor:
             pip_requirements=model_requirements(), **kwargs
         )
         pyfunc = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        torch.save(network.state_dict(), os.path.join(path, pyfunc[mlflow.pyfunc.DATA], WEIGHTS_FILE))
         pyfunc[mlflow.pyfunc.MAIN] = __name__
         pyfunc["config"] = {"classes": classes}  # MLflow hands this to _load_pyfunc as model_config
         mlflow_model.save(os.path.join(path, "MLmodel"))
@@ -331,10 +363,13 @@ class _ClassifierFlavor:
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None):
     """Called by mlflow.pyfunc.load_model with the model's data folder."""
+    from cnnexp.model import Network
     from cnnexp.serving import ImageClassifier
 
-    network = mlflow.pytorch.load_model(str(Path(data_path).parent))
-    return _ServedClassifier(ImageClassifier(network, model_config["classes"]))
+    classes = model_config["classes"]
+    network = Network(num_classes=len(classes))
+    network.load_state_dict(torch.load(Path(data_path, WEIGHTS_FILE), map_location="cpu", weights_only=True))
+    return _ServedClassifier(ImageClassifier(network, classes))
 
 
 class _ServedClassifier:
@@ -401,18 +436,29 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
-def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str]) -> None:
-    """Logs a model into an existing run (from any thread) and ends the run FINISHED either way.
+def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str],
+                         epoch: int, summary: dict[str, float], val: mlflow.data.Dataset) -> None:
+    """log_kept_model into an existing run (from any thread), then ends the run FINISHED either way.
 
     A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
     """
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its pickle warning, once per trial, is noise
     try:
         with mlflow.start_run(run_id=run_id):
-            log_model(model, example_inputs, classes)
+            log_kept_model(model, example_inputs, classes, epoch, summary, val)
     except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
         MlflowClient().set_tag(run_id, "model_error", error_text(err))
     MlflowClient().set_terminated(run_id, "FINISHED")
+
+
+def model_id_of(run_id: str) -> str | None:
+    """The id of the model a run logged last (models:/<id> loads it), or None if it logged none."""
+    return _model_id(MlflowClient().get_run(run_id))
+
+
+def _model_id(run: Run) -> str | None:
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return outputs[-1].model_id if outputs else None
 
 
 def log_params(params: dict) -> None:
@@ -434,8 +480,8 @@ def tracking_uri() -> str:
 
 # --- evaluation --------------------------------------------------------------------------------
 
-def resolve_model(model_uri: str) -> tuple[str, str]:
-    """(model URI, id of the run that trained it); a bare run id stands for that run's model."""
+def resolve_model(model_uri: str) -> tuple[str, str, str | None]:
+    """(model URI, id of the run that trained it, its LoggedModel id); a bare run id stands for that run's model."""
     if ":" not in model_uri and "/" not in model_uri:
         model_uri = f"runs:/{model_uri}/{MODEL_NAME}"
     try:
@@ -444,7 +490,7 @@ def resolve_model(model_uri: str) -> tuple[str, str]:
         raise ConfigError("model_uri", f"no model at {model_uri!r}: {first_line(err)}") from None
     if not info.run_id:
         raise ConfigError("model_uri", f"{model_uri!r} names no training run, so its data cannot be checked")
-    return model_uri, info.run_id
+    return model_uri, info.run_id, info.model_id
 
 
 def load_network(model_uri: str) -> torch.nn.Module:
@@ -455,10 +501,15 @@ def run_tags(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.tags
 
 
-def log_metrics(metrics: dict[str, float], run_id: str | None = None) -> None:
-    """Onto the active run, or onto another (finished) run, e.g. test metrics onto the training run."""
+def log_metrics(metrics: dict[str, float], run_id: str | None = None, model_id: str | None = None,
+                dataset: mlflow.data.Dataset | None = None) -> None:
+    """Onto the active run, or onto another (finished) run, e.g. test metrics onto the training run.
+
+    With model_id (and the dataset they were computed on) they are that model's metrics too: the
+    Models tab and mlflow.search_logged_models show them.
+    """
     if run_id is None:
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
         return
     client = MlflowClient()
     for key, value in metrics.items():
@@ -480,7 +531,7 @@ CHAMPION = "champion"
 
 
 def register(model_uri: str, name: str) -> tuple[int, bool]:
-    """Registers a version; moves alias champion to it only if its val_accuracy beats the champion's.
+    """Registers a version; moves alias champion to it only if its judged_value beats the champion's.
 
     Returns (version, whether it became champion).
     """
@@ -492,15 +543,24 @@ def register(model_uri: str, name: str) -> tuple[int, bool]:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no champion yet
         champion = None
-    promoted = champion is None or _val_accuracy(version.run_id) > _val_accuracy(champion.run_id)
+    promoted = champion is None or (judged_value(version.model_id, version.run_id)
+                                    > judged_value(champion.model_id, champion.run_id))
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return int(version.version), promoted
 
 
-def _val_accuracy(run_id: str) -> float:
-    """The final epoch's val_accuracy: the weights that were logged are the final epoch's."""
-    return MlflowClient().get_run(run_id).data.metrics.get("val_accuracy", float("-inf"))
+def judged_value(model_id: str | None, run_id: str) -> float:
+    """What a model is judged by (JUDGED_BY): the val_accuracy its training run linked to it, i.e. that
+    of the epoch whose weights it holds. A model logged before metrics were linked to models holds the
+    last epoch's weights, so for it (or a run without a model) it is the run's final val_accuracy."""
+    client = MlflowClient()
+    if model_id:
+        linked = [m.value for m in client.get_logged_model(model_id).metrics or []
+                  if m.key == JUDGED_BY and m.run_id == run_id]
+        if linked:
+            return linked[-1]
+    return client.get_run(run_id).data.metrics.get(JUDGED_BY, float("-inf"))
 
 
 # --- comparing and reusing runs -------------------------------------------------------------
@@ -533,7 +593,7 @@ def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.Dat
             "lr": float(params["lr"]),
             "batch_size": int(params.get("batch_size", 0)),
             "epochs": int(params.get("epochs", 0)),
-            RANKING_METRIC: max(_per_epoch(client, run.info.run_id, "val_accuracy").values()),
+            RANKING_METRIC: judged_value(_model_id(run), run.info.run_id),
             "test_accuracy": metrics.get("test_accuracy", float("nan")),
             "train_time_s": train_time_s(client, run),
         })

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,49 @@ class TrainingState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.epoch = state["epoch"]
+
+
+class BestEpoch:
+    """The epoch with the best val_accuracy so far and a CPU copy of its weights (Keras's
+    ModelCheckpoint(save_best_only), in memory: the network is 33k parameters, 130 kB).
+
+    Feed it every epoch; a fused cohort keeps one per member. state_dict() goes into the checkpoint,
+    so a resumed run still knows the best epoch from before the interruption.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0  # 0: no epoch seen yet
+        self.val_accuracy = -math.inf
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def update(self, epoch: int, val_accuracy: float, model: nn.Module | Mapping[str, torch.Tensor]) -> bool:
+        """Keeps this epoch if it beats the best so far; returns whether it did.
+
+        A tie keeps the earlier epoch: it reached the same accuracy with less training. model may be
+        a module or its state dict (a cohort member's slice of the fused weights).
+        """
+        if not val_accuracy > self.val_accuracy:
+            return False
+        weights = model.state_dict() if isinstance(model, nn.Module) else model
+        self.epoch, self.val_accuracy = epoch, val_accuracy
+        # A copy: the live tensors go on training (and may sit on a GPU).
+        self.weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.items()}
+        return True
+
+    def restore(self, model: nn.Module) -> nn.Module:
+        """Loads the best epoch's weights into model (which keeps its device and memory format); returns it."""
+        model.load_state_dict(self.weights)
+        return model
+
+    def summary(self) -> dict[str, float]:
+        """The run-level metrics every train and trial run carries."""
+        return {"best_val_accuracy": self.val_accuracy, "best_epoch": self.epoch}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "val_accuracy": self.val_accuracy, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.val_accuracy, self.weights = state["epoch"], state["val_accuracy"], dict(state["weights"])
 
 
 def new_training_state(lr: float, seed: int, device: torch.device) -> TrainingState:

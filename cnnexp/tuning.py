@@ -23,10 +23,11 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import optuna
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
@@ -37,11 +38,11 @@ from cnnexp.config import DEFAULT_COHORT, ConfigError, TuneConfig, WorkerConfig,
 from cnnexp.data import PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.evaluate import predict, score
-from cnnexp.model import to_inputs
-from cnnexp.train import NonFiniteLoss, fit, new_training_state, speed_options
+from cnnexp.model import Network, to_inputs
+from cnnexp.train import BestEpoch, NonFiniteLoss, fit, new_training_state, speed_options
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
-OBJECTIVE = "val_accuracy"
+OBJECTIVE = tracking.JUDGED_BY  # a trial's value is its model's, as compare and the champion rule judge it
 # Heartbeats (RDB storages): a live worker beats every 10 s; a trial silent for 30 s is failed and retried.
 # 30 s is three missed beats, so a worker slowed by a busy machine or a slow database round trip is not
 # failed by mistake, while a dead worker's trial is retried within about half a minute (plus the next
@@ -243,11 +244,12 @@ def run_name(number: int, params: dict) -> str:
 
 @dataclass
 class TrialRun:
-    """A trial in flight: Optuna's handle, its params and its MLflow child run."""
+    """A trial in flight: Optuna's handle, its params, its MLflow child run and its best epoch so far."""
 
     trial: optuna.Trial
     params: dict
     run_id: str
+    best: BestEpoch = field(default_factory=BestEpoch)
 
 
 class ModelLogger:
@@ -259,21 +261,22 @@ class ModelLogger:
     close() waits for every job, so no worker exits with a run still open.
     """
 
-    def __init__(self, study: optuna.Study, callbacks: list[TrialCallback]):
-        self.study, self.callbacks = study, callbacks
+    def __init__(self, study: optuna.Study, callbacks: list[TrialCallback], val) -> None:
+        self.study, self.callbacks, self.val = study, callbacks, val
         self.jobs: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="model-logger", daemon=True)
         self.thread.start()
 
-    def submit(self, run: TrialRun, value: float, model: torch.nn.Module, example: torch.Tensor,
-               classes: list[str]) -> None:
-        self.jobs.put((run, value, copy.deepcopy(model).cpu(), example.cpu(), classes))
+    def submit(self, run: TrialRun, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
+        """The trial's model (already its kept epoch's weights, a copy that no training touches)."""
+        self.jobs.put((run, model.cpu(), example.cpu(), classes))
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            run, value, model, example, classes = job
-            tracking.log_model_and_finish(run.run_id, model, example, classes)
-            report(self.study, self.callbacks, self.study.tell(run.trial, value))
+            run, model, example, classes = job
+            tracking.log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(), self.val)
+            # The trial's value is its model's: the best epoch's val_accuracy.
+            report(self.study, self.callbacks, self.study.tell(run.trial, run.best.val_accuracy))
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -325,7 +328,7 @@ class CohortRunner:
                  parent: Parent, callbacks: list[TrialCallback]):
         self.study, self.config, self.data, self.device, self.parent = study, config, data, device, parent
         self.callbacks = callbacks
-        self.models = ModelLogger(study, callbacks)
+        self.models = ModelLogger(study, callbacks, tracking.split_dataset(data, "val"))
         self.active: dict[int, TrialRun] = {}
 
     def run(self, size: int) -> None:
@@ -378,7 +381,7 @@ class CohortRunner:
         if len(members) > 1:
             group = new_cohort(members, self.config.seed, self.device)
             fit_cohort(group, splits["train"], splits["val"], epochs=epochs,
-                       on_epoch_end=lambda results: self._epoch_end(results, group.network), **options)
+                       on_epoch_end=lambda results: self._epoch_end(results, group.weights), **options)
             return
         state = new_training_state(members[0].lr, self.config.seed, self.device)
 
@@ -394,20 +397,26 @@ class CohortRunner:
         except _MemberLeft:
             pass
 
-    def _epoch_end(self, results: dict[int, MemberResult], network: Callable[[int], torch.nn.Module]) -> set[int]:
-        """Each member's epoch, in both stores; returns the members that leave (pruned, diverged, complete)."""
+    def _epoch_end(self, results: dict[int, MemberResult], weights: Callable[[int], torch.nn.Module | dict]) -> set[int]:
+        """Each member's epoch, in both stores; returns the members that leave (pruned, diverged, complete).
+
+        weights(member): its live weights, copied by its BestEpoch when this epoch is its best so far.
+        """
         leaving = set()
         for member_id, result in results.items():
             run = self.active[member_id]
             if isinstance(result, NonFiniteLoss):
                 self._end(run, "FAILED", TrialState.FAIL, {tracking.ERROR_TAG: tracking.error_text(result)})
-            elif not self._report(run, result):
-                continue
+            else:
+                run.best.update(result["epoch"], result[OBJECTIVE], weights(member_id))
+                if not self._report(run, result):
+                    continue
             leaving.add(member_id)
             del self.active[member_id]
             if isinstance(result, dict) and result["epoch"] == self.config.epochs:
                 example = to_inputs(self.data.splits["val"].images[:4])
-                self.models.submit(run, result[OBJECTIVE], network(member_id), example, self.data.classes)
+                model = run.best.restore(Network(num_classes=len(self.data.classes)))
+                self.models.submit(run, model, example, self.data.classes)
         return leaving
 
     def _report(self, run: TrialRun, metrics: dict) -> bool:
@@ -659,6 +668,16 @@ def summary(study: optuna.Study) -> dict:
     return result
 
 
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Optuna's trials_dataframe() plus each trial's MLflow run id, and its cohort where trials ran in cohorts."""
+    frame = study.trials_dataframe()
+    attrs = [trial.user_attrs for trial in study.get_trials(deepcopy=False)]  # the frame's rows, in order
+    frame["mlflow_run_id"] = [a.get("mlflow_run_id") for a in attrs]
+    if any("cohort" in a for a in attrs):
+        frame["cohort"] = [a.get("cohort") for a in attrs]
+    return frame
+
+
 def figures(study: optuna.Study) -> dict[str, Figure]:
     """Study figures by file name; a figure Optuna cannot draw yet (too few trials) is left out."""
     from optuna.visualization import matplotlib as vis
@@ -671,6 +690,9 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
         "contour_lr_batch_size.png": lambda: vis.plot_contour(study, params=["lr", "batch_size"]),
         "slice.png": lambda: vis.plot_slice(study, params=["lr", "batch_size"]),
         "intermediate_values.png": lambda: vis.plot_intermediate_values(study),
+        "parallel_coordinate.png": lambda: vis.plot_parallel_coordinate(study, params=["lr", "batch_size"]),
+        # One bar per trial over wall time, coloured by state: how workers (and cohorts) spent the study.
+        "timeline.png": lambda: vis.plot_timeline(study),
     }
     drawn = {}
     with warnings.catch_warnings():
@@ -685,12 +707,19 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
     return drawn
 
 
-def retrain(config: TuneConfig, params: dict, data: PreparedData) -> tuple[torch.nn.Module, list[dict], dict]:
-    """The best configuration trained again from scratch on train; returns model, history, test scores."""
+def retrain(config: TuneConfig, params: dict, data: PreparedData) -> tuple[torch.nn.Module, list[dict], BestEpoch, dict]:
+    """The best configuration trained again from scratch on train; returns the model (its best epoch's
+    weights, as a trial's), history, that epoch and the model's test scores."""
     device = worker_device(config.device, 0)
-    state = new_training_state(params["lr"], config.seed, device)
+    state, best = new_training_state(params["lr"], config.seed, device), BestEpoch()
+
+    def on_epoch_end(metrics: dict) -> None:
+        tracking.log_epoch(metrics)
+        best.update(metrics["epoch"], metrics[OBJECTIVE], state.model)
+
     history = fit(state, data.splits["train"], data.splits["val"], batch_size=params["batch_size"],
-                  epochs=config.epochs, on_epoch_end=tracking.log_epoch, **speed_options(config))
+                  epochs=config.epochs, on_epoch_end=on_epoch_end, **speed_options(config))
     test = data.splits["test"]
-    scores = score(predict(state.model, to_inputs(test.images.to(device))), test.labels.to(device))
-    return state.model, history, scores
+    model = best.restore(state.model)
+    scores = score(predict(model, to_inputs(test.images.to(device))), test.labels.to(device))
+    return model, history, best, scores

@@ -11,7 +11,8 @@ from cnnexp.config import RANKING_METRIC, CompareConfig, ConfigError
 from pipelines.common import make_parser, run_entry_point
 
 ASCENDING = ("train_time_s", "run_name", "run_id", "kind")  # smaller is better (or just alphabetical)
-METRIC_MEANING = {RANKING_METRIC: "each run's best epoch's val_accuracy"}
+# The same figure the registry's champion rule and tune's best trial use.
+METRIC_MEANING = {RANKING_METRIC: "each run's logged model's own val_accuracy: its kept epoch's"}
 
 
 def leaderboard(runs: pd.DataFrame, sort_by: str) -> pd.DataFrame:

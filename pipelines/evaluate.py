@@ -72,7 +72,7 @@ def main(config: EvaluateConfig) -> dict[str, float]:
     config.validate()
     # The model files are small; MLflow's per-file download bars would bury the one line that matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    model_uri, training_run_id = tracking.resolve_model(config.model_uri)
+    model_uri, training_run_id, model_id = tracking.resolve_model(config.model_uri)
     with tracking.tracked_run(run_name=f"evaluate-{training_run_id[:8]}-{config.split}"):
         tracking.log_config(config)
         data = load_checked_data(config, training_run_id)
@@ -83,7 +83,8 @@ def main(config: EvaluateConfig) -> dict[str, float]:
         logits = evaluate.predict(tracking.load_network(model_uri).to(device), to_inputs(split.images).to(device)).cpu()
         result = report(logits, split.labels, data.classes)
         metrics = {f"{config.split}_{name}": value for name, value in result["scores"].items()}
-        tracking.log_metrics(metrics)
+        # Linked to the scored model and the split, so the model's record holds its test score.
+        tracking.log_metrics(metrics, model_id=model_id, dataset=tracking.split_dataset(data, config.split))
         log_report(result, split.images, data.classes)
         if config.split == "test":  # val_* on the training run already holds its per-epoch history
             tracking.log_metrics(metrics, run_id=training_run_id)

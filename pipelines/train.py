@@ -14,7 +14,7 @@ from cnnexp.config import ConfigError, TrainConfig
 from cnnexp.data import PreparedData, is_prepared, load_prepared, prepare
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
-from cnnexp.train import fit, new_training_state, speed_options
+from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
 from pipelines.common import announce_stand_in, make_parser, register_model, run_entry_point
 from pipelines.progress import EpochProgress
 
@@ -57,14 +57,16 @@ def main(config: TrainConfig) -> list[dict]:
             print(f"batch_size {config.batch_size} is more than the {len(train)} training images: "
                   f"each epoch is a single batch of {len(train)}")
         progress = EpochProgress(config.epochs, math.ceil(len(train) / config.batch_size))
-        state = new_training_state(config.lr, config.seed, device)
-        history = resume_into(state, checkpoint, run_id, data.digest) if checkpoint is not None else []
+        state, best = new_training_state(config.lr, config.seed, device), BestEpoch()
+        history = resume_into(state, best, checkpoint, run_id, data.digest) if checkpoint is not None else []
         extras = {"config": dataclasses.asdict(config), "data_digest": data.digest}
 
         def on_epoch_end(metrics: dict) -> None:
             history.append(metrics)
+            best.update(metrics["epoch"], metrics["val_accuracy"], state.model)
             # Checkpoint before logging: a kill in between loses no metric, resume logs it from the checkpoint.
-            save_checkpoint(checkpoints, capture(state, history=history, **extras), state.epoch)
+            save_checkpoint(checkpoints, capture(state, history=history, best=best.state_dict(), **extras),
+                            state.epoch)
             tracking.log_epoch(metrics)
             progress.on_epoch_end(metrics)
 
@@ -79,21 +81,32 @@ def main(config: TrainConfig) -> list[dict]:
                 tracking.log_checkpoint(checkpoints)
             raise
         try:
-            model_uri = log_results(state, history, data)
+            model, kept = log_results(state, best, history, data, config.keep)
         except Exception as err:
             raise store_lost_error(err, checkpoints, run_id, state.epoch) from None
         if config.register:
-            register_model(model_uri, config.register)
+            register_model(model.model_uri, config.register)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run is not resumed; its model is logged
-    print(f"model: {model_uri}  final val_accuracy {history[-1]['val_accuracy']:.4f}")
+    print(f"model: {model.model_uri}  epoch {kept['epoch']} ({config.keep}), val_accuracy {kept['val_accuracy']:.4f}")
     return history
 
 
-def log_results(state, history: list[dict], data: PreparedData) -> str:
+def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
+    """Learning curves and the kept epoch's model; returns the ModelInfo and that epoch's metrics."""
     tracking.log_learning_curves(history)
-    model_uri = tracking.log_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes)
+    kept = kept_epoch(history, best, keep)
+    if keep == "best":
+        best.restore(state.model)
+    model = tracking.log_kept_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
+                                    best.summary(), tracking.split_dataset(data, "val"))
     tracking.flush()
-    return model_uri
+    return model, kept
+
+
+def kept_epoch(history: list[dict], best: BestEpoch, keep: str) -> dict:
+    """The metrics of the epoch whose weights become the model: the best one, or the last."""
+    epoch = best.epoch if keep == "best" else history[-1]["epoch"]
+    return next(m for m in history if m["epoch"] == epoch)
 
 
 STORE_LOST = "store-lost.txt"  # in a run's checkpoint directory: the run may be resumed though still RUNNING
@@ -117,14 +130,16 @@ def store_lost_error(err: Exception, checkpoints: Path, run_id: str, epoch: int)
     )
 
 
-def resume_into(state, checkpoint: dict, run_id: str, data_digest: str) -> list[dict]:
-    """Restores the checkpoint; logs epochs it holds that the store missed; returns the history so far."""
+def resume_into(state, best: BestEpoch, checkpoint: dict, run_id: str, data_digest: str) -> list[dict]:
+    """Restores the checkpoint (best-so-far included); logs epochs it holds that the store missed;
+    returns the history so far."""
     if data_digest != checkpoint["data_digest"]:
         raise ConfigError(
             "data_dir", f"the prepared data (digest {data_digest}) is not what run {run_id} trained on "
             f"({checkpoint['data_digest']}); prepare the same data again",
         )
     restore(state, checkpoint)
+    best.load_state_dict(checkpoint["best"])
     history = checkpoint["history"]
     logged = tracking.logged_steps(run_id, "train_loss")
     for metrics in history:

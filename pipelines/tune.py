@@ -42,20 +42,35 @@ def log_outcome(study) -> dict:
     if "best_params" in result:
         tracking.log_params({f"best_{k}": v for k, v in result["best_params"].items()} | {"best_trial": result["best_trial"]})
     tracking.log_dict(result, "summary.json")
+    log_trials_table(study, result)
     for name, fig in tuning.figures(study).items():
         tracking.log_figure(fig, name)
     return result
 
 
+def log_trials_table(study, result: dict) -> None:
+    """trials.csv: one row per trial with its MLflow run and model; the best trial's model id as a tag."""
+    trials = tuning.trials_table(study)
+    trials["mlflow_model_id"] = [tracking.model_id_of(run_id) if run_id else None for run_id in trials["mlflow_run_id"]]
+    tracking.log_csv(trials, "trials.csv")
+    if "best_trial" in result:
+        best_model_id = trials.loc[trials["number"] == result["best_trial"], "mlflow_model_id"].iloc[0]
+        if best_model_id:
+            tracking.set_tags({"best_model_id": best_model_id})
+
+
 def retrain_best(config: TuneConfig, params: dict, data) -> dict:
     """Best configuration, trained again in a child run: its model and its test score."""
-    with tracking.tracked_run(run_name="best-retrained", nested=True):
+    with tracking.tracked_run(run_name="best-retrained", nested=True) as run:
         tracking.log_params({**params, "epochs": config.epochs, "seed": config.seed})
-        model, history, scores = tuning.retrain(config, params, data)
+        model, history, best, scores = tuning.retrain(config, params, data)
         tracking.log_learning_curves(history)
-        tracking.log_metrics({"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]})
-        tracking.log_model(model, to_inputs(data.splits["val"].images[:4]), data.classes)
+        info = tracking.log_kept_model(model, to_inputs(data.splits["val"].images[:4]), data.classes, best.epoch,
+                                       best.summary(), tracking.split_dataset(data, "val"))
+        tracking.log_metrics({"test_accuracy": scores["accuracy"], "test_loss": scores["loss"]},
+                             model_id=info.model_id, dataset=tracking.split_dataset(data, "test"))
         tracking.flush()
+    print(f"best configuration trained again: run {run.info.run_id}, test_accuracy {scores['accuracy']:.4f}")
     return scores
 
 

@@ -1,6 +1,6 @@
 """Screenshots of the MLflow UI for README.md, taken from a real `mlflow server` on loopback.
 
-    python scripts/screenshots.py runs|study [--data DIR] [--out docs]
+    python scripts/screenshots.py runs|study|models [--data DIR] [--out docs]
 
 `runs`: starts a throwaway server, prepares the real Fashion-MNIST sample in DIR, trains three
 short runs that differ in lr through `mlflow run`, and saves docs/runs-table.png (lr, batch_size
@@ -11,6 +11,8 @@ each chart) and docs/runs-val-accuracy.png (that chart opened full-size, with it
 with lr, batch_size, val_accuracy and status; a pruned trial is KILLED with pruned_at_epoch),
 docs/study-charts.png (val_accuracy and val_loss, one line per trial), docs/study-val-accuracy.png
 (full-size, with its legend) and docs/study-figure.png (the parent run's optimization history).
+`models`: the three training runs of `runs`, each model evaluated on test, and docs/models-tab.png
+(the experiment's Models tab: each model with its source run, its test metrics and its epoch's metrics).
 
 Needs headless Chromium (Debian: `apt-get install -y chromium`) and aiohttp (MLflow's server
 brings it) to drive it over the DevTools protocol: the UI only shows chosen columns and a closed
@@ -107,8 +109,9 @@ class Browser:
 
         A saved view's columnWidths does not survive loading a shared view, so this drags like a user.
         """
+        selector = json.dumps(f".ag-header-cell[col-id={json.dumps(column)}] .ag-header-cell-resize")  # ids may hold quotes
         edge = await self.js(
-            f"""(() => {{ const h = document.querySelector('.ag-header-cell[col-id="{column}"] .ag-header-cell-resize');
+            f"""(() => {{ const h = document.querySelector({selector});
                 if (!h) return null; const r = h.getBoundingClientRect();
                 return [r.x + r.width / 2 - 2, r.y + r.height / 2]; }})()"""  # -2: else it lands on the next header
         )
@@ -125,6 +128,20 @@ class Browser:
         await asyncio.sleep(1)
         return True
 
+    async def fit_columns(self, widths: dict[str, int], default: int) -> None:
+        """Drags every header column (by its text) to widths.get(text, default) pixels. The grid draws only
+        the columns in view, so this goes round until no drawn column is left to resize."""
+        done: set[str] = set()
+        while True:
+            columns = await self.js("""[...document.querySelectorAll('.ag-header-cell[col-id]')].map(
+                c => [c.getAttribute('col-id'), c.getBoundingClientRect().width, c.innerText.trim()])""")
+            todo = [(col, width, text) for col, width, text in columns if col not in done]
+            if not todo:
+                return
+            for column, width, text in todo:
+                done.add(column)
+                await self.widen_column(column, round(widths.get(text, default) - width))
+
     async def set_run_colors(self, colors: dict[str, str]) -> None:
         """Run id -> CSS colour, where the UI keeps the colours a user picks; it reads them on a page load.
 
@@ -132,6 +149,10 @@ class Browser:
         """
         await self.js(f"localStorage.setItem('experimentRunColors', {json.dumps(json.dumps(colors))})")
         await self.send("Page.reload")
+
+    async def resize(self, width: int, height: int) -> None:
+        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                        mobile=False)
 
     async def hide_plot_toolbars(self) -> None:
         # Plotly's zoom toolbar shows over every chart in a headless window; it only hides data.
@@ -160,8 +181,7 @@ async def with_browser(action: Callable[[Browser], object]) -> None:
                     page = next(t for t in await response.json() if t["type"] == "page")
                 async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                     browser = Browser(ws)
-                    await browser.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
-                                       deviceScaleFactor=1, mobile=False)
+                    await browser.resize(WIDTH, HEIGHT)
                     await action(browser)
         finally:
             stop(process)
@@ -241,10 +261,15 @@ RUNS_VIEW = {
 LEARNING_RATES = (0.001, 0.003, 0.01)
 
 
-def shoot_runs(url: str, work: Path, data: Path, out: Path) -> None:
+def train_runs(url: str, work: Path, data: Path) -> None:
+    """The real sample prepared, and three 8-epoch training runs that differ in lr."""
     mlflow_run(url, work, "prepare", source=data, data_dir=work / "data")
     for lr in LEARNING_RATES:
         mlflow_run(url, work, "train", lr=lr, epochs=8, data_dir=work / "data")
+
+
+def shoot_runs(url: str, work: Path, data: Path, out: Path) -> None:
+    train_runs(url, work, data)
     experiment_id = save_view(url, RUNS_VIEW)
     names = [f"train-lr{lr:g}-bs100" for lr in LEARNING_RATES]
     page = f"{url}/#/experiments/{experiment_id}/runs?viewStateShareKey={SHARE_KEY}"
@@ -305,8 +330,39 @@ def shoot_study(url: str, work: Path, data: Path, out: Path) -> None:
     asyncio.run(with_browser(shoot))
 
 
+MODELS_SIZE = (1900, 375)
+MODELS_COLUMNS = {"Model name": 110, "Status": 90, "Created": 120, "Logged from": 100, "Source run": 150,
+                  "Registered models": 100, "Dataset": 150}
+
+
+def shoot_models(url: str, work: Path, data: Path, out: Path) -> None:
+    """The experiment's Models tab: each training run's model (its best epoch's) with its linked val
+    metrics and, after evaluate, its test metrics."""
+    from mlflow.tracking import MlflowClient
+
+    train_runs(url, work, data)
+    client = MlflowClient(url)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    for model in client.search_logged_models([experiment_id]):
+        mlflow_run(url, work, "evaluate", model_uri=f"models:/{model.model_id}", data_dir=work / "data")
+    page = f"{url}/#/experiments/{experiment_id}/models?workflowType=machine_learning"
+
+    async def shoot(browser: Browser) -> None:
+        # The grid draws only the columns in view: the metrics show once the assistant panel is closed
+        # and the columns are narrower (the model's own val metrics, group "No dataset", come last).
+        await browser.open(page, ["Source run"])
+        await browser.click("Close")
+        await browser.resize(*MODELS_SIZE)  # short: three models take three rows
+        await browser.fit_columns(MODELS_COLUMNS, default=112)
+        await browser.wait_for(["test_accuracy", "val_accuracy"])
+        await browser.screenshot(out / "models-tab.png")
+
+    asyncio.run(with_browser(shoot))
+
+
 # mode -> what it trains and shoots.
-MODES: dict[str, Callable[[str, Path, Path, Path], None]] = {"runs": shoot_runs, "study": shoot_study}
+MODES: dict[str, Callable[[str, Path, Path, Path], None]] = {"runs": shoot_runs, "study": shoot_study,
+                                                              "models": shoot_models}
 
 
 def main() -> None:

@@ -88,6 +88,7 @@ CASES = {
     "train batch_size fraction": ("train", ["--batch-size", "1.5"], BAD, "batch_size: invalid int value: '1.5'"),
     "train epochs zero": ("train", ["--epochs", "0"], BAD, "epochs: must be at least 1"),
     "train epochs text": ("train", ["--epochs", "abc"], BAD, "epochs: invalid int value: 'abc'"),
+    "train keep unknown": ("train", ["--keep", "first"], BAD, "keep: unknown value 'first'; allowed: best, last"),
     "train seed too big": ("train", ["--seed", str(2**32)], BAD, "seed: must be between 0 and 2**32 - 1"),
     "train seed text": ("train", ["--seed", "abc"], BAD, "seed: invalid int value: 'abc'"),
     "train device unknown": ("train", ["--device", "tpu"], BAD, "device: unknown device 'tpu'; allowed: auto, cpu"),

@@ -42,7 +42,7 @@ def test_compare_names_its_metric_shows_run_ids_and_keeps_trials_apart(runs, cap
     out = capsys.readouterr().out
     assert table["run_id"].tolist() == [runs["resumed"], runs["fast"]]  # best epoch 0.85 beats 0.80
     assert table[RANKING_METRIC].tolist() == [0.85, 0.80]
-    assert f"by {RANKING_METRIC} (each run's best epoch's val_accuracy), best first" in out
+    assert f"by {RANKING_METRIC} (each run's logged model's own val_accuracy: its kept epoch's), best first" in out
     assert "1 tuning trials left out (--include-trials true" in out
     assert runs["resumed"] in out and runs["fast"] in out
     # An hour of wall clock, most of it interrupted: the training time is its epochs' 9 s.

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp import evaluate as core
 from cnnexp import tracking
+from cnnexp.config import RANKING_METRIC, CompareConfig
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
 from cnnexp.serving import as_inputs
@@ -92,6 +93,24 @@ def test_evaluate_writes_test_metrics_on_its_run_and_the_training_run(trained):
             assert training.data.metrics[metric] == pytest.approx(evaluation.data.metrics[metric])
 
 
+def test_search_logged_models_ranks_the_models_by_val_accuracy_and_shows_their_test_metrics(trained):
+    models = mlflow.search_logged_models(
+        experiment_ids=["0"], order_by=[{"field_name": f"metrics.{tracking.JUDGED_BY}", "ascending": False}],
+        output_format="list",
+    )
+    assert {m.source_run_id for m in models} == set(trained.runs.values())
+    for model in models:
+        metrics = {m.key: m for m in model.metrics}
+        training = trained.client.get_run(model.source_run_id)
+        assert metrics["val_accuracy"].value == training.data.metrics["best_val_accuracy"]
+        evaluation = trained.evaluations[float(training.data.params["lr"])]
+        assert metrics["test_accuracy"].value == evaluation.data.metrics["test_accuracy"]
+        assert metrics["test_accuracy"].dataset_name == "fashion-mnist-test"
+        assert metrics["test_accuracy"].run_id == evaluation.info.run_id
+    ranked = [m.source_run_id for m in models]
+    assert ranked == sorted(ranked, key=lambda r: -trained.client.get_run(r).data.metrics["best_val_accuracy"])
+
+
 def test_evaluation_artifacts_agree_with_test_accuracy(trained):
     for lr, evaluation in trained.evaluations.items():
         run_id = evaluation.info.run_id
@@ -109,11 +128,14 @@ def test_evaluation_artifacts_agree_with_test_accuracy(trained):
         assert list(per_class["class"]) == load_prepared("data", "fashion-mnist").classes
 
 
-def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(trained):
+def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(trained, monkeypatch):
     run_id = trained.runs[LRS[0]]
     uri = f"runs:/{run_id}/model"
     assert isinstance(mlflow.pytorch.load_model(uri), Network)
-    model = mlflow.pyfunc.load_model(uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="pickle"):
+        mlflow.pytorch.load_model(uri)  # the Network face is a pickle ...
+    model = mlflow.pyfunc.load_model(uri)  # ... the pyfunc face is built from the weights alone
     assert model.metadata.signature.outputs.input_names() == ["class_index", "class_name"]
     assert model.metadata.saved_input_example_info["type"] == "ndarray"
     data = load_prepared("data", "fashion-mnist")
@@ -150,7 +172,7 @@ def test_evaluate_bad_input_is_one_line(trained, capsys, args, message):
 
 
 def test_champion_moves_only_to_a_better_validated_version(trained):
-    by_val = sorted(trained.runs.values(), key=lambda r: trained.client.get_run(r).data.metrics["val_accuracy"])
+    by_val = sorted(trained.runs.values(), key=lambda r: trained.client.get_run(r).data.metrics["best_val_accuracy"])
     worse, better = (f"runs:/{run_id}/model" for run_id in by_val)
     assert tracking.register(worse, "cnn") == (1, True)
     assert tracking.register(better, "cnn") == (2, True)
@@ -160,15 +182,28 @@ def test_champion_moves_only_to_a_better_validated_version(trained):
     assert trained.client.get_model_version_by_alias("cnn-evaluated", "champion").run_id == by_val[1]
 
 
+def test_compare_and_the_champion_rule_judge_a_model_by_the_same_figure(trained):
+    board = compare.main(CompareConfig(output="same.csv"))  # ranked by its default column
+    assert list(board["run_id"]) == sorted(trained.runs.values(), key=lambda r: -_judged(r))
+    for run_id, figure in zip(board["run_id"], board[RANKING_METRIC]):
+        assert figure == _judged(run_id) == trained.client.get_run(run_id).data.metrics["best_val_accuracy"]
+
+
+def _judged(run_id: str) -> float:
+    """The champion rule's figure for the run's model."""
+    (output,) = MlflowClient().get_run(run_id).outputs.model_outputs
+    return tracking.judged_value(output.model_id, run_id)
+
+
 def test_compare_ranks_runs_by_the_chosen_metric(trained, capsys):
     best = max(trained.runs, key=lambda lr: trained.client.get_run(trained.runs[lr]).data.metrics["test_accuracy"])
     assert compare.cli(["--sort-by", "test_accuracy", "--output", "board.csv", "--plot", "true"]) == 0
     board = pd.read_csv("board.csv")
     assert board["lr"].iloc[0] == best and set(board["lr"]) >= set(LRS)
-    assert list(board.columns) == ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", "best_val_accuracy",
+    assert list(board.columns) == ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", "model_val_accuracy",
                                    "test_accuracy", "train_time_s"]
     assert (trained.work / "board.png").stat().st_size > 0
-    assert "best_val_accuracy" in capsys.readouterr().out
+    assert "model_val_accuracy" in capsys.readouterr().out
     assert compare.cli(["--sort-by", "nope"]) == 2
 
 
@@ -194,7 +229,9 @@ def test_served_model_answers_as_evaluate_predicted(trained):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
-        cwd=trained.work, env=subprocess_env(trained.work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # Serving loads the weights alone: it must work with MLflow's pickle loading switched off.
+        cwd=trained.work, env={**subprocess_env(trained.work), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         started = time.monotonic()

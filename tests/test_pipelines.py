@@ -4,7 +4,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import write_idx_dir
+from cnnexp.data import load_prepared
+from cnnexp.evaluate import predict, score
+from cnnexp.model import to_inputs
+from conftest import worst_last_epoch, write_idx_dir
 from pipelines import cli, prepare, train
 
 
@@ -42,6 +45,29 @@ def test_train_records_params_epochs_tags_and_a_loadable_model(workdir, idx_sour
     answer = mlflow.pyfunc.load_model(uri).predict(images.numpy())  # the pyfunc face answers with classes
     assert answer["class_index"].tolist() == logits.argmax(dim=1).tolist()
     assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def _logged_model(run):
+    (output,) = run.outputs.model_outputs
+    return mlflow.get_logged_model(output.model_id), output.step
+
+
+def test_the_logged_model_is_the_kept_epoch_with_its_val_metrics(workdir, idx_source, monkeypatch):
+    monkeypatch.setattr(train, "fit", worst_last_epoch(train.fit))
+    args = ["--epochs", "3", "--batch-size", "50", "--source", str(idx_source)]
+    assert train.cli(args) == 0 and train.cli(args + ["--keep", "last"]) == 0
+    best_run, last_run = _runs()
+    val = load_prepared("data", "fashion-mnist").splits["val"]
+    for run, step in ((best_run, best_run.data.metrics["best_epoch"]), (last_run, 3)):
+        model, logged_step = _logged_model(run)
+        assert logged_step == step
+        (linked,) = [m for m in model.metrics if m.key == "val_accuracy"]
+        history = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+        assert linked.step == step and [m.value for m in history if m.step == step] == [linked.value]
+        network = mlflow.pytorch.load_model(f"models:/{model.model_id}")
+        real = score(predict(network, to_inputs(val.images)), val.labels)["accuracy"]
+        assert (real == run.data.metrics["best_val_accuracy"]) == (run is best_run)
+    assert best_run.data.metrics["best_epoch"] < 3 and last_run.data.metrics["best_epoch"] < 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

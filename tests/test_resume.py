@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -9,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from cnnexp import tracking
 from cnnexp.checkpoint import CheckpointError, capture, load_checkpoint, restore, save_checkpoint
 from cnnexp.train import new_training_state
+from conftest import worst_last_epoch
 from pipelines import train
 
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -41,6 +43,8 @@ def test_checkpoint_round_trip_is_weights_only_and_altered_files_are_refused(tmp
 
 
 def test_interrupted_run_ends_killed_and_resumes_into_itself_exactly(workdir, idx_source, monkeypatch, capsys):
+    # The best epoch is then one before the interruption: only the checkpoint can bring it back.
+    monkeypatch.setattr(train, "fit", worst_last_epoch(train.fit))
     assert train.cli(ARGS + ["--source", str(idx_source)]) == 0
     (straight,) = _runs()
 
@@ -66,6 +70,12 @@ def test_interrupted_run_ends_killed_and_resumes_into_itself_exactly(workdir, id
     resumed = MlflowClient().get_run(stopped.info.run_id)
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from_epoch"] == "2"
     assert history(resumed.info.run_id) == history(straight.info.run_id)
+    best = {k: resumed.data.metrics[k] for k in ("best_val_accuracy", "best_epoch")}
+    assert best == {k: straight.data.metrics[k] for k in best} and best["best_epoch"] < 3
+    (model,), (expected,) = resumed.outputs.model_outputs, straight.outputs.model_outputs
+    assert model.step == expected.step == best["best_epoch"]
+    weights = [mlflow.pytorch.load_model(f"models:/{m.model_id}").fc1.weight for m in (model, expected)]
+    assert torch.equal(*weights)
     assert not (workdir / "checkpoints" / stopped.info.run_id).exists()  # finished: its model is logged
 
 

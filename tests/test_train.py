@@ -7,7 +7,7 @@ import torch
 from cnnexp.config import ConfigError
 from cnnexp.data import Split
 from cnnexp.devices import resolve_device
-from cnnexp.train import NonFiniteLoss, fit, new_training_state
+from cnnexp.train import BestEpoch, NonFiniteLoss, fit, new_training_state
 from conftest import synthetic_split
 
 CPU = torch.device("cpu")
@@ -59,6 +59,20 @@ def test_resuming_from_a_state_dict_matches_an_uninterrupted_run(splits):
     rest = fit(resumed, *splits, batch_size=50, epochs=3)
     strip = lambda ms: [(m["epoch"], m["train_loss"], m["val_accuracy"]) for m in ms]  # noqa: E731
     assert strip(rest) == strip(straight[1:])
+
+
+def test_best_epoch_keeps_a_copy_of_the_best_weights_and_survives_a_state_dict(splits):
+    state, best = new_training_state(lr=0.01, seed=0, device=CPU), BestEpoch()
+    assert best.update(1, 0.5, state.model) and not best.update(2, 0.5, state.model)  # a tie keeps the earlier
+    kept = state.model.fc1.weight.detach().clone()
+    fit(state, *splits, batch_size=50, epochs=1)  # training moves on; the copy does not
+    assert not torch.equal(state.model.fc1.weight, kept) and torch.equal(best.weights["fc1.weight"], kept)
+    assert best.update(3, 0.7, state.model.state_dict())  # a state dict does as well as a module
+    again = BestEpoch()
+    again.load_state_dict(best.state_dict())
+    assert again.summary() == {"best_val_accuracy": 0.7, "best_epoch": 3}
+    other = new_training_state(lr=0.01, seed=1, device=CPU)
+    assert torch.equal(again.restore(other.model).fc1.weight, state.model.fc1.weight)
 
 
 def test_nan_loss_stops_training_with_the_epoch(splits):

@@ -1,4 +1,5 @@
 """The tune entry point: config checks, Optuna and MLflow agreeing on every trial, workers, resuming."""
+import io
 import json
 import multiprocessing
 import os
@@ -8,6 +9,7 @@ import sys
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -20,7 +22,8 @@ from pipelines import tune
 from test_mlflow_run import mlflow_run
 
 MLFLOW_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-FIGURES = {"optimization_history.png", "param_importances.png", "contour_lr_batch_size.png", "intermediate_values.png"}
+FIGURES = {"optimization_history.png", "param_importances.png", "contour_lr_batch_size.png", "intermediate_values.png",
+           "parallel_coordinate.png", "timeline.png"}
 
 
 def _study(work, name="cnnexp-tune"):
@@ -70,8 +73,11 @@ def assert_optuna_and_mlflow_agree(study, child_runs, client, killed=None):
         else:
             assert logged == trial.intermediate_values
         if trial.state.name == "COMPLETE":
-            assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
-            assert len(run.outputs.model_outputs) == 1, number  # MLflow 3: a LoggedModel of the run
+            # The trial's value is its best epoch's, whose weights are its model (MLflow 3: a LoggedModel of the run).
+            assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
+            assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
+            (model,) = run.outputs.model_outputs
+            assert model.step == run.data.metrics["best_epoch"], number
         else:
             assert not run.outputs.model_outputs, number
         if trial.state.name == "PRUNED":
@@ -186,6 +192,23 @@ def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(cohort, work
     assert {r.data.tags["cohort_size"] for r in children[parent.info.run_id]} == {str(cohort)}
     assert parent.data.metrics["trials_failed"] == states.count("FAIL")
     assert parent.info.status == "FINISHED"
+    assert_study_table_and_figures(study, parent, children[parent.info.run_id])
+
+
+def assert_study_table_and_figures(study, parent, child_runs):
+    """The parent's trials.csv names each trial's run and model; the best trial's model is a tag."""
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "parallel_coordinate.png", "timeline.png"} <= artifacts
+    table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/trials.csv")))
+    assert list(table["number"]) == [t.number for t in study.trials] and "cohort" not in table
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in child_runs}
+    for row in table.itertuples():
+        run = by_number[row.number]
+        assert row.mlflow_run_id == run.info.run_id and row.state == study.trials[row.number].state.name
+        models = [m.model_id for m in run.outputs.model_outputs]
+        assert (row.mlflow_model_id if isinstance(row.mlflow_model_id, str) else None) == (models[0] if models else None)
+    best = table.loc[table["number"] == study.best_trial.number, "mlflow_model_id"].iloc[0]
+    assert parent.data.tags["best_model_id"] == best
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):
