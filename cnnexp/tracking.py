@@ -267,7 +267,7 @@ def log_prepared_data(data: PreparedData) -> None:
     mlflow.log_dict(data.manifest, "manifest.json")
     train = data.splits["train"]
     log_figure(samples_per_class(train.images, train.labels, data.classes), "samples_per_class.png")
-    mlflow.set_tags({"data_digest": data.digest, "dataset": dataset})
+    mlflow.set_tags({"data_digest": data.digest, "dataset": data.manifest["inputs"]["dataset"]})
 
 
 def log_figure(fig, artifact_file: str) -> None:

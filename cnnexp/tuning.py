@@ -8,7 +8,6 @@ pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import multiprocessing
