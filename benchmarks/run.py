@@ -368,10 +368,10 @@ def separate_epochs(b: Bench, members: list[Member]) -> list[float]:
 def bench_cohort(b: Bench) -> dict:
     """Aggregate trial-epochs/s of a cohort of K against K separate fits (same lrs and batch sizes), at
     batch 100 and at a mix of tune's batch sizes; for the mix also one cohort per batch size."""
-    # --quick on CPU: 3,000 images and no 16-cohort (its 16 separate fits are most of the wait).
+    # --quick on CPU: 1,000 images and no 16-cohort (its 16 separate fits are most of the wait).
     sizes = (1, 4, 16, 64) if b.device.type == "cuda" else (1, 4, 8, 16)[: 3 if b.quick else 4]
     if b.quick and b.device.type == "cpu":
-        b = dataclasses.replace(b, train=Split(b.train.images[:3000], b.train.labels[:3000]))
+        b = dataclasses.replace(b, train=Split(b.train.images[:1000], b.train.labels[:1000]))
     rows = []
     for mode, mixed in (("batch 100", False), ("tune's batch mix", True)):
         everyone = cohort_members(max(sizes), mixed)

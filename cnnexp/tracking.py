@@ -416,6 +416,14 @@ def log_child_epoch(run_id: str, metrics: dict) -> None:
     MlflowClient().log_batch(run_id, metrics=values)
 
 
+def run_address(run: mlflow.ActiveRun) -> str:
+    """' at <its page in the UI>' when the tracking URI is a server, else nothing."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    return f" at {redact_url(uri.rstrip('/'))}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
 def reopen(run_id: str) -> None:
     """Marks an ended run RUNNING again: a study's parent that workers on other machines will finish."""
     MlflowClient().update_run(run_id, status="RUNNING")

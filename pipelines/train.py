@@ -87,6 +87,7 @@ def main(config: TrainConfig) -> list[dict]:
         if config.register:
             register_model(model.model_uri, config.register)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run is not resumed; its model is logged
+    print(f"run {run_id}{tracking.run_address(run)}")
     print(f"model: {model.model_uri}  epoch {kept['epoch']} ({config.keep}), val_accuracy {kept['val_accuracy']:.4f}")
     return history
 

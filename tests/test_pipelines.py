@@ -1,9 +1,12 @@
 """The entry points in-process: what they record (bad input: tests/test_bad_input.py)."""
+from types import SimpleNamespace
+
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cnnexp import tracking
 from cnnexp.data import load_prepared
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
@@ -92,6 +95,16 @@ def test_a_batch_larger_than_the_training_split_says_so_and_trains(workdir, tmp_
     assert train.cli(["--epochs", "1", "--batch-size", "100000", "--source", str(source)]) == 0
     out = capsys.readouterr().out
     assert "batch_size 100000 is more than the 90 training images: each epoch is a single batch of 90" in out
+    (run,) = mlflow.search_runs(output_format="list")
+    assert f"run {run.info.run_id}\n" in out  # its id; on a server, its page too (tracking.run_address)
+
+
+def test_a_runs_address_is_its_ui_page_on_a_server_and_nothing_on_a_local_store(monkeypatch):
+    run = SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_id="abc"))
+    monkeypatch.setattr(tracking, "tracking_uri", lambda: "http://tuner:pw@host:5000/")
+    assert tracking.run_address(run) == " at http://tuner:***@host:5000/#/experiments/3/runs/abc"
+    monkeypatch.setattr(tracking, "tracking_uri", lambda: "sqlite:///mlflow.db")
+    assert tracking.run_address(run) == ""
 
 
 def test_offline_prepare_falls_back_to_the_sample_and_its_run_names_it(workdir, monkeypatch, capsys):

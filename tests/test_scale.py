@@ -169,7 +169,8 @@ def wait_for_trial_mid_training(study: optuna.Study, pid: int, timeout: float = 
 @pytest.mark.slow
 def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp_path):
     common, study = create_study(cluster, tmp_path, "killed-worker", n_trials=8, epochs=4)
-    workers = [start_worker(cluster, tmp_path, common, i) for i in range(3)]  # until the study has 8
+    # Until the study has 8; one trial at a time each, so the victim holds exactly one when it dies.
+    workers = [start_worker(cluster, tmp_path, common, i, "--cohort", "1") for i in range(3)]
     victim = workers[0]
     killed = wait_for_trial_mid_training(study, victim.pid)
     victim.send_signal(signal.SIGKILL)
@@ -217,8 +218,8 @@ def wait_for_model_logging(process: subprocess.Popen, timeout: float = 300) -> s
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["mid-training", "while its model is logged"])
 def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_journal(when, workdir, tmp_path):
-    source = write_idx_dir(tmp_path / "idx", n_train=400, n_test=50)
-    epochs = "10" if when == "mid-training" else "1"
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    epochs = "6" if when == "mid-training" else "1"
     args = ["--epochs", epochs, "--pruner", "none", "--sampler", "random", "--cohort", "2", "--source", str(source)]
     env = {**subprocess_env(workdir), "PYTHONPATH": str(REPO)}
     if when != "mid-training":
