@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.run import DEFAULT_SOURCE, load_data, write_torchvision_root  # noqa: E402
-from cnnexp.data import Split, load_prepared  # noqa: E402
+from benchmarks.run import DEFAULT_SOURCE, tile, write_torchvision_root  # noqa: E402
+from cnnexp.data import Split, load_prepared, read_source  # noqa: E402
 from cnnexp.evaluate import predict, score  # noqa: E402
 from cnnexp.model import to_inputs  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402
@@ -34,15 +34,11 @@ SIZES = {"small": (None, 12, 3), "full": (60_000, 8, 2)}  # training images (Non
 
 
 def images(size: str, source: Path) -> tuple[Split, Split]:
-    """Train and test images: the real sample as it is, or its images tiled to 60,000."""
-    from cnnexp.data import read_source
-
+    """Train and test images: the real sample as it is, or its training images tiled to 60,000 (never
+    its test images, which both sides are scored on)."""
     splits, _ = read_source("fashion-mnist", source)
-    n_train = SIZES[size][0]
-    if n_train is None:
-        return splits["train"], splits["test"]
-    train, _, _, _ = load_data(source, n_train, 1000)
-    return train, splits["test"]
+    train, n_train = splits["train"], SIZES[size][0]
+    return (train if n_train is None else tile(train.images, train.labels, n_train)), splits["test"]
 
 
 def cnnexp_study(work: Path, raw: Path, trials: int, epochs: int, seed: int, extra: list[str]) -> dict:

@@ -8,6 +8,8 @@ import logging
 import os
 import platform
 import re
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +34,15 @@ from cnnexp.data import PreparedData, file_lock
 from cnnexp.plots import learning_curves, samples_per_class
 
 MODEL_NAME = "model"
-CODE_PATH = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@functools.cache
+def code_path() -> str:
+    """cnnexp's modules as a model ships them (code_paths): the package without its 1.9 MB data sample."""
+    target = Path(tempfile.mkdtemp(prefix="cnnexp-code-")) / "cnnexp"
+    shutil.copytree(PACKAGE_DIR, target, ignore=shutil.ignore_patterns("sample_data", "__pycache__"))
+    return str(target)
 ERROR_TAG = "error"
 
 
@@ -351,7 +361,7 @@ class _ClassifierFlavor:
     def save_model(path: str, mlflow_model: mlflow.models.Model, network: torch.nn.Module, classes: list[str],
                    **kwargs) -> None:
         mlflow.pytorch.save_model(
-            network, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=[CODE_PATH],
+            network, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=[code_path()],
             pip_requirements=model_requirements(), **kwargs
         )
         pyfunc = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
