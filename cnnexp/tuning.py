@@ -441,7 +441,12 @@ class CohortRunner:
         run.trial.set_user_attr("interrupted", True)
         tracking.end_child_run(run.run_id, "KILLED", {"interrupted": "true"})
         self.study.tell(run.trial, state=TrialState.FAIL)
-        self.study.enqueue_trial(run.params, user_attrs={"retry_of": run.trial.number, "retry_of_run_id": run.run_id})
+        queue_retry(self.study, run.trial.number, run.params, run.run_id)
+
+
+def queue_retry(study: optuna.Study, number: int, params: dict, run_id: str) -> None:
+    """The trial's params queued again (WAITING), naming the trial and run it retries (see retry_tags)."""
+    study.enqueue_trial(params, user_attrs={"retry_of": number, "retry_of_run_id": run_id})
 
 
 def retry_tags(trial: optuna.Trial) -> dict[str, str]:
@@ -648,8 +653,7 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     for trial in dead:
         end_trial_run(trial, "its worker process died")
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
-                                                      "retry_of_run_id": trial.user_attrs.get("mlflow_run_id", "")})
+        queue_retry(study, trial.number, trial.params, trial.user_attrs.get("mlflow_run_id", ""))
     return [t.number for t in dead]
 
 
