@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cnnexp import tuning  # noqa: E402
+from cnnexp.tuning.study import OBJECTIVE, make_pruner, suggest  # noqa: E402
 from cnnexp.config import PRUNERS, PrepareConfig, TuneConfig  # noqa: E402
 from cnnexp.data import SAMPLE_DIR, PreparedData, prepare  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402
@@ -38,11 +38,11 @@ def learning_curves(data: PreparedData, config: TuneConfig, sampler_seed: int) -
     curves = []
     for _ in range(config.n_trials):
         trial = study.ask()
-        params = tuning.suggest(trial, config)
+        params = suggest(trial, config)
         state = new_training_state(params["lr"], config.seed, torch.device("cpu"))
         history = fit(state, data.splits["train"], data.splits["val"], batch_size=params["batch_size"],
                       epochs=config.epochs)
-        curves.append([epoch[tuning.OBJECTIVE] for epoch in history])
+        curves.append([epoch[OBJECTIVE] for epoch in history])
         study.tell(trial, curves[-1][-1])
     return curves
 
@@ -51,7 +51,7 @@ def replay(pruner: str, curves: list[list[float]], config: TuneConfig) -> tuple[
     """(epochs consumed, best final value kept) had `pruner` watched these curves."""
     # A fixed study name: HyperbandPruner assigns trials to brackets by hashing it.
     study = optuna.create_study(study_name="replay", direction="maximize",
-                                pruner=tuning.make_pruner(TuneConfig(pruner=pruner, epochs=config.epochs)))
+                                pruner=make_pruner(TuneConfig(pruner=pruner, epochs=config.epochs)))
     epochs, best = 0, -1.0
     for curve in curves:
         trial = study.ask()

@@ -16,12 +16,10 @@ import json
 import os
 import platform
 import statistics
-import struct
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,75 +28,16 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import (DEFAULT_SOURCE, LR, SEED, Bench, fit_epochs, interleave, load_data,  # noqa: E402
+                                summarise, write_torchvision_root)
 from cnnexp.cohort import Member, fit_cohort, new_cohort  # noqa: E402
-from cnnexp.data import SAMPLE_DIR, DataError, Split, read_source  # noqa: E402
+from cnnexp.data import Split  # noqa: E402
 from cnnexp.devices import resolve_device  # noqa: E402
 from cnnexp.evaluate import predict  # noqa: E402
 from cnnexp.model import Network, to_inputs  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402
 
-DEFAULT_SOURCE = SAMPLE_DIR  # the real 4,443-image sample shipped in the package
-LR, SEED = 0.01, 0
-
-
-@dataclass
-class Bench:
-    """Everything a benchmark needs: data, device and how many repeats."""
-
-    train: Split
-    val: Split
-    test: Split
-    data_kind: str
-    device: torch.device
-    repeats: int
-    quick: bool
-    tutorial_root: Path = field(default=Path())
-
-
 # ---------------------------------------------------------------- data
-
-
-def load_data(source: Path, n_train: int, n_test: int) -> tuple[Split, Split, Split, str]:
-    """Real images tiled up to n_train/n_test when the sample exists, class-structured noise otherwise."""
-    try:
-        splits, _ = read_source("fashion-mnist", source)
-        images = torch.cat([splits["train"].images, splits["test"].images])
-        labels = torch.cat([splits["train"].labels, splits["test"].labels])
-        kind = f"real Fashion-MNIST ({len(labels):,} images from {source}) tiled to {n_train:,} train / {n_test:,} test"
-    except (DataError, FileNotFoundError, OSError):
-        images, labels = synthetic(n_train, seed=1)
-        kind = f"synthetic ({source} not found): {n_train:,} train / {n_test:,} test"
-    train = tile(images, labels, n_train)
-    test = tile(images.flip(0), labels.flip(0), n_test)  # another order than train's
-    val = Split(test.images[:1000], test.labels[:1000])
-    return train, val, test, kind
-
-
-def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bright bar whose row encodes the class, over noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 10
-    images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
-    rows = 2 + 2 * labels
-    for offset in range(3):
-        images[torch.arange(n), rows + offset, 4:24] = 230
-    return images, labels
-
-
-def tile(images: torch.Tensor, labels: torch.Tensor, n: int) -> Split:
-    reps = -(-n // len(labels))
-    return Split(images.repeat(reps, 1, 1)[:n].contiguous(), labels.repeat(reps)[:n].contiguous())
-
-
-def write_torchvision_root(root: Path, train: Split, test: Split) -> Path:
-    """The IDX files torchvision's FashionMNIST reads, so the tutorial contender uses its real dataset class."""
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, split in (("train", train), ("t10k", test)):
-        n = len(split.labels)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + split.images.numpy().tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + split.labels.to(torch.uint8).numpy().tobytes())
-    return root
 
 
 def tutorial_dataset(root: Path, train: bool):
@@ -136,45 +75,12 @@ def tutorial_epoch(b: Bench, batch_size: int) -> dict:
     return {"seconds": time.perf_counter() - started, "train_loss": total_loss / len(dataset)}
 
 
-def fit_epochs(b: Bench, batch_size: int, epochs: int = 1, on_epoch_end=None) -> dict:
-    """The whole fit call, input conversion and validation included: what a user waits for."""
-    state = new_training_state(LR, SEED, b.device)
-    started = time.perf_counter()
-    history = fit(state, b.train, b.val, batch_size=batch_size, epochs=epochs, on_epoch_end=on_epoch_end)
-    return {"seconds": (time.perf_counter() - started) / epochs, "train_loss": history[0]["train_loss"]}
-
-
 def fit_two_epochs(b: Bench, **options) -> dict:
     """Batch 100: the second epoch's time (steady state) and how much longer the first took (compilation,
     cuDNN autotuning). fit's own per-epoch clock, validation included."""
     state = new_training_state(LR, SEED, b.device)
     first, second = (epoch["epoch_time_s"] for epoch in fit(state, b.train, b.val, batch_size=100, epochs=2, **options))
     return {"seconds": second, "first_epoch_extra_s": first - second}
-
-
-def interleave(contenders: dict[str, Callable[[], dict]], repeats: int, warm_up: bool = False) -> dict[str, list[dict]]:
-    """Runs A B C A B C ...; with warm_up, a first round is discarded (allocator, oneDNN kernel caches:
-    milliseconds, which matter only to short contenders)."""
-    for run in contenders.values() if warm_up else ():
-        run()
-    results: dict[str, list[dict]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, run in contenders.items():
-            results[name].append(run())
-    return results
-
-
-def summarise(results: dict[str, list[dict]], baseline: str, key: str = "seconds", higher_is_better: bool = False) -> list[dict]:
-    base = statistics.median(r[key] for r in results[baseline])
-    rows = []
-    for name, runs in results.items():
-        values = [r[key] for r in runs]
-        median = statistics.median(values)
-        rows.append({
-            "contender": name, "median": median, "min": min(values), "max": max(values), "n": len(values),
-            "ratio_vs_baseline": (median / base) if higher_is_better else (base / median), "baseline": baseline,
-        })
-    return rows
 
 
 # ---------------------------------------------------------------- benchmarks
@@ -211,19 +117,20 @@ def bench_options(b: Bench) -> dict:
 
 
 def bench_tracking(b: Bench) -> dict:
-    """2. fit with MLflow tracking (tracking.log_epoch under a run, sqlite store) vs without."""
+    """2. fit with MLflow tracking (log.log_epoch under a run, sqlite store) vs without."""
     if importlib.util.find_spec("mlflow") is None:
         return {"skipped": "mlflow is not installed"}
     import mlflow
 
-    from cnnexp import tracking
+    from cnnexp.tracking import log, runs
+    from cnnexp.tracking.store import tracking_uri, use_tracking_uri
 
     epochs = 2
     # Its own store and experiment, named per run rather than set process-wide: the tuning benchmarks
     # that follow in the same process open stores of their own.
-    previous_uri = tracking.tracking_uri()
+    previous_uri = tracking_uri()
     with tempfile.TemporaryDirectory(prefix="cnnexp-bench-") as store:
-        tracking.use_tracking_uri(f"sqlite:///{store}/mlflow.db")
+        use_tracking_uri(f"sqlite:///{store}/mlflow.db")
         experiment_id = mlflow.create_experiment("benchmark-tracking")
 
         def tracked() -> dict:
@@ -231,20 +138,20 @@ def bench_tracking(b: Bench) -> dict:
 
             def timed_log_epoch(metrics: dict) -> None:
                 started = time.perf_counter()
-                tracking.log_epoch(metrics)
+                log.log_epoch(metrics)
                 spent.append(time.perf_counter() - started)
 
-            with tracking.tracked_run(experiment_id=experiment_id):
+            with runs.tracked_run(experiment_id=experiment_id):
                 result = fit_epochs(b, 100, epochs, on_epoch_end=timed_log_epoch)
                 started = time.perf_counter()
-                tracking.flush()  # once per run: waits for the queued writes
+                log.flush()  # once per run: waits for the queued writes
                 flush_s = time.perf_counter() - started
             return {**result, "log_s": sum(spent) / epochs, "flush_s": flush_s}
 
         try:
             results = interleave({"fit untracked": lambda: fit_epochs(b, 100, epochs), "fit tracked": tracked}, b.repeats)
         finally:
-            tracking.use_tracking_uri(previous_uri)
+            use_tracking_uri(previous_uri)
     rows = summarise(results, "fit untracked")
     untracked = rows[0]["median"]
     rows[1]["overhead_pct"] = 100 * (rows[1]["median"] - untracked) / untracked
@@ -394,17 +301,12 @@ def bench_cohort(b: Bench) -> dict:
 
 def needs_tuning(name: str) -> Callable[[Bench], dict]:
     """Benchmarks 4-5 time cnnexp.tuning through benchmarks/tuning_benchmarks.py (`pruning(bench)`,
-    `workers(bench)`, each returning {"unit", "rows"}); until both exist they say why they were skipped."""
+    `workers(bench)`, each returning {"unit", "rows"})."""
 
     def run(b: Bench) -> dict:
-        path = REPO / "benchmarks" / "tuning_benchmarks.py"
-        if importlib.util.find_spec("cnnexp.tuning") is None or not path.exists():
-            return {"skipped": "needs cnnexp.tuning and benchmarks/tuning_benchmarks.py (not in this checkout yet)"}
-        spec = importlib.util.spec_from_file_location("tuning_benchmarks", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return getattr(module, name)(b)
+        from benchmarks import tuning_benchmarks  # Optuna and MLflow, imported only when a study benchmark runs
+
+        return getattr(tuning_benchmarks, name)(b)
 
     return run
 

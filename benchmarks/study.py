@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.run import DEFAULT_SOURCE, tile, write_torchvision_root  # noqa: E402
+from benchmarks.harness import DEFAULT_SOURCE, tile, write_torchvision_root  # noqa: E402
 from cnnexp.data import Split, load_prepared, read_source  # noqa: E402
 from cnnexp.evaluate import predict, score  # noqa: E402
 from cnnexp.model import to_inputs  # noqa: E402

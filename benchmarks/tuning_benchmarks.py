@@ -11,7 +11,6 @@ import dataclasses
 import importlib
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +20,12 @@ from pathlib import Path
 import optuna
 import torch
 
-from cnnexp import tracking, tuning
+from benchmarks.harness import fit_epochs, summarise, write_torchvision_root
+from cnnexp.tracking.runs import active_run_ids, tracked_run
+from cnnexp.tracking.store import tracking_uri, use_tracking_uri
+from cnnexp.tuning.report import summary
+from cnnexp.tuning.study import Parent, load_study, suggest
+from cnnexp.tuning.workers import cpu_cores, run_workers
 from cnnexp.config import PrepareConfig, TuneConfig
 from cnnexp.data import Split, prepare
 
@@ -48,11 +52,6 @@ QUICK = Sizes(pruning_train=300, pruning_trials=6, pruning_epochs=2,
 TEST_IMAGES = 100  # prepare() needs a test file; these benchmarks never score on it
 
 
-def harness(b):
-    """benchmarks/run.py, whichever name it was loaded under (`__main__` as a script, another in tests)."""
-    return sys.modules[type(b).__module__]
-
-
 @contextlib.contextmanager
 def tuning_workdir(b, n_train: int) -> Iterator[tuple[Path, str]]:
     """A temporary working directory (MLflow writes artifacts under ./mlruns) holding the first n_train
@@ -61,18 +60,18 @@ def tuning_workdir(b, n_train: int) -> Iterator[tuple[Path, str]]:
     # repeats the sample: up to REAL_TRAIN the prepared train/val split is the mini data's own.
     train = Split(b.train.images[:n_train], b.train.labels[:n_train])
     test = Split(b.test.images[:TEST_IMAGES], b.test.labels[:TEST_IMAGES])
-    previous_uri = tracking.tracking_uri()
+    previous_uri = tracking_uri()
     with tempfile.TemporaryDirectory(prefix="cnnexp-tune-bench-") as tmp, contextlib.chdir(tmp):
-        source = harness(b).write_torchvision_root(Path(tmp) / "source", train, test) / "FashionMNIST" / "raw"
+        source = write_torchvision_root(Path(tmp) / "source", train, test) / "FashionMNIST" / "raw"
         data, _ = prepare(PrepareConfig(source=str(source), data_dir=str(Path(tmp) / "data")))
         kind = "real" if b.data_kind.startswith("real") else "synthetic"
         kind += "" if kind == "synthetic" or n_train <= REAL_TRAIN else " (tiled)"
         described = f"{kind}: {len(data.splits['train']):,} train / {len(data.splits['val']):,} val images"
-        tracking.use_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        use_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
         try:
             yield Path(tmp), described
         finally:
-            tracking.use_tracking_uri(previous_uri)
+            use_tracking_uri(previous_uri)
 
 
 def run_study(config: TuneConfig) -> dict:
@@ -80,20 +79,20 @@ def run_study(config: TuneConfig) -> dict:
     worker start-up, trials, the wait for their logged models. Returns the timing and the study."""
     threads = torch.get_num_threads()  # run_worker sets cores // workers threads in this process too
     try:
-        with tracking.tracked_run(run_name=f"bench-{config.study_name}"):
-            run_id, experiment_id = tracking.active_run_ids()
-            parent = tuning.Parent(run_id, experiment_id, tracking.tracking_uri())
+        with tracked_run(run_name=f"bench-{config.study_name}"):
+            run_id, experiment_id = active_run_ids()
+            parent = Parent(run_id, experiment_id, tracking_uri())
             started = time.perf_counter()
-            tuning.run_workers(config, parent, [])
+            run_workers(config, parent, [])
             seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    study = tuning.load_study(config)
+    study = load_study(config)
     trials = study.get_trials(deepcopy=False)
     return {
         "seconds": seconds, "trials_per_min": 60 * len(trials) / seconds,
         "epochs": sum(len(t.intermediate_values) for t in trials),
-        "summary": tuning.summary(study), "params": [t.params for t in sorted(trials, key=lambda t: t.number)],
+        "summary": summary(study), "params": [t.params for t in sorted(trials, key=lambda t: t.number)],
     }
 
 
@@ -132,7 +131,7 @@ def pruning(b) -> dict:
             f"{outcome['best_val_accuracy']:.4f} ({outcome['best_val_accuracy_drop_points']:+.2f} points lost); "
             f"target (>= 40% saved, <= 1 point lost) {'met' if outcome['target_met'] else 'NOT met'}")
     return {
-        "unit": "epochs", "rows": harness(b).summarise({f"pruner {k}": [v] for k, v in studies.items()}, "pruner none", "epochs"),
+        "unit": "epochs", "rows": summarise({f"pruner {k}": [v] for k, v in studies.items()}, "pruner none", "epochs"),
         "data": described, "same_trials": same, "default_pruner": default,
         "study": f"{sizes.pruning_trials} trials x {sizes.pruning_epochs} epochs, random sampler (seed 0), "
                  f"workers=1, MLflow tracking on",
@@ -173,7 +172,7 @@ def workers(b) -> dict:
     tune's default space and enqueued alike in both, at tune's 5 epochs a trial, as a study runs them.
     """
     sizes = QUICK if b.quick else FULL
-    cores = tuning.cpu_cores()
+    cores = cpu_cores()
     scenarios = {
         "batch 128": dict(batch_min=128, batch_max=128, epochs=sizes.worker_epochs),
         "search space": dict(epochs=TuneConfig().epochs if not b.quick else sizes.worker_epochs),
@@ -204,12 +203,12 @@ def workers_scenario(b, work: Path, name: str, settings: dict, sizes: Sizes) -> 
         for n in (1, 2):
             config = base_config(b, work, f"workers{n}-{name.replace(' ', '-')}-{repeat}", workers=n, pruner="none",
                                  n_trials=len(points), **settings)
-            study = tuning.load_study(config)
+            study = load_study(config)
             for params in points:
                 study.enqueue_trial(params)
             runs[f"workers={n} ({name})"].append(run_study(config))
     one, two = (statistics.median(r["seconds"] for r in result) for result in runs.values())
-    rows = harness(b).summarise(runs, f"workers=1 ({name})", "trials_per_min", higher_is_better=True)
+    rows = summarise(runs, f"workers=1 ({name})", "trials_per_min", higher_is_better=True)
     ratio = rows[1]["ratio_vs_baseline"]
     return {
         "rows": rows, "study": f"{len(points)} trials x {settings['epochs']} epochs, batch sizes "
@@ -221,7 +220,7 @@ def workers_scenario(b, work: Path, name: str, settings: dict, sizes: Sizes) -> 
 def fixed_points(config: TuneConfig, n: int) -> list[dict]:
     """n (lr, batch size) points from the config's search space, the same on every call (seeded)."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    return [tuning.suggest(study.ask(), config) for _ in range(n)]
+    return [suggest(study.ask(), config) for _ in range(n)]
 
 
 def thread_speedup(b, threads: int, n_images: int) -> float:
@@ -232,7 +231,7 @@ def thread_speedup(b, threads: int, n_images: int) -> float:
     try:
         for n in (1, threads, 1, threads):  # interleaved; the faster of two
             torch.set_num_threads(n)
-            seconds[n].append(harness(b).fit_epochs(small, 128)["seconds"])
+            seconds[n].append(fit_epochs(small, 128)["seconds"])
     finally:
         torch.set_num_threads(previous)
     return min(seconds[1]) / min(seconds[threads])

@@ -1,52 +1,27 @@
-"""Fashion-MNIST-style IDX data: read through torchvision, check, split, store, load as tensors."""
+"""Prepared data: the checked source split into train/validation/test, stored with a manifest, loaded as tensors."""
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cnnexp.config import PrepareConfig, first_line
+from cnnexp.config import PrepareConfig
+from cnnexp.idx import NUM_CLASSES, SAMPLE, DataError, Split, class_names, download, read_source, sha256_file
+from cnnexp.locks import file_lock
 
-IDX_FILES = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-IDX_MAGIC = {"images": 2051, "labels": 2049}
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")
-SAMPLE = "fashion-mnist-sample"
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"  # see its README.md: origin and license
 SAMPLE_OF = {"fashion-mnist": SAMPLE}  # what a failed download of a dataset falls back to
-TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST", SAMPLE: "FashionMNIST"}
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class DataError(RuntimeError):
-    """Input data is missing, unreadable or not what it claims to be."""
-
-
-@dataclass(frozen=True)
-class Split:
-    images: torch.Tensor  # uint8 [N, 28, 28]
-    labels: torch.Tensor  # int64 [N]
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 @dataclass(frozen=True)
@@ -64,130 +39,6 @@ class PreparedData:
         return self.manifest["classes"]
 
 
-def torchvision_class(dataset: str) -> type:
-    # Imported only to read or download IDX files: torchvision pulls in torch._dynamo, seconds of start-up
-    # that every tuning worker and `train` (which read the prepared tensors) would otherwise pay.
-    import torchvision.datasets
-
-    return getattr(torchvision.datasets, TORCHVISION_CLASSES[dataset])
-
-
-def class_names(dataset: str) -> list[str]:
-    return list(torchvision_class(dataset).classes)
-
-
-def prepared_path(data_dir: str | Path, dataset: str) -> Path:
-    return Path(data_dir) / dataset
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# --- reading and checking the four source files -------------------------------------------
-
-
-def find_source_files(source: Path) -> dict[tuple[str, str], Path]:
-    if not source.is_dir():
-        raise DataError(f"source: {source} is not a directory holding the four IDX files")
-    found = {}
-    for key, name in IDX_FILES.items():
-        candidates = [source / name, source / f"{name}.gz"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise DataError(f"{source / name}: missing (expected {name} or {name}.gz)")
-        found[key] = path
-    return found
-
-
-def read_idx_bytes(path: Path) -> bytes:
-    """The decompressed bytes; gzip is recognised by content, not by name."""
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as err:
-        raise DataError(f"{path}: corrupt or truncated gzip file ({err})") from None
-
-
-def check_idx_header(path: Path, data: bytes, kind: str) -> int:
-    """Checks magic number, shape and length; returns the item count."""
-    expected_magic = IDX_MAGIC[kind]
-    if len(data) < 8:
-        raise DataError(f"{path}: truncated, only {len(data)} bytes")
-    magic = struct.unpack(">i", data[:4])[0]
-    if magic != expected_magic:
-        raise DataError(f"{path}: wrong IDX magic number {magic}, expected {expected_magic} for {kind}")
-    ndim = magic & 0xFF
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"{path}: truncated header")
-    dims = struct.unpack(f">{ndim}i", data[4 : 4 + 4 * ndim])
-    if kind == "images" and tuple(dims[1:]) != IMAGE_SHAPE:
-        raise DataError(f"{path}: images are {'x'.join(map(str, dims[1:]))}, expected 28x28")
-    expected_len = 4 + 4 * ndim + int(torch.tensor(dims).prod())
-    if len(data) != expected_len:
-        what = "truncated" if len(data) < expected_len else "has trailing bytes"
-        raise DataError(f"{path}: {what}: {len(data)} bytes, header says {expected_len}")
-    return dims[0]
-
-
-def read_source(dataset: str, source: Path) -> tuple[dict[str, Split], dict[str, str]]:
-    """Reads train and test through torchvision after checking each file; returns splits and sha256s."""
-    files = find_source_files(source)
-    dataset_class = torchvision_class(dataset)
-    with tempfile.TemporaryDirectory(prefix="cnnexp-idx-") as root:
-        raw_dir = Path(root) / dataset_class.__name__ / "raw"
-        raw_dir.mkdir(parents=True)
-        counts = {}
-        for (split, kind), path in files.items():
-            data = read_idx_bytes(path)
-            counts[(split, kind)] = check_idx_header(path, data, kind)
-            (raw_dir / IDX_FILES[(split, kind)]).write_bytes(data)
-        splits = {}
-        for split in ("train", "test"):
-            if counts[(split, "images")] != counts[(split, "labels")]:
-                raise DataError(
-                    f"{files[(split, 'labels')]}: {counts[(split, 'labels')]} labels for "
-                    f"{counts[(split, 'images')]} images in {files[(split, 'images')].name}"
-                )
-            ds = dataset_class(root, train=split == "train", download=False)
-            splits[split] = Split(ds.data.to(torch.uint8).contiguous(), ds.targets.to(torch.int64))
-            check_labels(files[(split, "labels")], splits[split].labels)
-    sha256s = {path.name: sha256_file(path) for path in files.values()}
-    return splits, sha256s
-
-
-def check_labels(path: Path, labels: torch.Tensor) -> None:
-    if len(labels) == 0:
-        raise DataError(f"{path}: holds no labels")
-    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
-    if len(bad):
-        raise DataError(f"{path}: label {int(bad[0])} out of range 0-{NUM_CLASSES - 1} ({len(bad)} such labels)")
-
-
-def download(dataset: str, into: Path) -> Path:
-    """Downloads with torchvision; returns the directory holding the four files."""
-    dataset_class = torchvision_class(dataset)
-    existed = into.exists()
-    try:
-        for train in (True, False):
-            dataset_class(into, train=train, download=True)
-    except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
-        if not existed:  # half-downloaded files would only mislead the next attempt
-            shutil.rmtree(into, ignore_errors=True)
-        raise DataError(
-            f"download of {dataset} failed ({first_line(err)}); without network, pass a directory of the "
-            f"four IDX files: mlflow run . -e prepare --env-manager local -P source=/path/to/idx-dir"
-        ) from None
-    return into / dataset_class.__name__ / "raw"
-
-
-# --- splitting ------------------------------------------------------------------------------
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +63,10 @@ def per_class_counts(labels: torch.Tensor) -> list[int]:
 
 
 # --- storing and loading --------------------------------------------------------------------
+
+
+def prepared_path(data_dir: str | Path, dataset: str) -> Path:
+    return Path(data_dir) / dataset
 
 
 def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
@@ -366,19 +221,3 @@ def load_prepared(data_dir: str | Path, dataset: str) -> PreparedData:
         stored = torch.load(file, weights_only=True)
         splits[name] = Split(stored["images"], stored["labels"].to(torch.int64))
     return PreparedData(splits, manifest, path)
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path):
-    """Serialises processes around one path (concurrent prepares of a dataset, creation of a store)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; concurrent prepares there are the user's to avoid
-        yield
-        return
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

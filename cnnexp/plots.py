@@ -87,3 +87,8 @@ def accuracy_vs_lr(lr: list[float], accuracy: list[float], batch_size: list[int]
 def save(fig: Figure, path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def close(fig: Figure) -> None:
+    """Frees a figure pyplot still holds once it is saved or logged."""
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""What every entry point shares: flags generated from a config dataclass, one-line errors, run endings."""
+"""What every entry point shares: flags from a config dataclass, one-line errors, run endings, shared steps' parts."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,19 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cnnexp.config import VERBOSE_ENV, ConfigError
 from pipelines.progress import calm_bars_off_terminal
 
+# torch, MLflow and Optuna are imported by the functions that use them: `--help` and a mistyped flag stay
+# instant, and a command imports only what it runs.
+if TYPE_CHECKING:
+    from cnnexp.data import PreparedData
+
 C = TypeVar("C")
+R = TypeVar("R")
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -89,10 +96,18 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@dataclass(frozen=True)
+class Made(Generic[R]):
+    """What a step's main made: its run, and its result (the prepared data, a history, metrics)."""
+
+    run_id: str
+    result: R
+
+
 def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main: Callable[[C], Any],
                     argv: list[str] | None = None) -> int:
     """Parses, runs main, and turns every failure into one line on stderr and a non-zero exit code."""
-    from cnnexp import tracking  # imported here so --help stays fast
+    from cnnexp.tracking import mlflow_private, runs, store
 
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
@@ -101,25 +116,25 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     previous_verbose = os.environ.get(VERBOSE_ENV)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
-    tracking.quiet_mlflow()
-    tracking.bound_http_waits()
-    runs_before = tracking.runs_started()
+    store.quiet_mlflow()
+    store.bound_http_waits()
+    runs_before = runs.runs_started()
     try:
         args = parser.parse_args(argv)
-        tracking.check_store()
+        store.check_store()
         main(config_from_args(config_class, args))
         return 0
     except KeyboardInterrupt:
-        if not pending_run and tracking.runs_started() == runs_before:
+        if not pending_run and runs.runs_started() == runs_before:
             print(f"{parser.prog}: interrupted before any run started", file=sys.stderr)
             return EXIT_INTERRUPTED
-        tracking.end_pending_run("KILLED", run_id=pending_run)
+        runs.end_pending_run("KILLED", run_id=pending_run)
         if pending_run:
-            tracking.guard_killed_status(pending_run)
+            mlflow_private.keep_killed_after_mlflow_run(pending_run)
         print(f"{parser.prog}: interrupted; the run is marked KILLED", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        tracking.end_pending_run("FAILED", err, run_id=pending_run)
+        runs.end_pending_run("FAILED", err, run_id=pending_run)
         if verbose:
             traceback.print_exc()
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
@@ -133,7 +148,20 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
             os.environ[VERBOSE_ENV] = previous_verbose
 
 
-def announce_stand_in(data, dataset: str) -> None:
+def load_or_prepare(config) -> PreparedData:
+    """The prepared data a train or tune config names, prepared first where it is not (said in one line)."""
+    from cnnexp.data import is_prepared, load_prepared, prepare
+
+    if is_prepared(config.data_dir, config.dataset):
+        data = load_prepared(config.data_dir, config.dataset)
+    else:
+        print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
+        data = prepare(config.prepare_config())[0]
+    announce_stand_in(data, config.dataset)
+    return data
+
+
+def announce_stand_in(data: PreparedData, dataset: str) -> None:
     """Says so when the data prepared for `dataset` is the bundled sample (a failed download fell back to it)."""
     from cnnexp.data import stand_in_notice
 
@@ -144,7 +172,15 @@ def announce_stand_in(data, dataset: str) -> None:
 
 def register_model(model_uri: str, name: str) -> None:
     """`register=<name>` of train and evaluate: a new version; champion only if it validates better."""
-    from cnnexp import tracking
+    from cnnexp.tracking.registry import CHAMPION, register_and_promote
 
-    version, promoted = tracking.register(model_uri, name)
-    print(f"registered {name} version {version}" + (f"; it is now @{tracking.CHAMPION}" if promoted else ""))
+    version, promoted = register_and_promote(model_uri, name)
+    print(f"registered {name} version {version}" + (f"; it is now @{CHAMPION}" if promoted else ""))
+
+
+def print_trial(study, trial) -> None:
+    """The progress line of a finished trial, printed by whichever worker ran it (an Optuna callback,
+    module-level so that spawned workers can unpickle it)."""
+    from cnnexp.tuning.report import progress_text
+
+    print(progress_text(study, trial), flush=True)

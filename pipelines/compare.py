@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cnnexp import plots, tracking
+from cnnexp import plots
 from cnnexp.config import RANKING_METRIC, CompareConfig, ConfigError
+from cnnexp.tracking.queries import training_runs
 from pipelines.common import make_parser, run_entry_point
 
 ASCENDING = ("train_time_s", "run_name", "run_id", "kind")  # smaller is better (or just alphabetical)
@@ -33,7 +34,7 @@ def heading(config: CompareConfig, table: pd.DataFrame, trials_left_out: int) ->
 
 def main(config: CompareConfig) -> pd.DataFrame:
     config.validate()
-    runs, trials_left_out = tracking.training_runs(config.experiment, config.include_trials)
+    runs, trials_left_out = training_runs(config.experiment, config.include_trials)
     table = leaderboard(runs, config.sort_by)
     print(heading(config, table, trials_left_out))
     with pd.option_context("display.width", 250, "display.max_columns", None):

@@ -7,20 +7,23 @@ import sys
 import pandas as pd
 import torch
 
-from cnnexp import evaluate, plots, tracking
+from cnnexp import evaluate, plots
 from cnnexp.config import EvaluateConfig
 from cnnexp.data import DataError, PreparedData, load_prepared
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
-from pipelines.common import make_parser, register_model, run_entry_point
+from cnnexp.tracking import log, tags
+from cnnexp.tracking.models import load_network, resolve_model
+from cnnexp.tracking.runs import run_tags, set_tags, tracked_run
+from pipelines.common import Made, make_parser, register_model, run_entry_point
 
 MISTAKES_SHOWN = 24
 
 
-def load_checked_data(config: EvaluateConfig, training_run_id: str) -> PreparedData:
-    """The prepared data, refused unless it is the very data the model was trained against."""
-    data = load_prepared(config.data_dir, config.dataset)
-    trained_on = tracking.run_tags(training_run_id).get("data_digest")
+def load_checked_data(config: EvaluateConfig, training_run_id: str, data: PreparedData | None = None) -> PreparedData:
+    """The prepared data (loaded, unless given), refused unless it is the very data the model was trained against."""
+    data = data or load_prepared(config.data_dir, config.dataset)
+    trained_on = run_tags(training_run_id).get(tags.DATA_DIGEST)
     if trained_on is None:
         raise DataError(f"training run {training_run_id} records no data_digest, so its test data cannot be checked")
     if trained_on != data.digest:
@@ -51,15 +54,15 @@ def report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> di
 
 
 def log_report(result: dict, images: torch.Tensor, classes: list[str]) -> None:
-    tracking.log_table(result["per_class"], "per_class_metrics.json")
-    tracking.log_csv(result["per_class"], "per_class_metrics.csv")
-    tracking.log_csv(result["confusion"].rename_axis("true \\ predicted"), "confusion_matrix.csv", index=True)
-    tracking.log_figure(plots.confusion_matrix(torch.tensor(result["confusion"].to_numpy()), classes),
+    log.log_table(result["per_class"], "per_class_metrics.json")
+    log.log_csv(result["per_class"], "per_class_metrics.csv")
+    log.log_csv(result["confusion"].rename_axis("true \\ predicted"), "confusion_matrix.csv", index=True)
+    log.log_figure(plots.confusion_matrix(torch.tensor(result["confusion"].to_numpy()), classes),
                         "confusion_matrix.png")
-    tracking.log_csv(result["predictions"].rename_axis("index"), "predictions.csv", index=True)
+    log.log_csv(result["predictions"].rename_axis("index"), "predictions.csv", index=True)
     mistakes = result["mistakes"]
     rows = result["predictions"].iloc[mistakes.numpy()]
-    tracking.log_figure(
+    log.log_figure(
         plots.misclassified_grid(
             images[mistakes], [classes[i] for i in rows["label"]], [classes[i] for i in rows["predicted"]],
             rows["confidence"].tolist(),
@@ -68,30 +71,30 @@ def log_report(result: dict, images: torch.Tensor, classes: list[str]) -> None:
     )
 
 
-def main(config: EvaluateConfig) -> dict[str, float]:
+def main(config: EvaluateConfig, data: PreparedData | None = None) -> Made[dict[str, float]]:
+    """Scores the model on a split; returns the evaluation run's id and its metrics. `data`: already loaded."""
     config.validate()
     # The model files are small; MLflow's per-file download bars would bury the one line that matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    model_uri, training_run_id, model_id = tracking.resolve_model(config.model_uri)
-    with tracking.tracked_run(run_name=f"evaluate-{training_run_id[:8]}-{config.split}"):
-        tracking.log_config(config)
-        data = load_checked_data(config, training_run_id)
-        tracking.set_tags({"scored_run_id": training_run_id, "scored_model_uri": model_uri,
-                           "data_digest": data.digest, "dataset": data.manifest["inputs"]["dataset"]})
+    model_uri, training_run_id, model_id = resolve_model(config.model_uri)
+    with tracked_run(run_name=f"evaluate-{training_run_id[:8]}-{config.split}") as run:
+        log.log_config(config)
+        data = load_checked_data(config, training_run_id, data)
+        set_tags({tags.SCORED_RUN_ID: training_run_id, tags.SCORED_MODEL_URI: model_uri, **log.data_tags(data)})
         device = resolve_device(config.device)
         split = data.splits[config.split]
-        logits = evaluate.predict(tracking.load_network(model_uri).to(device), to_inputs(split.images).to(device)).cpu()
+        logits = evaluate.predict(load_network(model_uri).to(device), to_inputs(split.images).to(device)).cpu()
         result = report(logits, split.labels, data.classes)
         metrics = {f"{config.split}_{name}": value for name, value in result["scores"].items()}
         # Linked to the scored model and the split, so the model's record holds its test score.
-        tracking.log_metrics(metrics, model_id=model_id, dataset=tracking.split_dataset(data, config.split))
+        log.log_metrics(metrics, model_id=model_id, dataset=log.split_dataset(data, config.split))
         log_report(result, split.images, data.classes)
         if config.split == "test":  # val_* on the training run already holds its per-epoch history
-            tracking.log_metrics(metrics, run_id=training_run_id)
+            log.log_metrics(metrics, run_id=training_run_id)
         if config.register:
             register_model(model_uri, config.register)
     print("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()) + f"  (model {model_uri})")
-    return metrics
+    return Made(run.info.run_id, metrics)
 
 
 def cli(argv: list[str] | None = None, prog: str = "evaluate") -> int:

@@ -3,24 +3,26 @@ from __future__ import annotations
 
 import sys
 
-from cnnexp import tracking
 from cnnexp.config import PrepareConfig
 from cnnexp.data import PreparedData, prepare
-from pipelines.common import announce_stand_in, make_parser, run_entry_point
+from cnnexp.tracking import tags
+from cnnexp.tracking.log import log_config, log_prepared_data
+from cnnexp.tracking.runs import set_tags, tracked_run
+from pipelines.common import Made, announce_stand_in, make_parser, run_entry_point
 
 
-def main(config: PrepareConfig) -> PreparedData:
+def main(config: PrepareConfig) -> Made[PreparedData]:
     config.validate()
-    with tracking.tracked_run(run_name=f"prepare-{config.dataset}"):
-        tracking.log_config(config)
+    with tracked_run(run_name=f"prepare-{config.dataset}") as run:
+        log_config(config)
         data, reused = prepare(config)
         announce_stand_in(data, config.dataset)
-        tracking.log_prepared_data(data)
-        tracking.set_tags({"reused": str(reused).lower()})
+        log_prepared_data(data)
+        set_tags({tags.REUSED_DATA: str(reused).lower()})
     counts = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
     verb = "reused" if reused else "prepared"
     print(f"{verb} {config.dataset} in {data.path}: {counts}; digest {data.digest}")
-    return data
+    return Made(run.info.run_id, data)
 
 
 def cli(argv: list[str] | None = None, prog: str = "prepare") -> int:

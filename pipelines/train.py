@@ -8,36 +8,28 @@ import shutil
 import sys
 from pathlib import Path
 
-from cnnexp import tracking
 from cnnexp.checkpoint import capture, has_checkpoint, load_checkpoint, restore, save_checkpoint
 from cnnexp.config import ConfigError, TrainConfig
-from cnnexp.data import PreparedData, is_prepared, load_prepared, prepare
+from cnnexp.data import PreparedData
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
+from cnnexp.tracking import log, models, resume, store, tags
+from cnnexp.tracking.runs import run_address, set_tags, tracked_run
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
-from pipelines.common import announce_stand_in, make_parser, register_model, run_entry_point
+from pipelines.common import Made, load_or_prepare, make_parser, register_model, run_entry_point
 from pipelines.progress import EpochProgress
-
-
-def load_or_prepare(config: TrainConfig) -> PreparedData:
-    if is_prepared(config.data_dir, config.dataset):
-        data = load_prepared(config.data_dir, config.dataset)
-    else:
-        print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
-        data = prepare(config.prepare_config())[0]
-    announce_stand_in(data, config.dataset)
-    return data
 
 
 def find_checkpoint(run_id: str, directory: Path) -> dict:
     """The last checkpoint of a run to resume: the local one, else the one it logged as an artifact."""
-    tracking.resumable_run(run_id, running_ok=(directory / STORE_LOST).is_file())
-    if not has_checkpoint(directory) and not tracking.fetch_checkpoint(run_id, directory):
+    resume.resumable_run(run_id, running_ok=(directory / STORE_LOST).is_file())
+    if not has_checkpoint(directory) and not resume.fetch_checkpoint(run_id, directory):
         raise ConfigError("resume", f"run {run_id} has no checkpoint (it stopped before its first epoch ended)")
     return load_checkpoint(directory)
 
 
-def main(config: TrainConfig) -> list[dict]:
+def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dict]]:
+    """Trains and logs one run; returns its run id and per-epoch history. `data`: already loaded by the caller."""
     config.validate()
     device = resolve_device(config.device)
     checkpoint = find_checkpoint(config.resume, Path(config.checkpoint_dir, config.resume)) if config.resume else None
@@ -45,13 +37,13 @@ def main(config: TrainConfig) -> list[dict]:
         config = config.resumed_with(checkpoint["config"])
     run_args = {"run_id": config.resume} if config.resume else {"run_name": f"train-lr{config.lr:g}-bs{config.batch_size}"}
     # None, not False, when off: MLflow's own MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
-    with tracking.tracked_run(**run_args, log_system_metrics=config.system_metrics or None) as run:
+    with tracked_run(**run_args, log_system_metrics=config.system_metrics or None) as run:
         run_id = run.info.run_id
         checkpoints = Path(config.checkpoint_dir, run_id)
-        tracking.log_config(config)
-        tracking.set_tags({tracking.ENTRY_POINT_TAG: "train"})
-        data = load_or_prepare(config)
-        tracking.log_environment(device, data)
+        log.log_config(config)
+        set_tags({tags.ENTRY_POINT: "train"})
+        data = data or load_or_prepare(config)
+        log.log_environment(device, data)
         train, val = data.splits["train"], data.splits["val"]
         if config.batch_size > len(train):
             print(f"batch_size {config.batch_size} is more than the {len(train)} training images: "
@@ -67,7 +59,7 @@ def main(config: TrainConfig) -> list[dict]:
             # Checkpoint before logging: a kill in between loses no metric, resume logs it from the checkpoint.
             save_checkpoint(checkpoints, capture(state, history=history, best=best.state_dict(), **extras),
                             state.epoch)
-            tracking.log_epoch(metrics)
+            log.log_epoch(metrics)
             progress.on_epoch_end(metrics)
 
         try:
@@ -78,7 +70,7 @@ def main(config: TrainConfig) -> list[dict]:
         except BaseException:
             # Into the run's artifacts too, so it can be resumed wherever the tracking store is reachable.
             with contextlib.suppress(Exception):  # never hide why training stopped
-                tracking.log_checkpoint(checkpoints)
+                resume.log_checkpoint(checkpoints)
             raise
         try:
             model, kept = log_results(state, best, history, data, config.keep)
@@ -87,20 +79,20 @@ def main(config: TrainConfig) -> list[dict]:
         if config.register:
             register_model(model.model_uri, config.register)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run is not resumed; its model is logged
-    print(f"run {run_id}{tracking.run_address(run)}")
+    print(f"run {run_id}{run_address(run)}")
     print(f"model: {model.model_uri}  epoch {kept['epoch']} ({config.keep}), val_accuracy {kept['val_accuracy']:.4f}")
-    return history
+    return Made(run_id, history)
 
 
 def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
     """Learning curves and the kept epoch's model; returns the ModelInfo and that epoch's metrics."""
-    tracking.log_learning_curves(history)
+    log.log_learning_curves(history)
     kept = kept_epoch(history, best, keep)
     if keep == "best":
         best.restore(state.model)
-    model = tracking.log_kept_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
-                                    best.summary(), tracking.split_dataset(data, "val"))
-    tracking.flush()
+    model = models.log_kept_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
+                                  best.summary(), log.split_dataset(data, "val"))
+    log.flush()
     return model, kept
 
 
@@ -119,13 +111,13 @@ def store_lost_error(err: Exception, checkpoints: Path, run_id: str, epoch: int)
     Training has finished by then; its checkpoint stays, marked so that `resume` accepts the run even
     though the server could not be told that it stopped.
     """
-    problem = tracking.store_problem()
+    problem = store.store_problem()
     if problem is None:
         return err
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / STORE_LOST).write_text(f"{problem}\n")
     return RuntimeError(
-        f"MLFLOW_TRACKING_URI: the tracking server {tracking.redact_url(tracking.tracking_uri())} stopped answering "
+        f"MLFLOW_TRACKING_URI: the tracking server {store.redact_url(store.tracking_uri())} stopped answering "
         f"({problem}); not logged: the model, its learning curves and any epoch metrics the server missed. "
         f"{checkpoints} keeps all {epoch} epochs: once the server answers, `cnnexp train --resume {run_id}` logs them"
     )
@@ -142,11 +134,11 @@ def resume_into(state, best: BestEpoch, checkpoint: dict, run_id: str, data_dige
     restore(state, checkpoint)
     best.load_state_dict(checkpoint["best"])
     history = checkpoint["history"]
-    logged = tracking.logged_steps(run_id, "train_loss")
+    logged = resume.logged_steps(run_id, "train_loss")
     for metrics in history:
         if metrics["epoch"] not in logged:
-            tracking.log_epoch(metrics)
-    tracking.link_resumed_run(run_id, state.epoch)
+            log.log_epoch(metrics)
+    resume.link_resumed_run(run_id, state.epoch)
     print(f"resuming run {run_id} after epoch {state.epoch}")
     return history
 

@@ -8,35 +8,36 @@ from __future__ import annotations
 
 import sys
 
-from cnnexp import tracking, tuning
 from cnnexp.config import ConfigError, WorkerConfig
-from pipelines.common import make_parser, run_entry_point
-from pipelines.train import load_or_prepare
-from pipelines.tune import STUDY_STATUS_TAG, progress_line, summarise_on_parent, summary_line
+from cnnexp.tracking import tags
+from cnnexp.tracking.runs import run_exists, run_tags
+from cnnexp.tracking.store import tracking_uri
+from cnnexp.tuning import report, study, workers
+from pipelines.common import Made, load_or_prepare, make_parser, print_trial, run_entry_point
 
 
-def main(config: WorkerConfig) -> dict:
+def main(config: WorkerConfig) -> Made[dict]:
     config.validate()
-    study, settings = tuning.joined(config)
-    tuning.worker_device(config.device, 0)
-    parent_id = study.user_attrs["mlflow_parent_run_id"]
-    if not tracking.run_exists(parent_id):
-        raise ConfigError("study_name", f"the study's MLflow run {parent_id} is not in {tracking.tracking_uri()}; "
+    joined, settings = study.joined(config)
+    workers.worker_device(config.device, 0)
+    parent_id = joined.user_attrs["mlflow_parent_run_id"]
+    if not run_exists(parent_id):
+        raise ConfigError("study_name", f"the study's MLflow run {parent_id} is not in {tracking_uri()}; "
                                         "set MLFLOW_TRACKING_URI to the study's tracking server")
     data = load_or_prepare(settings)
-    tuning.check_digest(study, data.digest, "source")
-    parent = tuning.Parent(parent_id, study.user_attrs["mlflow_experiment_id"], tracking.tracking_uri())
-    target = None if config.n_trials else study.user_attrs["target_trials"]
+    study.check_digest(joined, data.digest, "source")
+    parent = study.Parent(parent_id, joined.user_attrs["mlflow_experiment_id"], tracking_uri())
+    target = None if config.n_trials else joined.user_attrs["target_trials"]
     goal = f"{config.n_trials} trials" if target is None else f"trials until the study has {target} complete or pruned"
-    print(f"joined study {config.study_name!r} ({len(study.trials)} trials so far): {goal}, "
+    print(f"joined study {config.study_name!r} ({len(joined.trials)} trials so far): {goal}, "
           f"on {config.workers} worker process(es)")
-    tuning.run_workers(settings, parent, [progress_line], target, tuning.joining_offset())
-    if target is not None and tuning.reached_target(study, target) \
-            and tracking.run_tags(parent_id).get(STUDY_STATUS_TAG) == "waiting for workers":
-        summarise_on_parent(study, parent_id)
-    result = tuning.summary(study)
-    print(f"study now: {summary_line(result)}")
-    return result
+    workers.run_workers(settings, parent, [print_trial], target, study.joining_offset(), data=data)
+    if target is not None and study.reached_target(joined, target) \
+            and run_tags(parent_id).get(tags.STUDY_STATUS) == tags.STUDY_WAITING:
+        report.summarise_on_parent(joined, parent_id)
+    result = report.summary(joined)
+    print(f"study now: {report.summary_line(result)}")
+    return Made(parent_id, result)
 
 
 def cli(argv: list[str] | None = None, prog: str = "worker") -> int:

@@ -1,47 +1,24 @@
+"""Fixtures: synthetic IDX sources, and working directories whose MLflow store is a copy of one migrated
+per session (creating a sqlite store's tables takes seconds; copying the file, milliseconds)."""
 from __future__ import annotations
 
-import gzip
-import os
-import struct
-import sys
+import shutil
+import sqlite3
 from pathlib import Path
 
-import mlflow
-import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import use_store, write_idx_dir
 
-
-def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
-    magic = magic if magic is not None else 0x0800 + array.ndim
-    return struct.pack(">i", magic) + struct.pack(f">{array.ndim}i", *array.shape) + array.astype(np.uint8).tobytes()
+E2E = Path(__file__).resolve().parent / "e2e"
 
 
-def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each class is a bright bar at its own position plus noise: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    rng.shuffle(labels)
-    images = rng.integers(0, 60, size=(n, 28, 28))
-    for i, label in enumerate(labels):
-        row = 2 + 2 * label
-        images[i, row : row + 3, 4:24] = 230
-    return images.astype(np.uint8), labels.astype(np.uint8)
-
-
-def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, gz: bool = True) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
-        images, labels = synthetic_split(n, seed)
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            name = f"{prefix}-{kind}-ubyte"
-            data = idx_bytes(array)
-            if gz:
-                (directory / f"{name}.gz").write_bytes(gzip.compress(data))
-            else:
-                (directory / name).write_bytes(data)
-    return directory
+def pytest_collection_modifyitems(items):
+    """Everything under tests/e2e/ runs real processes (mlflow run, servers, PostgreSQL): slow by folder."""
+    for item in items:
+        if E2E in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -49,54 +26,32 @@ def idx_source(tmp_path) -> Path:
     return write_idx_dir(tmp_path / "idx")
 
 
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with every table made, once per session."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path.parent)
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def copy_store(template: Path, work: Path) -> Path:
+    """The migrated store copied into work/, its default experiment's artifacts under work/mlruns (as a
+    store made there would have them), so no two tests share an artifact directory."""
+    target = work / "mlflow.db"
+    shutil.copy(template, target)
+    with sqlite3.connect(target) as db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(work / "mlruns" / "0"),))
+    return target
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
+def workdir(tmp_path, monkeypatch, migrated_store) -> Path:
     """A fresh working directory with its own MLflow store, as a user's checkout would have."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
+    copy_store(migrated_store, work)
     use_store(monkeypatch, work)
     return work
-
-
-def use_store(monkeypatch, work: Path) -> None:
-    """Points MLflow at work/mlflow.db."""
-    use_tracking_uri(monkeypatch, f"sqlite:///{work / 'mlflow.db'}")
-
-
-def use_tracking_uri(monkeypatch, uri: str) -> None:
-    """The env var alone is not enough: once any test has called mlflow.set_tracking_uri, that
-    process-wide setting wins over MLFLOW_TRACKING_URI (even where a call passes tracking_uri=, as
-    download_artifacts does when it looks up a run's logged model)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-
-
-def subprocess_env(work: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
-
-
-def mlflow_run_command(entry: str, **params) -> list[str]:
-    """`mlflow run` of this checkout's entry point as a user types it (local env, params as strings)."""
-    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local"]
-    for key, value in params.items():
-        args += ["-P", f"{key}={value}"]
-    return args
-
-
-def worst_last_epoch(real_fit):
-    """fit, with the last epoch reported at val_accuracy 0: the best epoch is then an earlier one, whose
-    weights differ from the final ones (real accuracies on the synthetic bars only rise)."""
-
-    def fit(state, train, val, *, epochs, on_epoch_end, **options):
-        def report(metrics):
-            on_epoch_end({**metrics, "val_accuracy": 0.0} if metrics["epoch"] == epochs else metrics)
-
-        return real_fit(state, train, val, epochs=epochs, on_epoch_end=report, **options)
-
-    return fit

@@ -1,0 +1,52 @@
+"""The one place that leans on MLflow behaviour outside its public API (written against MLflow 3.17.2).
+
+tests/unit/tracking/test_mlflow_private.py fails loudly when that behaviour changes, so the workaround
+can go (or be redone) in the same change that moves MLflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+from mlflow.tracking import MlflowClient
+
+from cnnexp.processes import alive
+from cnnexp.tracking import tags
+
+GUARD_GRACE_S = 10.0  # after `mlflow run` itself exits: it has re-marked the run by then, or never will
+GUARD_LIMIT_S = 600.0  # an upper bound on the helper's life, whatever happens to its parent
+
+
+def keep_killed_after_mlflow_run(run_id: str) -> None:
+    """Keeps an interrupted `mlflow run` run KILLED.
+
+    After our script exits, `mlflow run` re-marks the run FAILED: mlflow.projects._maybe_set_run_terminated
+    (MLflow 3.17.2) passes the status string to RunStatus.is_terminated, which compares it with RunStatus
+    ints, so it never sees that the run already ended. A detached helper waits for that write and puts
+    KILLED back; it ends once `mlflow run` has exited (plus a grace period).
+    """
+    code = ("import sys; from cnnexp.tracking.mlflow_private import restore_killed; "
+            "restore_killed(sys.argv[1], int(sys.argv[2]))")
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            [sys.executable, "-c", code, run_id, str(os.getppid())], start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+
+def restore_killed(run_id: str, mlflow_run_pid: int) -> None:
+    client = MlflowClient()
+    started, parent_gone = time.monotonic(), None
+    while time.monotonic() - started < GUARD_LIMIT_S:
+        run = client.get_run(run_id)
+        if run.info.status == "FAILED" and tags.ERROR not in run.data.tags:
+            client.set_terminated(run_id, "KILLED")
+            return
+        if parent_gone is None and not alive(mlflow_run_pid):
+            parent_gone = time.monotonic()
+        if parent_gone is not None and time.monotonic() - parent_gone > GUARD_GRACE_S:
+            return
+        time.sleep(0.2)

@@ -1,0 +1,150 @@
+"""The logged model: one MLflow model with a pytorch face and a pickle-free pyfunc face; finding and loading it."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import mlflow.pytorch
+import torch
+from mlflow.entities import Run
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
+
+from cnnexp.config import ConfigError, first_line
+from cnnexp.tracking import pyfunc, tags
+from cnnexp.tracking.runs import error_text
+
+MODEL_NAME = "model"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+# Outputs only: a TensorSpec input would pin one dtype, and pyfunc enforces it strictly, so it
+# would refuse either uint8 0-255 or float 0-1 images; the input example shows the uint8 form.
+MODEL_SIGNATURE = ModelSignature(
+    outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name")])
+)
+
+
+@contextlib.contextmanager
+def shipped_code() -> Iterator[str]:
+    """cnnexp's modules as a model ships them (code_paths): the package without its 1.9 MB data sample,
+    in a temporary copy that is gone once the model is saved."""
+    with tempfile.TemporaryDirectory(prefix="cnnexp-code-") as tmp:
+        target = Path(tmp) / "cnnexp"
+        shutil.copytree(PACKAGE_DIR, target, ignore=shutil.ignore_patterns("sample_data", "__pycache__"))
+        yield str(target)
+
+
+def model_requirements() -> list[str]:
+    """What loading the model imports, pinned to what trained it; stated rather than inferred,
+    because MLflow's inference re-imports torch in a subprocess and took most of log_model's 10 s."""
+    packages = ("mlflow", "torch", "torchvision", "numpy", "pandas", "matplotlib")
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
+class _ClassifierFlavor:
+    """The `flavor` Model.log wants: the pytorch flavor, with pyfunc loading through cnnexp.tracking.pyfunc.
+
+    The pyfunc face (pyfunc.load_model, `mlflow models serve`) reads only pyfunc.WEIGHTS_FILE into a fresh
+    Network; only mlflow.pytorch.load_model reads the pickle.
+    """
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: mlflow.models.Model, network: torch.nn.Module, classes: list[str],
+                   **kwargs) -> None:
+        with shipped_code() as code:
+            mlflow.pytorch.save_model(
+                network, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=[code],
+                pip_requirements=model_requirements(), **kwargs
+            )
+        face = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        torch.save(network.state_dict(), os.path.join(path, face[mlflow.pyfunc.DATA], pyfunc.WEIGHTS_FILE))
+        face[mlflow.pyfunc.MAIN] = pyfunc.__name__
+        face["config"] = {"classes": classes}  # MLflow hands this to _load_pyfunc as model_config
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None,
+              step: int = 0) -> mlflow.models.model.ModelInfo:
+    """Logs the network as one MLflow model with two faces, at `step` (the epoch its weights are from).
+
+    mlflow.pytorch.load_model gives back the Network (float [N, 1, 28, 28] -> logits), pickled: MLflow's
+    only other format, pt2 (torch.export), loads as a GraphModule, not a Network, that refuses .eval(),
+    and needs a TensorSpec input signature, which pyfunc would enforce on the uint8 form.
+    mlflow.pyfunc.load_model (and `mlflow models serve`) gives cnnexp.serving.ImageClassifier:
+    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name, built from the weights alone.
+    code_paths ships cnnexp inside the model so both load where cnnexp is not installed.
+    """
+    model = model.cpu().eval()
+    classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
+    images = (example_inputs[:2, 0].cpu() * 255).round().to(torch.uint8).numpy()
+    return mlflow.models.Model.log(
+        artifact_path=None, name=MODEL_NAME, flavor=_ClassifierFlavor, network=model, classes=classes,
+        signature=MODEL_SIGNATURE, input_example=images, step=step,
+    )
+
+
+def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str], epoch: int,
+                   summary: dict[str, float], val: mlflow.data.Dataset) -> mlflow.models.model.ModelInfo:
+    """Into the active run: the validation data as an input, the model at step = the epoch its weights
+    are from, and the run's summary metrics (best_val_accuracy, best_epoch).
+
+    Logged at a step, the model gets the run's points of that step as its own metrics (MLflow links
+    them itself), so its val_accuracy is its epoch's. They carry no dataset: the SQL store keeps none
+    on run metrics, and a second, dataset-linked copy would collide with MLflow's on the model metric's
+    key (name, step, timestamp) unless given a timestamp of its own, which would log every kept
+    epoch's val point twice in the run's history.
+    """
+    mlflow.flush_async_logging()  # the points MLflow links must be in the store, not in the async queue
+    mlflow.log_input(val, context="val")
+    info = log_model(model, example_inputs, classes, step=epoch)
+    mlflow.log_metrics(summary, synchronous=True)
+    return info
+
+
+def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str],
+                         epoch: int, summary: dict[str, float], val: mlflow.data.Dataset) -> None:
+    """log_kept_model into an existing run (from any thread), then ends the run FINISHED either way.
+
+    A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
+    """
+    try:
+        with mlflow.start_run(run_id=run_id):
+            log_kept_model(model, example_inputs, classes, epoch, summary, val)
+    except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
+        MlflowClient().set_tag(run_id, tags.MODEL_ERROR, error_text(err))
+    MlflowClient().set_terminated(run_id, "FINISHED")
+
+
+def model_id_of(run_id: str) -> str | None:
+    """The id of the model a run logged last (models:/<id> loads it), or None if it logged none."""
+    return last_model_id(MlflowClient().get_run(run_id))
+
+
+def last_model_id(run: Run) -> str | None:
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return outputs[-1].model_id if outputs else None
+
+
+def resolve_model(model_uri: str) -> tuple[str, str, str | None]:
+    """(model URI, id of the run that trained it, its LoggedModel id); a bare run id stands for that run's model."""
+    if ":" not in model_uri and "/" not in model_uri:
+        model_uri = f"runs:/{model_uri}/{MODEL_NAME}"
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as err:  # MLflow raises several kinds (missing run, model, artifact)
+        raise ConfigError("model_uri", f"no model at {model_uri!r}: {first_line(err)}") from None
+    if not info.run_id:
+        raise ConfigError("model_uri", f"{model_uri!r} names no training run, so its data cannot be checked")
+    return model_uri, info.run_id, info.model_id
+
+
+def load_network(model_uri: str) -> torch.nn.Module:
+    return mlflow.pytorch.load_model(model_uri)

@@ -1,0 +1,69 @@
+"""Continuing an interrupted train run: which runs may be resumed, and their checkpoints in the run's artifacts."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cnnexp.config import ConfigError
+from cnnexp.tracking import tags
+from cnnexp.tracking.store import tracking_uri
+
+RESUMABLE = ("KILLED", "FAILED")
+CHECKPOINT_ARTIFACTS = "checkpoint"
+
+
+def resumable_run(run_id: str, running_ok: bool = False) -> Run:
+    """The train run `resume` names, or ConfigError saying why it cannot be continued.
+
+    running_ok: a RUNNING run may be taken over (its process is gone, or its server was lost).
+    """
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ConfigError("resume", f"no run {run_id!r} in {tracking_uri()}") from None
+    found = run.data.tags
+    if "train" not in (found.get(tags.ENTRY_POINT), found.get(tags.PROJECT_ENTRY_POINT)):
+        raise ConfigError("resume", f"run {run_id} is not a train run")
+    if run.info.status not in RESUMABLE + (("RUNNING",) if running_ok else ()):
+        raise ConfigError(
+            "resume", f"run {run_id} is {run.info.status}; only KILLED or FAILED train runs can be resumed"
+        )
+    return run
+
+
+def fetch_checkpoint(run_id: str, into: Path) -> bool:
+    """Downloads the checkpoint a run logged when it stopped (for resuming on another machine)."""
+    if not any(a.path == CHECKPOINT_ARTIFACTS for a in MlflowClient().list_artifacts(run_id)):
+        return False
+    with tempfile.TemporaryDirectory(prefix="cnnexp-ckpt-") as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACTS, dst_path=tmp)
+        shutil.copytree(local, into, dirs_exist_ok=True)
+    return True
+
+
+def log_checkpoint(directory: Path) -> None:
+    if directory.is_dir():
+        mlflow.log_artifacts(str(directory), CHECKPOINT_ARTIFACTS)
+
+
+def link_resumed_run(run_id: str, epoch: int) -> None:
+    """Under `mlflow run -P resume=X` MLflow has made a new run; it stays as a short record pointing to X."""
+    client = MlflowClient()
+    client.set_tag(run_id, tags.RESUMED_FROM_EPOCH, str(epoch))
+    pending = os.environ.get("MLFLOW_RUN_ID")
+    if pending and pending != run_id:
+        resumed = client.get_run(run_id).info.run_name
+        client.set_tag(pending, tags.RESUMED_INTO, run_id)
+        client.set_tag(pending, tags.RUN_NAME, f"resume-of-{resumed}")
+        client.set_tag(pending, tags.NOTE, f"Continued run {run_id} ({resumed}); its metrics and model are there.")
+
+
+def logged_steps(run_id: str, metric: str) -> set[int]:
+    return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}

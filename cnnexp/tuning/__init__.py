@@ -1,0 +1,13 @@
+"""Everything that talks to Optuna, one idea a module; callers import the module they need.
+
+- study: storage, sampler, pruner, the study's settings and data digest, the search space
+- trials: trials run a cohort at a time, each its own MLflow child run, models logged off the training path
+- workers: the call's trial budget, devices and threads, worker processes
+- recovery: heartbeats, trials whose worker died, retries
+- report: the study's summary, trials table and figures on its parent run
+- optuna_private: the one place that leans on Optuna internals
+
+Every trial is an MLflow child run of the study's run; the run's final status is set before Optuna
+records the trial's state, from the same outcome: complete -> FINISHED (once its model is logged),
+pruned -> KILLED (tag pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
+"""

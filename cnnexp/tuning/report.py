@@ -1,0 +1,129 @@
+"""What a study amounts to: its summary, trials table and figures, written on its parent run; progress lines."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import optuna
+import pandas as pd
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial, TrialState
+
+from cnnexp.config import TuneConfig
+from cnnexp.tracking import tags
+from cnnexp.tracking.log import log_config, log_csv, log_dict, log_figure, log_metrics, log_params
+from cnnexp.tracking.models import model_id_of
+from cnnexp.tracking.runs import set_tags, tracked_run
+from cnnexp.tuning.study import study_settings
+
+
+def summary(study: optuna.Study) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    result = {
+        "trials_complete": counts[TrialState.COMPLETE], "trials_pruned": counts[TrialState.PRUNED],
+        "trials_failed": counts[TrialState.FAIL], "trials_total": len(trials),
+    }
+    if counts[TrialState.COMPLETE]:
+        result.update(best_value=study.best_value, best_trial=study.best_trial.number, best_params=study.best_params)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    return (f"{result['trials_complete']} complete, {result['trials_pruned']} pruned, {result['trials_failed']} failed; "
+            f"best val_accuracy {result.get('best_value', float('nan')):.4f}")
+
+
+def progress_text(study: optuna.Study, trial: FrozenTrial) -> str:
+    """One line per finished trial: its params, value, state and the study's best so far."""
+    params = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    reported = trial.intermediate_values  # a pruned trial shows its last reported val accuracy
+    value = trial.value if trial.value is not None else reported.get(max(reported, default=0))
+    shown = "-" if value is None else f"{value:.4f}"
+    try:
+        best_trial = study.best_trial  # one read: other workers finish trials meanwhile
+        best = f"{best_trial.value:.4f} (trial {best_trial.number})"
+    except ValueError:  # no complete trial yet
+        best = "-"
+    state = trial.state.name + (f" at epoch {max(reported)}" if trial.state.name == "PRUNED" and reported else "")
+    return f"trial {trial.number:>3}  {params}  val_acc {shown}  {state}  best {best}"
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Optuna's trials_dataframe() plus each trial's MLflow run id, and its cohort where trials ran in cohorts."""
+    frame = study.trials_dataframe()
+    attrs = [trial.user_attrs for trial in study.get_trials(deepcopy=False)]  # the frame's rows, in order
+    frame["mlflow_run_id"] = [a.get("mlflow_run_id") for a in attrs]
+    if any("cohort" in a for a in attrs):
+        frame["cohort"] = [a.get("cohort") for a in attrs]
+    return frame
+
+
+def figures(study: optuna.Study) -> dict[str, Figure]:
+    """Study figures by file name; a figure Optuna cannot draw yet (too few trials) is left out."""
+    from optuna.visualization import matplotlib as vis  # seconds of import, paid only once a study ends
+
+    makers = {
+        "optimization_history.png": lambda: vis.plot_optimization_history(study),
+        # PED-ANOVA, not the default fANOVA: its random forest took 2 s (import and fit) of a 30 s study.
+        "param_importances.png": lambda: vis.plot_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()),
+        "contour_lr_batch_size.png": lambda: vis.plot_contour(study, params=["lr", "batch_size"]),
+        "slice.png": lambda: vis.plot_slice(study, params=["lr", "batch_size"]),
+        "intermediate_values.png": lambda: vis.plot_intermediate_values(study),
+        "parallel_coordinate.png": lambda: vis.plot_parallel_coordinate(study, params=["lr", "batch_size"]),
+        # One bar per trial over wall time, coloured by state: how workers (and cohorts) spent the study.
+        "timeline.png": lambda: vis.plot_timeline(study),
+    }
+    drawn = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        for name, make in makers.items():
+            try:
+                axes = make()
+            except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
+                optuna.logging.get_logger("cnnexp").warning("figure %s skipped: %s", name, err)
+                continue
+            drawn[name] = np.ravel(axes)[0].figure
+    return drawn
+
+
+def log_study_settings(config: TuneConfig) -> None:
+    """The tune config and the search space on the active (parent) run; the storage without its password."""
+    settings = study_settings(config)
+    log_config(dataclasses.replace(config, storage=settings["storage"]))
+    log_params({k: v for k, v in settings.items() if k not in ("storage", "sampler", "pruner", "study_name")})
+    log_dict(settings, "study.json")
+
+
+def log_outcome(study: optuna.Study) -> dict:
+    """The study's summary, counts and figures on the active (parent) run."""
+    result = summary(study)
+    set_tags({tags.STUDY_STATUS: tags.STUDY_COMPLETE})
+    log_metrics({k: v for k, v in result.items() if k.startswith("trials_") or k == "best_value"})
+    if "best_params" in result:
+        log_params({f"best_{k}": v for k, v in result["best_params"].items()} | {"best_trial": result["best_trial"]})
+    log_dict(result, "summary.json")
+    log_trials_table(study, result)
+    for name, fig in figures(study).items():
+        log_figure(fig, name)
+    return result
+
+
+def log_trials_table(study: optuna.Study, result: dict) -> None:
+    """trials.csv: one row per trial with its MLflow run and model; the best trial's model id as a tag."""
+    trials = trials_table(study)
+    trials["mlflow_model_id"] = [model_id_of(run_id) if run_id else None for run_id in trials["mlflow_run_id"]]
+    log_csv(trials, "trials.csv")
+    if "best_trial" in result:
+        best_model_id = trials.loc[trials["number"] == result["best_trial"], "mlflow_model_id"].iloc[0]
+        if best_model_id:
+            set_tags({tags.BEST_MODEL_ID: best_model_id})
+
+
+def summarise_on_parent(study: optuna.Study, parent_run_id: str) -> dict:
+    """What a worker writes when it sees a `tune --workers 0` study reach its target: the summary that
+    tune could not write, on the parent run it left open."""
+    with tracked_run(run_id=parent_run_id, nested=False):
+        return log_outcome(study)

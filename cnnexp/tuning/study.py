@@ -1,0 +1,201 @@
+"""The study: its storage, sampler and pruner, the settings it keeps for every worker, and its search space."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from cnnexp.config import JUDGED_BY, ConfigError, TuneConfig, WorkerConfig, first_line, verbose
+from cnnexp.tracking.store import redact_url
+from cnnexp.tuning.recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, FailStaleRunAndRetry
+
+OBJECTIVE = JUDGED_BY  # a trial's value is its model's, as compare and the champion rule judge it
+# What `tune` fixes for the whole study; a joining worker takes these from the study, so no machine drifts.
+STUDY_SETTINGS = ("epochs", "lr_min", "lr_max", "batch_min", "batch_max", "sampler", "pruner", "seed", "dataset",
+                  "bf16", "torch_compile")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """What a worker process needs to log its trials under the study's run."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+
+def quiet_optuna() -> None:
+    """Optuna's INFO lines ("A new study created ...") and ExperimentalWarnings (heartbeats on PostgreSQL)
+    stay out of a normal run's output; every process that opens a study passes here, spawned workers too."""
+    if verbose():
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def open_storage(storage: str) -> optuna.storages.BaseStorage:
+    """A plain path is a journal file (multi-process safe, no sqlite locks); a database URL gets heartbeats.
+
+    sqlite is left without them: it is one machine's file, where a dead worker is found by its pid
+    (recovery.recover_dead_trials), and a heartbeat thread per worker would only add lock contention.
+    """
+    quiet_optuna()
+    if "://" not in storage:
+        if not os.path.isdir(os.path.dirname(storage) or "."):
+            raise ConfigError("storage", f"{storage}: directory {os.path.dirname(storage)} does not exist; "
+                                         "create it or choose a path in an existing one")
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    heartbeat = {}
+    if has_heartbeats(storage):
+        heartbeat = dict(heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+                         heartbeat_stale_trial_callback=FailStaleRunAndRetry())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            return optuna.storages.RDBStorage(storage, **heartbeat)
+    except Exception as err:  # SQLAlchemy and drivers raise many kinds; the user needs the first line
+        raise ConfigError("storage", f"cannot open {redact_url(storage)}: {first_line(err)}") from None
+
+
+def has_heartbeats(storage: str) -> bool:
+    """Database URLs other than sqlite: dead workers are found by heartbeat there, by pid elsewhere."""
+    return "://" in storage and not storage.startswith("sqlite")
+
+
+def sampler_seed(seed: int, worker: int, trials_before: int) -> int:
+    """Differs per worker (or parallel workers would propose the same points) and per call: a resumed
+    study has more trials, so it explores new points, and the same sequence of calls repeats exactly."""
+    return int(np.random.SeedSequence([seed, worker % 2**32, trials_before]).generate_state(1)[0])
+
+
+def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if config.sampler == "gp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    # constant_liar (Optuna 5's default, stated): the trials of a cohort are asked before any of them
+    # reports, and each is kept away from the others' points.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
+    if config.pruner == "asha":
+        # The default: replayed over 8 studies on the real sample it saved 46-66% of the epochs (median
+        # 32% for the median pruner, which can prune none of its first 5 trials), losing the best trial
+        # on the same one study as median did (benchmarks/pruner_replay.py, docs/performance.md).
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs)
+    if config.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # fit reports epochs from 1, so a trial can be pruned after its first epoch once 5 trials have finished.
+    return optuna.pruners.MedianPruner(n_startup_trials=5)
+
+
+def load_study(config: TuneConfig, worker: int = 0) -> optuna.Study:
+    study = optuna.create_study(
+        storage=open_storage(config.storage), study_name=config.study_name, direction="maximize",
+        sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(config), load_if_exists=True,
+    )
+    study.sampler = make_sampler(config, sampler_seed(config.seed, worker, len(study.get_trials(deepcopy=False))))
+    return study
+
+
+def with_study_settings(config: TuneConfig) -> TuneConfig:
+    """The config with an existing study's settings for those left at their default; others must match.
+
+    So `tune --study-name s --n-trials 5` extends study s as it was created, without repeating its flags.
+    A value given here (other than the default) that differs from the study's is refused, naming it:
+    the study's trials would no longer be comparable. (Under `mlflow run` every parameter arrives as a
+    flag, so a default counts as not given there too.)
+    """
+    try:
+        stored = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage)).user_attrs
+    except KeyError:  # a new study
+        return config
+    settings = stored.get("settings", {})
+    defaults = TuneConfig()
+    for name, value in settings.items():
+        given = getattr(config, name)
+        if given != value and given != getattr(defaults, name):
+            raise ConfigError(name, f"study {config.study_name!r} was created with {name}={value!r}, got {given!r}"
+                                    f" (leave it out to keep the study's, or use a new study_name to change it)")
+    return dataclasses.replace(config, **settings)
+
+
+def record_for_workers(study: optuna.Study, config: TuneConfig, parent: Parent, data_digest: str) -> int:
+    """Records on the study what a joining worker needs; returns its target count (complete or pruned).
+
+    config has the study's settings already (with_study_settings). The latest `tune` owns the parent run
+    that workers log under.
+    """
+    target = finished_count(study) + config.n_trials
+    attrs = {"settings": {name: getattr(config, name) for name in STUDY_SETTINGS}, "data_digest": data_digest,
+             "mlflow_parent_run_id": parent.run_id, "mlflow_experiment_id": parent.experiment_id, "target_trials": target}
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return target
+
+
+def check_digest(study: optuna.Study, data_digest: str, param: str) -> None:
+    expected = study.user_attrs.get("data_digest")
+    if expected is not None and expected != data_digest:
+        raise ConfigError(param, f"prepared data (digest {data_digest[:12]}) differs from study "
+                                 f"{study.study_name!r}'s (digest {expected[:12]}); prepare the same source")
+
+
+def joined(config: WorkerConfig) -> tuple[optuna.Study, TuneConfig]:
+    """The study a worker joins, and the tune settings it runs with (the study's, plus this machine's own)."""
+    try:
+        study = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage))
+    except KeyError:
+        raise ConfigError("study_name", f"no study {config.study_name!r} in {redact_url(config.storage)}; "
+                                        "create it with `cnnexp tune`") from None
+    if "settings" not in study.user_attrs:
+        raise ConfigError("study_name", f"study {config.study_name!r} was not created by `cnnexp tune`")
+    local = {name: getattr(config, name) for name in ("storage", "study_name", "timeout", "workers", "cohort", "device", "data_dir", "source")}
+    return study, TuneConfig(**study.user_attrs["settings"], **local, n_trials=max(config.n_trials, 1))
+
+
+def joining_offset() -> int:
+    """A sampler-seed offset that differs between joining processes on any machines (host and pid)."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def reached_target(study: optuna.Study, target: int) -> bool:
+    """The study has its target of complete or pruned trials and none still running anywhere."""
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    return states[TrialState.COMPLETE] + states[TrialState.PRUNED] >= target and not states[TrialState.RUNNING]
+
+
+def search_space(config: TuneConfig) -> dict:
+    return {"lr": {"low": config.lr_min, "high": config.lr_max, "log": True}, "batch_size": config.batch_sizes}
+
+
+def suggest(trial: optuna.Trial, config: TuneConfig) -> dict:
+    return {
+        "lr": trial.suggest_float("lr", config.lr_min, config.lr_max, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", config.batch_sizes),
+    }
+
+
+def study_settings(config: TuneConfig) -> dict:
+    """Parent-run params: the search space and how it is searched (storage without password)."""
+    return {
+        "search_space": search_space(config), "sampler": config.sampler, "pruner": config.pruner,
+        "storage": redact_url(config.storage), "study_name": config.study_name, "objective": f"maximize {OBJECTIVE}",
+    }

@@ -1,0 +1,173 @@
+"""Where trials run: the call's trial budget, each worker's device and threads, and the worker processes."""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import Counter
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from cnnexp.config import DEFAULT_COHORT, TuneConfig
+from cnnexp.data import PreparedData, load_prepared
+from cnnexp.devices import resolve_device
+from cnnexp.tracking.store import quiet_mlflow, use_tracking_uri
+from cnnexp.tuning.recovery import GRACE_PERIOD_S, recover_dead_trials
+from cnnexp.tuning.study import Parent, has_heartbeats, load_study, quiet_optuna
+from cnnexp.tuning.trials import CohortRunner, TrialCallback
+
+WAIT_POLL_S = 5  # how often a worker with nothing to start checks the study again
+
+
+class TrialBudget:
+    """The trials this call may still start, shared by its local worker processes: each claims a cohort's
+    worth before starting it, so the call runs exactly n_trials, and a worker that started late (a spawned
+    process imports for seconds) or drew short trials (pruned, large batches) takes more of them."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext, n_trials: int):
+        self.remaining = context.Value("i", n_trials)
+
+    def claim(self, wanted: int = 1) -> int:
+        """Up to `wanted` trials; 0 when the budget is spent."""
+        with self.remaining.get_lock():
+            granted = max(0, min(wanted, self.remaining.value))
+            self.remaining.value -= granted
+            return granted
+
+
+def worker_device(name: str, worker: int) -> torch.device:
+    """With several GPUs, worker i takes GPU i mod count; an explicit cuda:N is honoured for all."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", worker % torch.cuda.device_count())
+    return device
+
+
+def cohort_size(config: TuneConfig, device: torch.device) -> int:
+    """The cohort parameter, or (0) the measured default for the device (benchmarks/README.md)."""
+    return config.cohort or DEFAULT_COHORT.get(device.type, DEFAULT_COHORT["cpu"])
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int) -> int:
+    """N workers on C cores: C // N threads each, or they oversubscribe the cores and all slow down.
+    OMP_NUM_THREADS, where set, is this process's share of the host (scripts/local-cluster.sh sets it
+    for the `cnnexp worker` processes it starts side by side)."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or cpu_cores()) // max(workers, 1))
+
+
+def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget, callbacks: list[TrialCallback],
+               target: int | None = None, sampler_offset: int = 0, data: PreparedData | None = None) -> None:
+    """Cohorts while the call's budget lasts, or (with a target) until the study has `target` complete
+    or pruned trials. Waits for its models to be logged. `data`: the caller's, if it has loaded it already."""
+    torch.set_num_threads(threads_per_worker(config.workers))
+    quiet_optuna()  # --verbose keeps Optuna's per-trial lines, in spawned workers too
+    data = data or load_prepared(config.data_dir, config.dataset)
+    study = load_study(config, worker + sampler_offset)
+    device = worker_device(config.device, worker)
+    runner = CohortRunner(study, config, data, device, parent, callbacks)
+    size = cohort_size(config, device)
+    try:
+        if target is None:
+            deadline = time.monotonic() + config.timeout if config.timeout else math.inf
+            while time.monotonic() < deadline and (granted := budget.claim(size)):
+                runner.run(granted)
+        else:
+            run_until(study, runner, target, size, config)
+    finally:
+        runner.close()
+
+
+def run_until(study: optuna.Study, runner: CohortRunner, target: int, size: int, config: TuneConfig) -> None:
+    """Cohorts until the study has `target` complete or pruned trials, however many machines take part.
+
+    A trial running elsewhere counts as on its way; the worker waits for it rather than leaving, since
+    if that worker died, its trial is failed and re-queued (heartbeat or pid check) and someone must run
+    the retry, even when the others have reached the target meanwhile: nothing is left WAITING.
+    A worker never starts more than `target` trials itself (a study that only fails must end).
+    """
+    deadline = time.monotonic() + config.timeout if config.timeout else math.inf
+    started = 0
+    while started < target and time.monotonic() < deadline:
+        states = Counter(t.state for t in study.get_trials(deepcopy=False))
+        finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+        missing = target - finished - states[TrialState.RUNNING]
+        if states[TrialState.WAITING] or missing > 0:
+            # Optuna hands out waiting (retried) trials first.
+            granted = min(size, max(states[TrialState.WAITING], missing), target - started)
+            runner.run(granted)
+            started += granted
+            continue
+        if finished >= target:
+            return
+        if has_heartbeats(config.storage):
+            optuna.storages.fail_stale_trials(study)
+        else:
+            recover_dead_trials(study)
+        time.sleep(WAIT_POLL_S)
+
+
+def spawned_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget,
+                   callbacks: list[TrialCallback], target: int | None, sampler_offset: int) -> None:
+    """Entry of a worker process: the parent's store, and SIGTERM (how `mlflow run` stops) as Ctrl-C,
+    so its running trials end KILLED and are queued again instead of staying RUNNING."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    use_tracking_uri(parent.tracking_uri)
+    quiet_mlflow()
+    try:
+        run_worker(config, parent, worker, budget, callbacks, target, sampler_offset)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the trials are recorded as interrupted; the parent prints the one line
+
+
+def workers_to_spawn(config: TuneConfig, size: int, target: int | None) -> range:
+    """Worker numbers 1.. of the processes worth starting: none that could not get a cohort of its own."""
+    if target is not None:
+        return range(1, config.workers)
+    return range(1, min(config.workers, math.ceil(config.n_trials / size)))
+
+
+def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None,
+                sampler_offset: int = 0, data: PreparedData | None = None) -> None:
+    """Worker 0 runs here (on `data`, where the caller has loaded it); the others are spawned processes on
+    the same storage and parent run.
+
+    Worker i seeds its sampler from seed + sampler_offset + i and the study's trial count: joining
+    workers on other machines pass an offset of their own (joining_offset), or every machine's worker 0
+    would propose the same points.
+
+    First, trials that a dead worker of this machine left RUNNING are failed and queued again (on a
+    storage with heartbeats, Optuna does that itself, for every machine).
+    """
+    if not has_heartbeats(config.storage):
+        recover_dead_trials(load_study(config))
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
+    budget = TrialBudget(context, config.n_trials)
+    size = cohort_size(config, worker_device(config.device, 0))
+    others = [
+        context.Process(target=spawned_worker, args=(config, parent, i, budget, callbacks, target, sampler_offset),
+                        name=f"tune-worker-{i}")
+        for i in workers_to_spawn(config, size, target)
+    ]
+    for process in others:
+        process.start()
+    try:
+        run_worker(config, parent, 0, budget, callbacks, target, sampler_offset, data)
+    finally:
+        for process in others:
+            process.join()
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in others if p.exitcode not in (0, 130)]
+    if failed:
+        if has_heartbeats(config.storage):
+            orphans = f"failed and queued again by heartbeat within {GRACE_PERIOD_S} s"
+        else:
+            orphans = f"now FAILED and queued again: {recover_dead_trials(load_study(config)) or 'none'}"
+        raise RuntimeError(f"worker processes ended abnormally: {', '.join(failed)}; trials they left running {orphans}")

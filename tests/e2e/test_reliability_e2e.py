@@ -1,0 +1,97 @@
+"""Real processes: Ctrl-C under `mlflow run` then resume, and three trainings at once in one directory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from helpers import REPO, metric_histories, mlflow_run_command, subprocess_env, write_idx_dir
+from pipelines.common import flag
+
+
+
+def _runs(work):
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    return MlflowClient().search_runs(experiment_ids=["0"], order_by=["attributes.start_time ASC"])
+
+
+def _final_status(run_id, wait_s=60):
+    """The status once our helper has undone `mlflow run`'s late FAILED (mlflow_private.keep_killed_after_mlflow_run)."""
+    deadline = time.monotonic() + wait_s
+    while (status := MlflowClient().get_run(run_id).info.status) != "KILLED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return status
+
+
+def test_ctrl_c_under_mlflow_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+    work, env = tmp_path, {**subprocess_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    source = write_idx_dir(tmp_path / "idx", n_train=1500)
+    paths = {"data_dir": tmp_path / "data", "checkpoint_dir": tmp_path / "checkpoints"}
+    params = {"epochs": 4, "batch_size": 50, "device": "cpu", "source": source, **paths}
+    straight = subprocess.run(mlflow_run_command("train", **params), cwd=work, env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    # Ctrl-C in a terminal signals the whole foreground process group: mlflow run, bash and python.
+    proc = subprocess.Popen(
+        mlflow_run_command("train", **params), cwd=work, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("epoch"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    output = line + proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    first, stopped = _runs(work)
+    assert _final_status(stopped.info.run_id) == "KILLED", output[-3000:]
+    pointer = json.loads((work / "checkpoints" / stopped.info.run_id / "checkpoint.json").read_text())
+    assert 1 <= pointer["epoch"] < 4, "the interrupt should land mid-training"
+
+    done = subprocess.run(
+        mlflow_run_command("train", resume=stopped.info.run_id, device="cpu", **paths),
+        cwd=work, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, resumed, record = _runs(work)
+    assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
+    assert record.data.tags["resumed_into"] == stopped.info.run_id and record.info.status == "FINISHED"
+    assert metric_histories(resumed.info.run_id) == metric_histories(first.info.run_id)  # exact, step by step
+    assert [a.path for a in MlflowClient().list_artifacts(resumed.info.run_id, "model")]
+
+
+def _module_command(entry, **params):
+    """`python -m pipelines.<entry>`, as `cnnexp <entry>` runs it, with the same flags as `mlflow run`."""
+    return [sys.executable, "-m", f"pipelines.{entry}"] + [a for k, v in params.items() for a in (flag(k), str(v))]
+
+
+def test_three_trainings_at_once_in_one_directory_lose_nothing(tmp_path):
+    """All three prepare the data and create the store at the same time.
+
+    (Three `mlflow run`s cannot create a store together: their own process, not ours, migrates the
+    tables and races. The README says to create it first; once it exists they share it like these.)
+    """
+    work, env = tmp_path, {**subprocess_env(tmp_path), "PYTHONPATH": str(REPO)}
+    source = write_idx_dir(tmp_path / "idx")
+    # `mlflow run` runs in the project checkout, so relative paths would land there.
+    paths = {"data_dir": tmp_path / "data", "checkpoint_dir": tmp_path / "checkpoints"}
+    procs = [
+        subprocess.Popen(
+            _module_command("train", epochs=3, batch_size=50, seed=seed, device="cpu", source=source, **paths),
+            cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for seed in range(3)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+        assert "database is locked" not in output
+    runs = _runs(work)
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert all([s for s, _ in h] == [1, 2, 3] for h in metric_histories(run.info.run_id).values())
+    assert len({r.data.tags["data_digest"] for r in runs}) == 1

@@ -1,0 +1,258 @@
+"""Scale out for real: worker processes on PostgreSQL Optuna storage and an `mlflow server` on loopback
+(marked postgres), and a SIGKILLed worker on the default local stores."""
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from helpers import REPO, assert_optuna_and_mlflow_agree, subprocess_env, use_tracking_uri, write_idx_dir
+from cnnexp.tuning.study import open_storage
+from pipelines import tune, worker
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+INITDB = glob.glob("/usr/lib/postgresql/*/bin/initdb")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """PostgreSQL + `mlflow server` (PostgreSQL backend, proxied artifacts) by scripts/local-cluster.sh, once."""
+    if not INITDB:
+        pytest.skip("PostgreSQL server binaries absent (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
+    # Not under pytest's tmp_path: as root the cluster belongs to `postgres`, which cannot enter root's 0700 dirs.
+    directory = Path(tempfile.mkdtemp(prefix="cnnexp-cluster-"))
+    directory.chmod(0o755)
+    env = {**os.environ, "PGPORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = [str(REPO / "scripts" / "local-cluster.sh")]
+    up = subprocess.run(script + ["up", str(directory)], env=env, capture_output=True, text=True, timeout=400)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
+                       if line.startswith("export "))
+        yield exports
+    finally:
+        subprocess.run(script + ["down", str(directory)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def cnnexp(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
+
+
+def cluster_env(cluster: dict, work: Path) -> dict:
+    env = subprocess_env(work)
+    env["MLFLOW_TRACKING_URI"] = cluster["MLFLOW_TRACKING_URI"]
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def create_study(cluster, work, name, n_trials, epochs) -> tuple[list[str], optuna.Study]:
+    """`tune --workers 0`: the study, its settings and its parent run; returns the flags workers share."""
+    source = write_idx_dir(work / "idx", n_train=200, n_test=50)
+    common = ["--storage", cluster["OPTUNA_STORAGE"], "--study-name", name]
+    done = subprocess.run(cnnexp("tune", *common, "--workers", "0", "--n-trials", n_trials, "--epochs", epochs,
+                                 "--batch-min", "16", "--batch-max", "64", "--source", source, "--data-dir", work / "data"),
+                          cwd=work, env=cluster_env(cluster, work), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [*common, "--source", str(source)], optuna.load_study(study_name=name, storage=cluster["OPTUNA_STORAGE"])
+
+
+def start_worker(cluster, work, common, index, *args) -> subprocess.Popen:
+    # Each worker prepares its own copy of the data, as a separate machine would.
+    return subprocess.Popen(cnnexp("worker", *common, "--data-dir", work / f"data-{index}", *args), cwd=work,
+                            env=cluster_env(cluster, work), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def children(client: MlflowClient, study: optuna.Study):
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000)
+    return parent, runs
+
+
+# --- fast: joining on the default local stores ------------------------------------------------
+
+def test_a_worker_joins_the_study_tune_created_and_runs_until_its_trial_count(workdir, tmp_path, capsys):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    settings = ["--epochs", "1", "--pruner", "none", "--batch-min", "32", "--batch-max", "64"]
+    assert tune.cli(["--workers", "0", "--n-trials", "3", *settings, "--source", str(source)]) == 0
+    study = optuna.load_study(study_name="cnnexp-tune", storage=open_storage("optuna-journal.log"))
+    assert not study.trials and study.user_attrs["target_trials"] == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    waiting = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert (waiting.info.status, waiting.data.tags["study_status"]) == ("RUNNING", "waiting for workers")
+    # Another "machine": its own data directory, prepared on first use from the same source.
+    assert worker.cli(["--source", str(source), "--data-dir", "data-elsewhere"]) == 0
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state in FINISHED for t in trials)
+    parent, runs = children(client, study)
+    assert parent.data.tags["mlflow.runName"] == "tune-cnnexp-tune"
+    assert_optuna_and_mlflow_agree(study, runs, client)
+    # The worker that saw the study reach its target summarised it on the parent and ended it.
+    assert (parent.info.status, parent.data.tags["study_status"]) == ("FINISHED", "complete")
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["trials_complete"] == 3
+    assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    capsys.readouterr()
+
+    # Settings and data stay the study's: a drifting tune or a worker on other data is refused.
+    assert tune.cli(["--workers", "0", "--n-trials", "3", *settings[:-4], "--batch-min", "64", "--source", str(source)]) == 2
+    assert "batch_min: study 'cnnexp-tune' was created with batch_min=32, got 64" in capsys.readouterr().err
+    other = write_idx_dir(tmp_path / "other", n_train=300, n_test=50)
+    assert worker.cli(["--source", str(other), "--data-dir", "data-other"]) == 2
+    assert "source: prepared data (digest" in capsys.readouterr().err
+    assert worker.cli(["--study-name", "nope"]) == 2
+    assert "study_name: no study 'nope' in optuna-journal.log" in capsys.readouterr().err
+    assert len(study.get_trials()) == 3
+
+
+# --- slow: PostgreSQL and an mlflow server ----------------------------------------------------
+
+@pytest.mark.postgres
+def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `runs:/` model URIs resolve through the default tracking URI too
+    use_tracking_uri(monkeypatch, cluster["MLFLOW_TRACKING_URI"])
+    common, study = create_study(cluster, tmp_path, "three-workers", n_trials=12, epochs=2)
+    started = time.monotonic()
+    workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 4) for i in range(3)]
+    outputs = [w.communicate(timeout=400)[0] for w in workers]
+    print(f"12 trials on 3 workers: {time.monotonic() - started:.1f} s")
+    assert [w.returncode for w in workers] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert all(o.count("\ntrial ") + o.startswith("trial ") == 4 for o in outputs)
+
+    trials = study.get_trials()
+    assert len(trials) == 12 and all(t.state in FINISHED for t in trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 3
+    client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
+    parent, runs = children(client, study)
+    assert_optuna_and_mlflow_agree(study, runs, client)
+    # Artifacts go through the server: the parent's settings file and a trial's model come back over HTTP.
+    settings = client.download_artifacts(parent.info.run_id, "study.json", str(tmp_path))
+    assert json.loads(Path(settings).read_text())["study_name"] == "three-workers"
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{best_run}/model", dst_path=str(tmp_path / "model"),
+                                                tracking_uri=cluster["MLFLOW_TRACKING_URI"])
+    assert (Path(local) / "MLmodel").is_file()
+
+
+def wait_for_trial_mid_training(study: optuna.Study, pid: int, timeout: float = 300) -> optuna.trial.FrozenTrial:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trial in study.get_trials(states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("worker", {}).get("pid") == pid and trial.intermediate_values:
+                return trial
+        time.sleep(0.2)
+    raise AssertionError(f"no trial of process {pid} got past its first epoch in {timeout} s")
+
+
+@pytest.mark.postgres
+def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp_path):
+    common, study = create_study(cluster, tmp_path, "killed-worker", n_trials=8, epochs=4)
+    # Until the study has 8; one trial at a time each, so the victim holds exactly one when it dies.
+    workers = [start_worker(cluster, tmp_path, common, i, "--cohort", "1") for i in range(3)]
+    victim = workers[0]
+    killed = wait_for_trial_mid_training(study, victim.pid)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = time.monotonic()
+    outputs = [w.communicate(timeout=400)[0] for w in workers[1:]]
+    assert [w.returncode for w in workers[1:]] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed.number].state == TrialState.FAIL
+    (retry,) = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.state in FINISHED and retry.params == killed.params
+    print(f"killed trial {killed.number} retried as {retry.number}, which ended "
+          f"{retry.datetime_complete:%H:%M:%S}; workers done {time.monotonic() - killed_at:.0f} s after the kill")
+    assert sum(t.state in FINISHED for t in trials.values()) >= 8
+    assert not [t for t in trials.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
+    _, runs = children(client, study)
+    assert_optuna_and_mlflow_agree(study, runs, client, killed=killed.number)
+    stale = client.get_run(killed.user_attrs["mlflow_run_id"])
+    assert stale.info.status == "FAILED" and "no heartbeat" in stale.data.tags["error"]
+    assert retry.user_attrs["mlflow_run_id"] != stale.info.run_id
+
+
+# Loaded through PYTHONPATH into the killed process: its first model upload then hangs, so the SIGKILL
+# lands after training, while the trial's model is being logged (the window of a half-finished trial).
+HANG_ON_MODEL_LOGGING = """
+import time, cnnexp.tuning.trials as trials
+def log_model_and_finish(run_id, *args):
+    print("LOGGING", run_id, flush=True)
+    time.sleep(600)
+trials.log_model_and_finish = log_model_and_finish
+"""
+
+
+def wait_for_model_logging(process: subprocess.Popen, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        if line.startswith("LOGGING "):
+            return line.split()[1]
+        assert time.monotonic() < deadline, "no trial finished training"
+    raise AssertionError("the tune process ended before logging a model")
+
+
+@pytest.mark.parametrize("when", ["mid-training", "while its model is logged"])
+def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_journal(when, workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    epochs = "6" if when == "mid-training" else "1"
+    args = ["--epochs", epochs, "--pruner", "none", "--sampler", "random", "--cohort", "2", "--source", str(source)]
+    env = {**subprocess_env(workdir), "PYTHONPATH": str(REPO)}
+    if when != "mid-training":
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text("import cnnexp.tracking\n" + HANG_ON_MODEL_LOGGING)
+        env["PYTHONPATH"] = f"{hook}{os.pathsep}{REPO}"
+    first = subprocess.Popen(cnnexp("tune", "--n-trials", "2", *args), cwd=workdir, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    journal = str(workdir / "optuna-journal.log")
+    if when == "mid-training":
+        deadline = time.monotonic() + 120
+        while not (Path(journal).exists() and "cnnexp-tune" in optuna.get_all_study_names(open_storage(journal))):
+            assert time.monotonic() < deadline, "the first tune never created its study"
+            time.sleep(0.2)
+        study = optuna.load_study(study_name="cnnexp-tune", storage=open_storage(journal))
+        wait_for_trial_mid_training(study, first.pid)
+    else:
+        wait_for_model_logging(first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    study = optuna.load_study(study_name="cnnexp-tune", storage=open_storage(journal))
+    killed = study.get_trials()
+    # Neither trial counts as complete: a trial is complete only once its model is in.
+    assert [t.state for t in killed] == [TrialState.RUNNING] * 2
+
+    assert tune.cli(["--n-trials", "2", *args]) == 0  # the next tune recovers both and runs them first
+    study = optuna.load_study(study_name="cnnexp-tune", storage=open_storage(journal))
+    trials = study.get_trials()
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    for trial in killed:  # each member of the killed cohort on its own: failed in both stores, retried
+        assert trials[trial.number].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == trial.number]
+        assert retry.state == TrialState.COMPLETE and retry.params == trial.params
+        stale = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert stale.info.status == "FAILED" and "worker process died" in stale.data.tags["error"]
+        run = client.get_run(retry.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["retry_of"] == str(trial.number)
+        mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")

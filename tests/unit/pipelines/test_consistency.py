@@ -1,0 +1,92 @@
+"""MLproject, the CLI, conda.yaml and the README agree with the one config and pyproject."""
+import dataclasses
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from cnnexp import config as cfg
+from pipelines import cli
+from pipelines.common import flag
+from helpers import REPO
+
+ENTRY_POINT_CONFIGS = {
+    "prepare": cfg.PrepareConfig, "train": cfg.TrainConfig, "evaluate": cfg.EvaluateConfig, "main": cfg.MainConfig,
+    "tune": cfg.TuneConfig,
+}
+MLFLOW_TYPES = {"str": "string", "int": "int", "float": "float", "bool": "string"}
+
+
+def _mlproject():
+    return yaml.safe_load((REPO / "MLproject").read_text())
+
+
+@pytest.mark.parametrize("entry, config_class", ENTRY_POINT_CONFIGS.items())
+def test_mlproject_parameters_match_the_config(entry, config_class):
+    spec = _mlproject()["entry_points"][entry]
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    assert set(spec["parameters"]) == set(fields)
+    for name, param in spec["parameters"].items():
+        assert param["default"] == fields[name].default, name
+        assert param["type"] == MLFLOW_TYPES[fields[name].type], name
+        assert f"{flag(name)} {{{name}}}" in spec["command"], name
+
+
+@pytest.mark.parametrize("entry, config_class", ENTRY_POINT_CONFIGS.items())
+def test_cli_flags_and_defaults_match_the_config(entry, config_class):
+    assert entry in cli.COMMANDS
+    module = __import__(cli.COMMANDS[entry][0], fromlist=["cli"])
+    parser = module.make_parser(entry, "", config_class)
+    defaults = vars(parser.parse_args([]))
+    for f in dataclasses.fields(config_class):
+        assert defaults[f.name] == f.default
+
+
+def test_conda_env_lists_the_same_requirements_as_pyproject():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(pip_section) == sorted(pyproject["project"]["dependencies"])
+    assert "python=3.11" in conda["dependencies"]
+
+
+PARAMETERS_DOC = REPO / "docs" / "parameters.md"  # the full parameter reference, linked from README
+
+
+def test_readme_links_the_parameter_reference():
+    assert "(docs/parameters.md)" in (REPO / "README.md").read_text()
+
+
+def test_readme_states_the_train_defaults():
+    readme = PARAMETERS_DOC.read_text()
+    for f in dataclasses.fields(cfg.TrainConfig):
+        if f.name in ("lr", "batch_size", "epochs"):
+            assert re.search(rf"`{f.name}`[^\n|]*\|\s*`?{re.escape(str(f.default))}`?", readme), f.name
+
+
+def test_readme_leads_with_install_main_job_and_tests():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert 'pip install -e ".[dev]"' in blocks[0]
+    assert "mlflow run . -e" in blocks[1]
+    assert blocks[2].strip() == "pytest"
+
+
+# `worker` has no MLproject entry point: `mlflow run` would open a run of its own, and a worker's
+# trials belong to the study's parent run.
+CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig}
+
+
+@pytest.mark.parametrize("entry, config_class", CLI_ONLY_CONFIGS.items())
+def test_cli_only_commands_match_their_config(entry, config_class):
+    test_cli_flags_and_defaults_match_the_config(entry, config_class)
+    assert entry not in _mlproject()["entry_points"]
+
+
+def test_readme_tables_list_every_worker_parameter_with_its_default():
+    readme = PARAMETERS_DOC.read_text()
+    section = readme[readme.index("### `worker`"):readme.index("### `evaluate`")]
+    for f in dataclasses.fields(cfg.WorkerConfig):
+        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default) or "(empty)"
+        assert re.search(rf"\| `{f.name}` \| `?{re.escape(default)}`? \|", section), f.name

@@ -1,0 +1,31 @@
+"""The tune entry point in-process: refusals before any run, and the best configuration retrained as steps."""
+import mlflow
+import pytest
+import torch
+
+from helpers import client_of, parent_and_children, write_idx_dir
+from pipelines import tune
+
+
+def test_a_bad_tune_parameter_is_one_line_exit_2_and_no_store_opened(workdir, capsys):
+    (workdir / "mlflow.db").unlink()
+    assert tune.cli(["--lr-min", "0.1", "--lr-max", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lr_min: must be below lr_max" in err and "\n" not in err
+    assert not (workdir / "mlflow.db").exists()  # no run was started, not even the store opened
+
+
+def test_retrain_best_runs_the_train_and_evaluate_steps_under_the_study(workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    args = ["--n-trials", "2", "--epochs", "1", "--pruner", "none", "--retrain-best", "true", "--source", str(source)]
+    assert tune.cli(args) == 0
+    (parent,), children = parent_and_children(workdir)
+    kinds = {r.info.run_name.split("-")[0]: r for r in children[parent.info.run_id]}
+    trained, scored = kinds["train"], kinds["evaluate"]
+    assert trained.info.status == scored.info.status == "FINISHED"
+    assert scored.data.tags["scored_run_id"] == trained.info.run_id
+    assert float(trained.data.params["lr"]) == pytest.approx(float(parent.data.params["best_lr"]))
+    test_accuracy = client_of(workdir).get_run(trained.info.run_id).data.metrics["test_accuracy"]
+    assert parent.data.metrics["best_test_accuracy"] == pytest.approx(test_accuracy)
+    model = mlflow.pytorch.load_model(f"runs:/{trained.info.run_id}/model")
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)

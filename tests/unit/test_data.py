@@ -1,0 +1,157 @@
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnexp.config import PrepareConfig
+from cnnexp.data import SAMPLE, SAMPLE_DIR, DataError, load_prepared, prepare, stratified_split
+from helpers import BAD_FILES, EXPECTED_FILE, REPO, write_idx_dir
+
+
+def _prepare(source, data_dir, **kwargs):
+    return prepare(PrepareConfig(source=str(source), data_dir=str(data_dir), **kwargs))
+
+
+def test_prepare_splits_checks_and_records(idx_source, tmp_path):
+    data, reused = _prepare(idx_source, tmp_path / "data")
+    assert not reused
+    counts = {name: len(split) for name, split in data.splits.items()}
+    assert counts == {"train": 360, "val": 40, "test": 100}
+    assert data.splits["train"].images.dtype == torch.uint8
+    manifest = json.loads((data.path / "manifest.json").read_text())
+    assert manifest["inputs"]["dataset"] == "fashion-mnist" and manifest["inputs"]["seed"] == 0
+    assert set(manifest["inputs"]["source_sha256"]) == {p.name for p in idx_source.iterdir()}
+    assert manifest["splits"]["val"]["per_class"] == [4] * 10  # stratified: 10% of 40 per class
+    assert manifest["classes"][0] == "T-shirt/top"
+
+
+def test_prepare_again_with_same_inputs_reuses_and_other_seed_redoes(idx_source, tmp_path):
+    first, _ = _prepare(idx_source, tmp_path / "data")
+    again, reused = _prepare(idx_source, tmp_path / "data")
+    assert reused and again.digest == first.digest
+    other, reused = _prepare(idx_source, tmp_path / "data", seed=1)
+    assert not reused and other.digest != first.digest
+
+
+def test_uncompressed_and_gzipped_files_give_the_same_data(tmp_path):
+    gz, _ = _prepare(write_idx_dir(tmp_path / "gz", gz=True), tmp_path / "a")
+    raw, _ = _prepare(write_idx_dir(tmp_path / "raw", gz=False), tmp_path / "b")
+    assert gz.digest == raw.digest
+
+
+def test_stratified_split_is_seeded_and_disjoint():
+    labels = torch.arange(1000) % 10
+    train_a, val_a = stratified_split(labels, 0.2, seed=3)
+    train_b, val_b = stratified_split(labels, 0.2, seed=3)
+    assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
+    assert len(set(train_a.tolist()) & set(val_a.tolist())) == 0
+    assert torch.bincount(labels[val_a]).tolist() == [20] * 10
+    assert not torch.equal(stratified_split(labels, 0.2, seed=4)[1], val_a)
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_source_file_is_named_and_nothing_is_left_behind(case, idx_source, tmp_path):
+    BAD_FILES[case](idx_source)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        _prepare(idx_source, data_dir)
+    message = str(err.value)
+    assert EXPECTED_FILE[case] in message and "\n" not in message
+    leftovers = [p.name for p in data_dir.iterdir() if not p.name.endswith(".lock")] if data_dir.exists() else []
+    assert leftovers == []
+
+
+def test_bad_file_does_not_destroy_earlier_prepared_data(idx_source, tmp_path):
+    good, _ = _prepare(idx_source, tmp_path / "data")
+    BAD_FILES["truncated"](idx_source)
+    with pytest.raises(DataError):
+        _prepare(idx_source, tmp_path / "data")
+    assert load_prepared(tmp_path / "data", "fashion-mnist").digest == good.digest
+
+
+def test_altered_prepared_file_is_refused(idx_source, tmp_path):
+    data, _ = _prepare(idx_source, tmp_path / "data")
+    with open(data.path / "val.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(DataError, match="altered"):
+        load_prepared(tmp_path / "data", "fashion-mnist")
+
+
+def test_failed_download_says_so_and_shows_source(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def no_network(self, *args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.MNIST, "download", no_network)  # fashion-mnist would fall back to the sample
+    with pytest.raises(DataError, match="download of mnist failed.*--env-manager local -P source="):
+        prepare(PrepareConfig(dataset="mnist", data_dir=str(tmp_path / "data")))
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def half_a_download(self, *args, **kwargs):
+        os.makedirs(self.raw_folder, exist_ok=True)
+        Path(self.raw_folder, "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
+        raise RuntimeError("Error downloading train-labels-idx1-ubyte.gz")
+
+    monkeypatch.setattr(tvd.MNIST, "download", half_a_download)
+    (tmp_path / "old").mkdir()
+    for data_dir in (tmp_path / "new" / "dir", tmp_path / "old"):
+        with pytest.raises(DataError, match="download of mnist failed"):
+            prepare(PrepareConfig(dataset="mnist", data_dir=str(data_dir)))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["old", "old/.mnist.lock"]
+
+
+def test_prepared_data_follows_the_umask(idx_source, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        data, _ = _prepare(idx_source, tmp_path / "data")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(data.path.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in data.path.iterdir())
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "kmnist"])
+def test_other_torchvision_datasets_read_the_same_files(dataset, idx_source, tmp_path):
+    data, _ = _prepare(idx_source, tmp_path / "data", dataset=dataset)
+    assert data.path.name == dataset and len(data.classes) == 10
+
+
+def test_the_bundled_sample_prepares_as_its_own_dataset(tmp_path):
+    data, _ = prepare(PrepareConfig(dataset=SAMPLE, data_dir=str(tmp_path / "data")))
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 3443
+    assert len(data.splits["test"]) == 1000
+    assert data.path.name == SAMPLE and data.classes[0] == "T-shirt/top"
+
+
+def test_the_bundled_sample_ships_with_the_package_and_says_where_it_comes_from():
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cnnexp"]
+    shipped = {p.name for pattern in globs for p in (REPO / "cnnexp").glob(pattern)}
+    assert shipped == {p.name for p in SAMPLE_DIR.iterdir()}
+    notice = (SAMPLE_DIR / "README.md").read_text()
+    assert "Zalando Research" in notice and "MIT License" in notice
+
+
+def test_a_failed_fashion_mnist_download_falls_back_to_the_sample(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    from cnnexp.data import stand_in_notice
+
+    def no_network(self, *args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
+    data, _ = prepare(PrepareConfig(data_dir=str(tmp_path / "data")))
+    assert data.path.name == "fashion-mnist" and data.manifest["inputs"]["dataset"] == SAMPLE
+    assert not (tmp_path / "data" / "downloads").exists()
+    notice = stand_in_notice(data, "fashion-mnist")
+    assert "using the bundled 4,443-image fashion-mnist-sample instead" in notice and "for the full set" in notice
+    assert stand_in_notice(data, SAMPLE) is None

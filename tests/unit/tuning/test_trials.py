@@ -1,0 +1,138 @@
+"""cnnexp.tuning.trials through tune: cohorts, divergence, pruning, models before completion, Ctrl-C."""
+import mlflow
+import optuna
+import pytest
+import torch
+
+from cnnexp.train import NonFiniteLoss
+from cnnexp.tuning import study as study_module
+from cnnexp.tuning import trials
+from helpers import (assert_optuna_and_mlflow_agree, assert_study_table_and_figures, client_of, parent_and_children,
+                     points_of, study_of, write_idx_dir)
+from pipelines import tune
+
+
+def _diverging_at_batch_16(monkeypatch):
+    """fit (a lone trial) and fit_cohort (a cohort's members) diverge wherever the batch size is 16."""
+    real_fit, real_fit_cohort = trials.fit, trials.fit_cohort
+
+    def fit(state, train, val, *, batch_size, **options):
+        if batch_size == 16:
+            raise NonFiniteLoss(1, float("nan"))
+        return real_fit(state, train, val, batch_size=batch_size, **options)
+
+    def fit_cohort(cohort, train, val, *, on_epoch_end, **options):
+        def diverge(results):
+            return on_epoch_end({i: NonFiniteLoss(1, float("nan")) if cohort.members[i].batch_size == 16 else r
+                                 for i, r in results.items()})
+        return real_fit_cohort(cohort, train, val, on_epoch_end=diverge, **options)
+
+    monkeypatch.setattr(trials, "fit", fit)
+    monkeypatch.setattr(trials, "fit_cohort", fit_cohort)
+
+
+@pytest.mark.parametrize("cohort", [1, 3])
+def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(cohort, workdir, tmp_path, monkeypatch):
+    _diverging_at_batch_16(monkeypatch)
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    args = ["--n-trials", "6", "--epochs", "2", "--batch-min", "16", "--batch-max", "32", "--cohort", str(cohort),
+            "--pruner", "none", "--sampler", "random", "--source", str(source)]
+    assert tune.cli(args) == 0
+    study = study_of(workdir)
+    states = [t.state.name for t in study.trials]
+    assert "FAIL" in states and "COMPLETE" in states and len(states) == 6
+    (parent,), children = parent_and_children(workdir)
+    assert_optuna_and_mlflow_agree(study, children[parent.info.run_id], client_of(workdir))
+    failed = [r for r in children[parent.info.run_id] if r.info.status == "FAILED"]
+    assert all("training loss became nan" in r.data.tags["error"] for r in failed)
+    assert {r.data.tags["cohort_size"] for r in children[parent.info.run_id]} == {str(cohort)}
+    assert parent.data.metrics["trials_failed"] == states.count("FAIL")
+    assert parent.info.status == "FINISHED"
+    assert_study_table_and_figures(study, parent, children[parent.info.run_id])
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_a_trial_is_pruned_before_its_last_epoch_never_after_it(workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "make_pruner", lambda config: AlwaysPrune())
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    for epochs, study_name in ((2, "two-epochs"), (1, "one-epoch")):
+        assert tune.cli(["--n-trials", "2", "--epochs", str(epochs), "--study-name", study_name,
+                         "--source", str(source)]) == 0
+    storage = study_module.open_storage(str(workdir / "optuna-journal.log"))
+    two, one = (optuna.load_study(study_name=name, storage=storage) for name in ("two-epochs", "one-epoch"))
+    assert [(t.state.name, max(t.intermediate_values)) for t in two.trials] == [("PRUNED", 1)] * 2
+    assert [t.state.name for t in one.trials] == ["COMPLETE"] * 2
+
+
+def test_a_cohorts_trials_are_distinct_points_trained_together_and_tagged(workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    args = ["--n-trials", "5", "--epochs", "2", "--cohort", "3", "--sampler", "gp", "--pruner", "none",
+            "--source", str(source)]
+    assert tune.cli(args) == 0
+    study = study_of(workdir)
+    assert len(set(points_of(study))) == 5
+    (parent,), children = parent_and_children(workdir)
+    runs = children[parent.info.run_id]
+    assert_optuna_and_mlflow_agree(study, runs, client_of(workdir))
+    cohorts = sorted((r.data.tags["cohort"], r.data.tags["cohort_size"]) for r in runs)
+    assert cohorts == [("0", "3")] * 3 + [("3", "2")] * 2  # the budget's last 2 trials form a cohort of 2
+    run = next(r for r in runs if r.data.tags["cohort"] == "0")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_trial_is_complete_in_optuna_only_once_its_model_is_logged(workdir, tmp_path, monkeypatch):
+    real = trials.log_model_and_finish
+    states_while_logging = []
+
+    def log_model_and_finish(run_id, *args):
+        study = study_of(workdir)
+        (trial,) = [t for t in study.trials if t.user_attrs.get("mlflow_run_id") == run_id]
+        states_while_logging.append(trial.state.name)
+        real(run_id, *args)
+
+    monkeypatch.setattr(trials, "log_model_and_finish", log_model_and_finish)
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    assert tune.cli(["--n-trials", "3", "--epochs", "1", "--cohort", "2", "--source", str(source)]) == 0
+    # RUNNING until the model is in: a worker killed meanwhile leaves a trial that is recovered and retried.
+    assert states_while_logging == ["RUNNING"] * 3
+    assert [t.state.name for t in study_of(workdir).trials] == ["COMPLETE"] * 3
+
+
+def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(workdir, tmp_path, monkeypatch, capsys):
+    real_fit_cohort = trials.fit_cohort
+
+    def interrupted_after_epoch_1(cohort, train, val, *, on_epoch_end, **options):
+        def interrupt(results):
+            on_epoch_end(results)
+            raise KeyboardInterrupt
+        return real_fit_cohort(cohort, train, val, on_epoch_end=interrupt, **options)
+
+    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1)
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    args = ["--n-trials", "2", "--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
+    assert tune.cli(args) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    study = study_of(workdir)
+    interrupted, queued = study.trials[:2], study.trials[2:]
+    assert [t.state.name for t in interrupted] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["interrupted"] for t in interrupted)
+    assert [(t.state.name, t.user_attrs["retry_of"], t.system_attrs["fixed_params"]) for t in queued] == \
+        [("WAITING", t.number, t.params) for t in interrupted]
+    for trial in interrupted:
+        run = client_of(workdir).get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["interrupted"] == "true"
+
+    monkeypatch.setattr(trials, "fit_cohort", real_fit_cohort)
+    assert tune.cli(args) == 0  # the next call runs the queued trials first
+    study = study_of(workdir)
+    assert [t.state.name for t in study.trials[2:]] == ["COMPLETE", "COMPLETE"]
+    retried = client_of(workdir).get_run(study.trials[2].user_attrs["mlflow_run_id"])
+    assert retried.data.tags["retry_of"] == "0"
+    assert retried.data.tags["retry_of_run_id"] == study.trials[0].user_attrs["mlflow_run_id"]
+
+
