@@ -33,12 +33,14 @@ class Parent:
 
 
 def quiet_optuna() -> None:
-    """Optuna's INFO lines ("A new study created ...") and ExperimentalWarnings (heartbeats on PostgreSQL)
+    """Optuna's INFO lines ("A new study created ..."), its ExperimentalWarnings and its heartbeat warning
     stay out of a normal run's output; every process that opens a study passes here, spawned workers too."""
     if verbose():
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Said at every study.ask() on a storage with heartbeats: cnnexp beats itself (recovery.Heartbeat).
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def open_storage(storage: str) -> optuna.storages.BaseStorage:

@@ -1,5 +1,3 @@
-import sys
-import subprocess
 
 import pytest
 import torch
@@ -90,19 +88,6 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(ConfigError, match="device"):
         resolve_device("tpu")
-
-
-@pytest.mark.parametrize("modules, absent", [
-    # The core knows nothing of MLflow or Optuna.
-    ("cnnexp.config, cnnexp.data, cnnexp.model, cnnexp.train, cnnexp.evaluate, cnnexp.plots, cnnexp.serving, "
-     "cnnexp.devices, cnnexp.cohort", ("mlflow", "optuna")),
-    # torchvision imports torch._dynamo: seconds of start-up for every spawned tuning worker.
-    ("pipelines.train, pipelines.worker, pipelines.evaluate, cnnexp.tuning", ("torchvision", "torch._dynamo")),
-])
-def test_modules_import_without(modules, absent):
-    code = f"import sys, {modules}; print(sorted(m for m in {absent!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
 
 
 def test_bf16_autocast_learns_and_keeps_weights_and_adam_in_fp32(splits):

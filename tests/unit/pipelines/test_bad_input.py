@@ -1,0 +1,109 @@
+"""Bad input a user can give each entry point: one clear line naming it, a non-zero exit, no run left RUNNING
+and no new file a later step would trust. The config rules themselves are tested in tests/unit/test_config.py
+(one CLI case per entry point here); these are the cases that need a store, files or earlier runs."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cnnexp.tracking import log
+from helpers import BAD_FILES, EXPECTED_FILE, write_idx_dir
+from pipelines import evaluate, prepare, train, tune
+
+COMMANDS = {"prepare": prepare.cli, "train": train.cli, "evaluate": evaluate.cli, "tune": tune.cli}
+BAD, FAILED = 2, 1  # exit codes: a parameter refused before any work / a failure while working
+
+
+def _file_under_a_regular_file(tmp):
+    (tmp / "plain").write_text("not a directory")
+    return str(tmp / "plain" / "data")
+
+
+def _bad_source(case):
+    def setup(tmp):
+        source = write_idx_dir(tmp / f"idx-{case}")
+        BAD_FILES[case](source)
+        return ["--source", str(source)]
+
+    return setup
+
+
+def _run_of(entry, *args):
+    """Makes a finished `entry` run; returns its id."""
+    def make(tmp):
+        assert COMMANDS[entry]([*args, "--source", str(write_idx_dir(tmp / "idx"))]) == 0
+        return MlflowClient().search_runs(["0"], order_by=["attributes.start_time DESC"])[0].info.run_id
+    return make
+
+
+def _study_of(tmp, *settings):
+    """Creates a study with one trial (a study waiting for workers would leave its parent RUNNING);
+    returns the args that reach its data."""
+    source = ["--source", str(write_idx_dir(tmp / "idx", n_train=100, n_test=20))]
+    assert tune.cli(["--n-trials", "1", *settings, *source]) == 0
+    return source
+
+
+def _killed_train_run(tmp):
+    """A train run interrupted after its first checkpoint; returns its id."""
+    log_epoch = log.log_epoch
+    log.log_epoch = _interrupt
+    try:
+        assert train.cli(["--epochs", "2", "--lr", "0.001", "--source", str(write_idx_dir(tmp / "idx"))]) == 130
+    finally:
+        log.log_epoch = log_epoch
+    return MlflowClient().search_runs(["0"])[0].info.run_id
+
+
+def _interrupt(metrics):
+    raise KeyboardInterrupt
+
+
+# case -> (command, args or setup(tmp) -> args, exit code, message)
+CASES = {
+    # prepare
+    "prepare dataset unknown": ("prepare", ["--dataset", "cifar"], BAD, "dataset: unknown value 'cifar'; allowed: fashion-mnist"),
+    "prepare source missing dir": ("prepare", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
+    "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], FAILED, "missing (expected train-images-idx3-ubyte"),
+    **{f"prepare source {case}": ("prepare", _bad_source(case), FAILED, EXPECTED_FILE[case]) for case in BAD_FILES},
+    "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
+    # train
+    "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
+    "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
+    "train source missing dir": ("train", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
+    "train resume unknown run": ("train", ["--resume", "0123abc"], BAD, "resume: no run '0123abc' in sqlite:"),
+    "train resume a prepare run": ("train", lambda t: ["--resume", _run_of("prepare")(t)], BAD, "is not a train run"),
+    "train resume a finished run": ("train", lambda t: ["--resume", _run_of("train", "--epochs", "1")(t)], BAD, "is FINISHED; only KILLED or FAILED"),
+    "train resume other lr": ("train", lambda t: ["--resume", _killed_train_run(t), "--lr", "0.1"], BAD, "lr: run "),
+    # evaluate
+    "evaluate model_uri empty": ("evaluate", ["--model-uri", ""], BAD, "model_uri: must not be empty"),
+    "evaluate model_uri unknown run": ("evaluate", ["--model-uri", "runs:/abc/model"], BAD, "model_uri: no model at 'runs:/abc/model'"),
+    "evaluate bare unknown run id": ("evaluate", ["--model-uri", "abc"], BAD, "model_uri: no model at 'runs:/abc/model'"),
+    "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], FAILED, "data_dir: no prepared fashion-mnist data"),
+    # tune
+    "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
+    "tune setting differs from the study's": ("tune", lambda t: [*_study_of(t, "--epochs", "2"), "--epochs", "3"], BAD, "epochs: study 'cnnexp-tune' was created with epochs=2, got 3"),
+    "tune storage in a missing directory": ("tune", lambda t: ["--storage", str(t / "nowhere" / "journal.log")], BAD, "nowhere does not exist; create it"),
+    "tune storage unreachable": ("tune", lambda t: ["--storage", "postgresql://tuner:s3cret@127.0.0.1:9/optuna", "--source", str(write_idx_dir(t / "idx"))], BAD, "storage: cannot open postgresql://tuner:***@127.0.0.1:9/optuna"),
+}
+
+
+def _files(root):
+    return {p for p in root.rglob("*") if p.is_file() and "mlruns" not in p.parts and not p.name.startswith("mlflow.db")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_line_a_nonzero_exit_and_leaves_nothing_half_done(case, workdir, capsys):
+    command, args, code, message = CASES[case]
+    args = args(workdir) if callable(args) else args
+    before, runs_before = _files(workdir), len(MlflowClient().search_runs(["0"]))
+    capsys.readouterr()
+    assert COMMANDS[command](args) == code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and err.startswith(f"{command}: error: "), err
+    runs = MlflowClient().search_runs(["0"])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    if code == BAD:
+        assert len(runs) == runs_before  # refused before a run started
+    else:
+        assert runs[0].info.status == "FAILED" and message in runs[0].data.tags["error"]
+    assert all(p.name.endswith(".lock") for p in _files(workdir) - before)  # nothing a later step would read

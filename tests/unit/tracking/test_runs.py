@@ -1,0 +1,51 @@
+"""cnnexp.tracking.runs: every run ends with the status that happened; child runs and runs mlflow run left open."""
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cnnexp.tracking import runs, tags
+
+
+def _run(run_id):
+    return MlflowClient().get_run(run_id)
+
+
+def test_a_run_ends_finished_failed_with_its_error_or_killed(workdir):
+    before = runs.runs_started()
+    with runs.tracked_run(run_name="ok") as ok:
+        with runs.tracked_run(run_name="child") as child:
+            pass
+    with pytest.raises(ValueError), runs.tracked_run(run_name="bad") as bad:
+        raise ValueError("lr: must be a positive number")
+    with pytest.raises(KeyboardInterrupt), runs.tracked_run(run_name="stopped") as stopped:
+        raise KeyboardInterrupt
+    assert runs.runs_started() == before + 4
+    assert _run(ok.info.run_id).info.status == "FINISHED"
+    assert _run(child.info.run_id).data.tags["mlflow.parentRunId"] == ok.info.run_id
+    failed = _run(bad.info.run_id)
+    assert failed.info.status == "FAILED" and failed.data.tags[tags.ERROR] == "ValueError: lr: must be a positive number"
+    assert _run(stopped.info.run_id).info.status == "KILLED"
+    assert "mlflow.source.type" in _run(ok.info.run_id).data.tags  # lineage, as mlflow run gives its runs
+
+
+def test_a_run_mlflow_run_left_open_ends_with_the_reason_and_its_entry_points_name(workdir):
+    client = MlflowClient()
+    pending = client.create_run("0", tags={tags.PROJECT_ENTRY_POINT: "train"}).info.run_id
+    runs.end_pending_run("FAILED", ValueError("epochs: must be at least 1"), run_id=pending)
+    run = _run(pending)
+    assert run.info.status == "FAILED" and run.info.run_name == "train"
+    assert run.data.tags[tags.ERROR] == "ValueError: epochs: must be at least 1"
+    runs.end_pending_run("KILLED", run_id=pending)  # an ended run is left as it is
+    assert _run(pending).info.status == "FAILED"
+
+
+def test_child_runs_carry_their_parent_params_and_tags_and_end_as_told(workdir):
+    with mlflow.start_run() as parent:
+        run_id = runs.start_child_run(parent.info.run_id, parent.info.experiment_id, "trial-0", {"lr": 0.01},
+                                      {tags.TRIAL_NUMBER: "0"})
+    runs.end_child_run(run_id, "KILLED", {tags.PRUNED_AT_EPOCH: 2})
+    child = _run(run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.data.params == {"lr": "0.01"}
+    assert child.info.status == "KILLED" and child.data.tags[tags.PRUNED_AT_EPOCH] == "2"
+    runs.reopen(parent.info.run_id)
+    assert _run(parent.info.run_id).info.status == "RUNNING"

@@ -1,0 +1,39 @@
+"""cnnexp.tuning.report on a study told by hand: the summary's counts and best, the table's runs, the lines."""
+import optuna
+from optuna.trial import TrialState
+
+from cnnexp.tuning import report
+
+
+def _study():
+    study = optuna.create_study(direction="maximize")
+    for number, (state, value, cohort) in enumerate([(TrialState.COMPLETE, 0.8, 0), (TrialState.PRUNED, None, 0),
+                                                      (TrialState.FAIL, None, 2), (TrialState.COMPLETE, 0.9, 2)]):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.set_user_attr("mlflow_run_id", f"run-{number}")
+        trial.set_user_attr("cohort", cohort)
+        if state == TrialState.PRUNED:
+            trial.report(0.3, 1)
+            trial.report(0.4, 2)
+        study.tell(trial, value, state=state)
+    return study
+
+
+def test_the_summary_counts_every_state_and_names_the_best():
+    result = report.summary(_study())
+    assert (result["trials_complete"], result["trials_pruned"], result["trials_failed"], result["trials_total"]) == (2, 1, 1, 4)
+    assert result["best_value"] == 0.9 and result["best_trial"] == 3
+    assert report.summary_line(result) == "2 complete, 1 pruned, 1 failed; best val_accuracy 0.9000"
+
+
+def test_the_trials_table_names_each_trials_run_and_cohort():
+    table = report.trials_table(_study())
+    assert list(table["mlflow_run_id"]) == ["run-0", "run-1", "run-2", "run-3"]
+    assert list(table["cohort"]) == [0, 0, 2, 2]
+
+
+def test_a_pruned_trials_line_shows_its_last_value_and_epoch():
+    study = _study()
+    line = report.progress_text(study, study.trials[1])
+    assert "val_acc 0.4000  PRUNED at epoch 2  best 0.9000 (trial 3)" in line
