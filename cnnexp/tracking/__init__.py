@@ -8,6 +8,7 @@
 - registry: registered versions and the champion alias
 - queries: compare's table and the reuse of finished steps
 - resume: checkpoints and continuing an interrupted train run
+- preflight: the MLflow plugin that makes `mlflow run` fail fast on a dead server
 - mlflow_private: the one place that leans on MLflow behaviour outside its public API
 
 Nothing is imported here, so that loading a model (cnnexp.tracking.pyfunc) pulls in only what it needs.
