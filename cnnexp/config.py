@@ -7,6 +7,9 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
+from cnnexp.checks import (ConfigError, check_choice, check_cohort, check_device, check_nonempty, check_seed,
+                           check_timeout)
+
 # fashion-mnist-sample: 4,443 real Fashion-MNIST images shipped inside the package (cnnexp/sample_data),
 # so the main job runs offline too; prepare falls back to it when the fashion-mnist download fails.
 DATASETS = ("fashion-mnist", "mnist", "kmnist", "fashion-mnist-sample")
@@ -20,20 +23,6 @@ VERBOSE_ENV = "CNNEXP_VERBOSE"
 def verbose() -> bool:
     """Whether MLflow's and Optuna's own log lines and warnings are shown (a normal run shows only ours)."""
     return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-class ConfigError(ValueError):
-    """A parameter a user gave is not allowed; the message names the parameter."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
-
-
-def first_line(err: BaseException) -> str:
-    """What a one-line error message can say of a library's exception (some span many lines)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -53,11 +42,11 @@ class PrepareConfig:
     seed: int = field(default=0, metadata=_help("seed of the stratified train/validation split"))
 
     def validate(self) -> None:
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_nonempty("data_dir", self.data_dir)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_nonempty("data_dir", self.data_dir)
         if not (0.0 < self.val_fraction < 1.0):
             raise ConfigError("val_fraction", f"must be between 0 and 1 (exclusive), got {self.val_fraction}")
-        _check_seed(self.seed)
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -86,10 +75,10 @@ class TrainConfig:
         default=False,
         metadata=_help("log CPU, memory, disk, network (and NVIDIA GPU) metrics with MLflow's system-metrics monitor"),
     )
-    resume: str = field(
-        default="",
-        metadata=_help("run id of a KILLED or FAILED train run to continue from its last checkpoint"),
-    )
+    resume: str = field(default="", metadata=_help(
+        "run id of a train run to continue from its last checkpoint: KILLED, FAILED, or RUNNING with its process gone"))
+    take_over: bool = field(default=False, metadata=_help(
+        "resume a RUNNING run whose process on another host has sent no heartbeat for a while (you know it is gone)"))
     checkpoint_dir: str = field(
         default="checkpoints",
         metadata=_help("where an unfinished run keeps its last completed epoch, as <checkpoint_dir>/<run_id>/"),
@@ -102,12 +91,12 @@ class TrainConfig:
             raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
-        _check_choice("keep", self.keep, KEEPS)
-        _check_seed(self.seed)
-        _check_device(self.device)
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_nonempty("data_dir", self.data_dir)
-        _check_nonempty("checkpoint_dir", self.checkpoint_dir)
+        check_choice("keep", self.keep, KEEPS)
+        check_seed(self.seed)
+        check_device(self.device)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_nonempty("data_dir", self.data_dir)
+        check_nonempty("checkpoint_dir", self.checkpoint_dir)
         # The id names a checkpoint directory, so it must not be able to climb out of it.
         if self.resume and not re.fullmatch(r"[A-Za-z0-9][\w-]{0,255}", self.resume):
             raise ConfigError("resume", f"{self.resume!r} is not a run id (letters, digits, _ and -)")
@@ -152,11 +141,11 @@ class EvaluateConfig:
     )
 
     def validate(self) -> None:
-        _check_nonempty("model_uri", self.model_uri)
-        _check_nonempty("data_dir", self.data_dir)
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("split", self.split, SPLITS_TO_SCORE)
-        _check_device(self.device)
+        check_nonempty("model_uri", self.model_uri)
+        check_nonempty("data_dir", self.data_dir)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("split", self.split, SPLITS_TO_SCORE)
+        check_device(self.device)
 
 
 def _like(config_class: type, name: str):
@@ -208,39 +197,9 @@ class CompareConfig:
     plot: bool = field(default=False, metadata=_help("also save val_accuracy vs lr, coloured by batch_size, as PNG beside the CSV"))
 
     def validate(self) -> None:
-        _check_nonempty("experiment", self.experiment)
+        check_nonempty("experiment", self.experiment)
         if self.plot and not self.output.strip():
             raise ConfigError("plot", "needs output: the figure is saved beside the CSV (same name, .png)")
-
-
-def _check_choice(param: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(param, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
-
-
-def _check_device(device: str) -> None:
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        raise ConfigError("device", f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-
-
-def _check_nonempty(param: str, value: str) -> None:
-    if not value.strip():
-        raise ConfigError(param, "must not be empty")
-
-
-def _check_timeout(timeout: float) -> None:
-    if not (math.isfinite(timeout) and timeout >= 0):
-        raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {timeout}")
-
-
-def _check_cohort(cohort: int) -> None:
-    if cohort < 0:
-        raise ConfigError("cohort", f"must be 0 (the device's default) or a number of trials, got {cohort}")
-
-
-def _check_seed(seed: int) -> None:
-    if not (0 <= seed < 2**32):
-        raise ConfigError("seed", f"must be between 0 and 2**32 - 1, got {seed}")
 
 
 SAMPLERS = ("tpe", "random", "gp")
@@ -283,7 +242,7 @@ class TuneConfig:
     def validate(self) -> None:
         if self.n_trials < 1:
             raise ConfigError("n_trials", f"must be at least 1, got {self.n_trials}")
-        _check_timeout(self.timeout)
+        check_timeout(self.timeout)
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
         for name in ("lr_min", "lr_max"):
@@ -298,17 +257,17 @@ class TuneConfig:
                 raise ConfigError(name, f"must be a power of two (1, 2, 4, ...), got {value}")
         if self.batch_min > self.batch_max:
             raise ConfigError("batch_min", f"must not exceed batch_max ({self.batch_max}), got {self.batch_min}")
-        _check_choice("sampler", self.sampler, SAMPLERS)
-        _check_choice("pruner", self.pruner, PRUNERS)
-        _check_nonempty("storage", self.storage)
-        _check_nonempty("study_name", self.study_name)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("pruner", self.pruner, PRUNERS)
+        check_nonempty("storage", self.storage)
+        check_nonempty("study_name", self.study_name)
         if self.workers < 0:
             raise ConfigError("workers", f"must be 0 (run no trials here) or more, got {self.workers}")
-        _check_cohort(self.cohort)
-        _check_device(self.device)
-        _check_seed(self.seed)
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_nonempty("data_dir", self.data_dir)
+        check_cohort(self.cohort)
+        check_device(self.device)
+        check_seed(self.seed)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_nonempty("data_dir", self.data_dir)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -333,13 +292,23 @@ class WorkerConfig:
     source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"))
 
     def validate(self) -> None:
-        _check_nonempty("storage", self.storage)
-        _check_nonempty("study_name", self.study_name)
+        check_nonempty("storage", self.storage)
+        check_nonempty("study_name", self.study_name)
         if self.n_trials < 0:
             raise ConfigError("n_trials", f"must be 0 (until the study's trial count) or more, got {self.n_trials}")
-        _check_timeout(self.timeout)
+        check_timeout(self.timeout)
         if self.workers < 1:
             raise ConfigError("workers", f"must be at least 1, got {self.workers}")
-        _check_cohort(self.cohort)
-        _check_device(self.device)
-        _check_nonempty("data_dir", self.data_dir)
+        check_cohort(self.cohort)
+        check_device(self.device)
+        check_nonempty("data_dir", self.data_dir)
+
+
+@dataclass(frozen=True)
+class OrphansConfig:
+    end: bool = field(default=False, metadata=_help(
+        "mark the orphaned runs FAILED (tag error says why), so the UI no longer shows them running; "
+        "each stays resumable from its checkpoint"))
+
+    def validate(self) -> None:
+        """A bool has no wrong value; there for the entry points' common shape."""

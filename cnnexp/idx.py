@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cnnexp.config import first_line
+from cnnexp.checks import first_line
 
 IDX_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",

@@ -12,6 +12,7 @@ COMMANDS = {
     "main": ("pipelines.main", "prepare -> train -> evaluate as child runs, reusing finished steps"),
     "compare": ("pipelines.compare", "leaderboard of an experiment's training runs (CSV, optional plot)"),
     "worker": ("pipelines.worker", "join a study `tune` created (any machine) and run its trials"),
+    "orphans": ("pipelines.orphans", "list RUNNING train runs whose process is gone (SIGKILL, a lost machine); --end ends them"),
 }
 
 

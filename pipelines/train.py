@@ -13,16 +13,16 @@ from cnnexp.config import ConfigError, TrainConfig
 from cnnexp.data import PreparedData
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
-from cnnexp.tracking import log, models, resume, store, tags
+from cnnexp.tracking import log, models, owners, resume, store, tags
 from cnnexp.tracking.runs import run_address, set_tags, tracked_run
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
 from pipelines.common import Made, load_or_prepare, make_parser, register_model, run_entry_point
 from pipelines.progress import EpochProgress
 
 
-def find_checkpoint(run_id: str, directory: Path) -> dict:
+def find_checkpoint(run_id: str, directory: Path, take_over: bool) -> dict:
     """The last checkpoint of a run to resume: the local one, else the one it logged as an artifact."""
-    resume.resumable_run(run_id, running_ok=(directory / STORE_LOST).is_file())
+    resume.resumable_run(run_id, store_lost=(directory / STORE_LOST).is_file(), take_over=take_over)
     if not has_checkpoint(directory) and not resume.fetch_checkpoint(run_id, directory):
         raise ConfigError("resume", f"run {run_id} has no checkpoint (it stopped before its first epoch ended)")
     return load_checkpoint(directory)
@@ -32,7 +32,8 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
     """Trains and logs one run; returns its run id and per-epoch history. `data`: already loaded by the caller."""
     config.validate()
     device = resolve_device(config.device)
-    checkpoint = find_checkpoint(config.resume, Path(config.checkpoint_dir, config.resume)) if config.resume else None
+    checkpoint = (find_checkpoint(config.resume, Path(config.checkpoint_dir, config.resume), config.take_over)
+                  if config.resume else None)
     if checkpoint is not None:
         config = config.resumed_with(checkpoint["config"])
     run_args = {"run_id": config.resume} if config.resume else {"run_name": f"train-lr{config.lr:g}-bs{config.batch_size}"}
@@ -42,6 +43,7 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
         checkpoints = Path(config.checkpoint_dir, run_id)
         log.log_config(config)
         set_tags({tags.ENTRY_POINT: "train"})
+        owners.record_owner()  # a RUNNING run whose process is gone (SIGKILL, a lost machine) can then be resumed
         data = data or load_or_prepare(config)
         log.log_environment(device, data)
         train, val = data.splits["train"], data.splits["val"]
@@ -60,6 +62,7 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             save_checkpoint(checkpoints, capture(state, history=history, best=best.state_dict(), **extras),
                             state.epoch)
             log.log_epoch(metrics)
+            owners.beat()
             progress.on_epoch_end(metrics)
 
         try:

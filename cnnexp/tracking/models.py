@@ -18,7 +18,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 
-from cnnexp.config import ConfigError, first_line
+from cnnexp.checks import ConfigError, first_line
 from cnnexp.tracking import pyfunc, tags
 from cnnexp.tracking.runs import error_text
 

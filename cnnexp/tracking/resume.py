@@ -11,18 +11,21 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnexp.config import ConfigError
+from cnnexp.checks import ConfigError
 from cnnexp.tracking import tags
+from cnnexp.tracking.owners import longest_epoch_s, ownership
 from cnnexp.tracking.store import tracking_uri
 
 RESUMABLE = ("KILLED", "FAILED")
 CHECKPOINT_ARTIFACTS = "checkpoint"
 
 
-def resumable_run(run_id: str, running_ok: bool = False) -> Run:
+def resumable_run(run_id: str, store_lost: bool = False, take_over: bool = False) -> Run:
     """The train run `resume` names, or ConfigError saying why it cannot be continued.
 
-    running_ok: a RUNNING run may be taken over (its process is gone, or its server was lost).
+    A RUNNING run is continued when its process is gone: on this host by its pid; on another host, by a
+    stale heartbeat and take_over (the user's word that it is gone); or when this machine lost its server
+    (store_lost), which could then not be told that the run stopped.
     """
     try:
         run = MlflowClient().get_run(run_id)
@@ -31,11 +34,28 @@ def resumable_run(run_id: str, running_ok: bool = False) -> Run:
     found = run.data.tags
     if "train" not in (found.get(tags.ENTRY_POINT), found.get(tags.PROJECT_ENTRY_POINT)):
         raise ConfigError("resume", f"run {run_id} is not a train run")
-    if run.info.status not in RESUMABLE + (("RUNNING",) if running_ok else ()):
+    if run.info.status == "RUNNING" and not store_lost:
+        check_taken_over(run, take_over)
+    elif run.info.status not in RESUMABLE + ("RUNNING",):
         raise ConfigError(
             "resume", f"run {run_id} is {run.info.status}; only KILLED or FAILED train runs can be resumed"
         )
     return run
+
+
+def check_taken_over(run: Run, take_over: bool) -> None:
+    """Refuses to continue a RUNNING run unless its process is known to be gone."""
+    owned = ownership(run, longest_epoch_s(run.info.run_id))
+    if owned.state == "dead" or (owned.state == "stale" and take_over):
+        return
+    reasons = {
+        "alive": "its process is still running here; stop it first (Ctrl-C ends it KILLED)",
+        "recent": "its process on another host has sent a heartbeat lately; if it is gone, wait until its heartbeat "
+                  "is stale and resume with take_over=true",
+        "stale": "its process on another host has gone silent; if it is gone, resume with take_over=true",
+        "unknown": "it records no owner; end it with `cnnexp orphans --end true` only if you know it is gone",
+    }
+    raise ConfigError("resume", f"run {run.info.run_id} is RUNNING ({owned.describe()}): {reasons[owned.state]}")
 
 
 def fetch_checkpoint(run_id: str, into: Path) -> bool:

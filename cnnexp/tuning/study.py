@@ -13,7 +13,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from cnnexp.config import JUDGED_BY, ConfigError, TuneConfig, WorkerConfig, first_line, verbose
+from cnnexp.checks import first_line
+from cnnexp.config import JUDGED_BY, ConfigError, TuneConfig, WorkerConfig, verbose
 from cnnexp.tracking.store import redact_url
 from cnnexp.tuning.recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, FailStaleRunAndRetry
 

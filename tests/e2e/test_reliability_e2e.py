@@ -1,4 +1,4 @@
-"""Real processes: Ctrl-C under `mlflow run` then resume, and three trainings at once in one directory."""
+"""Real processes: Ctrl-C and SIGKILL under `mlflow run`, then resume; three trainings at once in one directory."""
 import json
 import os
 import signal
@@ -11,7 +11,6 @@ from mlflow.tracking import MlflowClient
 
 from helpers import REPO, metric_histories, mlflow_run_command, subprocess_env, write_idx_dir
 from pipelines.common import flag
-
 
 
 def _runs(work):
@@ -61,6 +60,31 @@ def test_ctrl_c_under_mlflow_run_then_resume_equals_an_uninterrupted_run(tmp_pat
     assert record.data.tags["resumed_into"] == stopped.info.run_id and record.info.status == "FINISHED"
     assert metric_histories(resumed.info.run_id) == metric_histories(first.info.run_id)  # exact, step by step
     assert [a.path for a in MlflowClient().list_artifacts(resumed.info.run_id, "model")]
+
+
+def test_a_train_run_killed_with_sigkill_stays_running_and_resumes_as_its_process_is_gone(tmp_path):
+    work, env = tmp_path, {**subprocess_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    paths = {"data_dir": tmp_path / "data", "checkpoint_dir": tmp_path / "checkpoints"}
+    params = {"epochs": 4, "batch_size": 50, "device": "cpu", "source": write_idx_dir(tmp_path / "idx"), **paths}
+    proc = subprocess.Popen(mlflow_run_command("train", **params), cwd=work, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("epoch   2/"):
+            os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: nothing can end the run
+            break
+    proc.wait(timeout=60)
+    (killed,) = _runs(work)
+    assert killed.info.status == "RUNNING"
+    listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "orphans"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert killed.info.run_id in listed.stdout and "(dead)" in listed.stdout, listed.stdout + listed.stderr
+
+    done = subprocess.run(mlflow_run_command("train", resume=killed.info.run_id, device="cpu", **paths), cwd=work,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = MlflowClient().get_run(killed.info.run_id)
+    assert resumed.info.status == "FINISHED" and resumed.outputs.model_outputs
+    assert sorted(step for step, _ in metric_histories(resumed.info.run_id)["val_accuracy"]) == [1, 2, 3, 4]
 
 
 def _module_command(entry, **params):

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import REPO
 
-CORE = ("config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "cohort",
+CORE = ("checks", "config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "cohort",
         "checkpoint", "processes")
 
 

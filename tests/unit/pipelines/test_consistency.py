@@ -75,7 +75,7 @@ def test_readme_leads_with_install_main_job_and_tests():
 
 # `worker` has no MLproject entry point: `mlflow run` would open a run of its own, and a worker's
 # trials belong to the study's parent run.
-CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig}
+CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig, "orphans": cfg.OrphansConfig}
 
 
 @pytest.mark.parametrize("entry, config_class", CLI_ONLY_CONFIGS.items())

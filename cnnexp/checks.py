@@ -1,0 +1,49 @@
+"""What a parameter must be: the rules several configs share, and the one error a refused value raises."""
+from __future__ import annotations
+
+import math
+import re
+
+
+class ConfigError(ValueError):
+    """A parameter a user gave is not allowed; the message names the parameter."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def first_line(err: BaseException) -> str:
+    """What a one-line error message can say of a library's exception (some span many lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_choice(param: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(param, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+def check_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError("device", f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+def check_nonempty(param: str, value: str) -> None:
+    if not value.strip():
+        raise ConfigError(param, "must not be empty")
+
+
+def check_timeout(timeout: float) -> None:
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {timeout}")
+
+
+def check_cohort(cohort: int) -> None:
+    if cohort < 0:
+        raise ConfigError("cohort", f"must be 0 (the device's default) or a number of trials, got {cohort}")
+
+
+def check_seed(seed: int) -> None:
+    if not (0 <= seed < 2**32):
+        raise ConfigError("seed", f"must be between 0 and 2**32 - 1, got {seed}")

@@ -1,0 +1,72 @@
+"""Who runs a train run: its owner (host, pid) and heartbeat, and whether a RUNNING run's process is gone."""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from cnnexp.processes import is_dead, owner
+from cnnexp.tracking import tags
+
+# A heartbeat is written at the start and after every epoch. Another host's run counts as stale once it is
+# this much older than its longest epoch allows (3 epochs' time), and never sooner than STALE_AFTER_S.
+STALE_AFTER_S = 120.0
+
+
+def record_owner() -> None:
+    """Tags the active run with this process as its owner, and a first heartbeat."""
+    me = owner()
+    mlflow.set_tags({tags.OWNER_HOST: me["host"], tags.OWNER_PID: str(me["pid"]), tags.HEARTBEAT: f"{time.time():.0f}"})
+
+
+def beat() -> None:
+    """The active run's heartbeat (after an epoch): queued, so the store's latency stays off training."""
+    mlflow.set_tag(tags.HEARTBEAT, f"{time.time():.0f}", synchronous=False)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """What can be said of a RUNNING run's process from here."""
+
+    state: str  # "alive" (this host, pid exists), "dead" (this host, pid gone), "stale", "recent", "unknown"
+    host: str
+    pid: int | None
+    silent_s: float | None  # seconds since its last heartbeat
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return "no recorded owner"
+        where = f"pid {self.pid} on {'this host' if self.host == socket.gethostname() else self.host}"
+        heard = f", last heartbeat {self.silent_s:.0f} s ago" if self.silent_s is not None else ""
+        return f"{where}{heard}"
+
+
+def ownership(run: Run, longest_epoch_s: float = 0.0) -> Ownership:
+    found = run.data.tags
+    host, pid = found.get(tags.OWNER_HOST, ""), found.get(tags.OWNER_PID)
+    beat_at = found.get(tags.HEARTBEAT)
+    silent_s = time.time() - float(beat_at) if beat_at else None
+    if not host or pid is None:
+        return Ownership("unknown", host, None, silent_s)
+    if host == socket.gethostname():
+        return Ownership("dead" if is_dead({"host": host, "pid": int(pid)}) else "alive", host, int(pid), silent_s)
+    stale = silent_s is not None and silent_s > max(STALE_AFTER_S, 3 * longest_epoch_s)
+    return Ownership("stale" if stale else "recent", host, int(pid), silent_s)
+
+
+def longest_epoch_s(run_id: str) -> float:
+    return max((m.value for m in MlflowClient().get_metric_history(run_id, "epoch_time_s")), default=0.0)
+
+
+def orphaned_train_runs() -> list[tuple[Run, Ownership]]:
+    """RUNNING train runs of every experiment whose process is gone: dead on this host, or another host's
+    silent for longer than its epochs allow (those may still be alive; only their owner's host can tell)."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`{tags.ENTRY_POINT}` = 'train'")
+    found = [(run, ownership(run, longest_epoch_s(run.info.run_id))) for run in running]
+    return [(run, owned) for run, owned in found if owned.state in ("dead", "stale")]
