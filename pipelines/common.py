@@ -90,10 +90,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def _raise_interrupt(signum, frame):
     # `mlflow run` stops a script with SIGTERM; handling it like Ctrl-C lets runs end KILLED, not RUNNING.
     # Ctrl-C under `mlflow run` brings SIGINT and then mlflow's SIGTERM: later signals must not cut
-    # short the cleanup (ending the run KILLED, saving its checkpoint) that the first one started.
+    # short the cleanup (ending the run KILLED, saving its checkpoint) that the first one started. They get
+    # a handler that does nothing, not SIG_IGN: a signal already pending when its handler becomes SIG_IGN
+    # makes CPython raise "OSError: Signal 15 ignored due to race condition" in the middle of that cleanup.
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _ignore)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _ignore(signum, frame) -> None:
+    """A stop signal after the first: the cleanup the first one started goes on."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """mlflow run . -e evaluate: score a trained model on the test (or val) split and record why it errs."""
 from __future__ import annotations
 
-import os
 import sys
 
 import pandas as pd
@@ -74,8 +73,6 @@ def log_report(result: dict, images: torch.Tensor, classes: list[str]) -> None:
 def main(config: EvaluateConfig, data: PreparedData | None = None) -> Made[dict[str, float]]:
     """Scores the model on a split; returns the evaluation run's id and its metrics. `data`: already loaded."""
     config.validate()
-    # The model files are small; MLflow's per-file download bars would bury the one line that matters.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     model_uri, training_run_id, model_id = resolve_model(config.model_uri)
     with tracked_run(run_name=f"evaluate-{training_run_id[:8]}-{config.split}") as run:
         log.log_config(config)

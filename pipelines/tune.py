@@ -35,7 +35,7 @@ def main(config: TuneConfig) -> Made[dict]:
                   f"cnnexp worker --storage {redact_url(config.storage)} --study-name {config.study_name}")
         else:
             print(f"study {config.study_name!r}: {before} earlier trials; running {config.n_trials} more "
-                  f"on {config.workers} worker(s)")
+                  f"{workers.plan_text(config, None)}")
             workers.run_workers(config, parent, [print_trial], data=data)
             result = report.log_outcome(found)
             if config.retrain_best and "best_params" in result:

@@ -30,7 +30,7 @@ def main(config: WorkerConfig) -> Made[dict]:
     target = None if config.n_trials else joined.user_attrs["target_trials"]
     goal = f"{config.n_trials} trials" if target is None else f"trials until the study has {target} complete or pruned"
     print(f"joined study {config.study_name!r} ({len(joined.trials)} trials so far): {goal}, "
-          f"on {config.workers} worker process(es)")
+          f"{workers.plan_text(settings, target)}")
     workers.run_workers(settings, parent, [print_trial], target, study.joining_offset(), data=data)
     if target is not None and study.reached_target(joined, target) \
             and run_tags(parent_id).get(tags.STUDY_STATUS) == tags.STUDY_WAITING:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from cnnexp.config import JUDGED_BY
@@ -15,10 +17,8 @@ def register_and_promote(model_uri: str, name: str) -> tuple[int, bool]:
 
     Returns (version, whether it became champion).
     """
-    # MLflow 3 keeps models apart from run artifacts; naming the model itself spares a fallback warning.
-    model_id = mlflow.models.get_model_info(model_uri).model_id
-    version = mlflow.register_model(f"models:/{model_id}" if model_id else model_uri, name)
     client = MlflowClient()
+    version = create_version(client, model_uri, name)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no champion yet
@@ -28,6 +28,23 @@ def register_and_promote(model_uri: str, name: str) -> tuple[int, bool]:
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return int(version.version), promoted
+
+
+def create_version(client: MlflowClient, model_uri: str, name: str) -> ModelVersion:
+    """A new version of the registered model `name` (created if new) from the logged model at model_uri.
+
+    The client's calls, not mlflow.register_model, which prints "Registered model ... already exists" and
+    "Created version ..." on stderr, lines our one line already says.
+    """
+    info = mlflow.models.get_model_info(model_uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+    # MLflow 3 keeps models apart from run artifacts: the version's source is the LoggedModel itself.
+    source = f"models:/{info.model_id}" if info.model_id else model_uri
+    return client.create_model_version(name, source, run_id=info.run_id, model_id=info.model_id)
 
 
 def judged_value(model_id: str | None, run_id: str) -> float:

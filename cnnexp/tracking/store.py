@@ -119,6 +119,10 @@ def quiet_mlflow() -> None:
     """
     if verbose():
         return
+    # Set in the environment, so that spawned workers and the processes `mlflow run` starts inherit them: no
+    # "🏃 View run ... at" lines per run on a server, no per-file download bars (loading, registering).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # Its ERROR per failed background batch repeats what our one line says at the end of a run whose
     # server went away (what was not logged, and how to resume).

@@ -98,14 +98,20 @@ class CohortRunner:
         self.models = ModelLogger(study, callbacks, split_dataset(data, "val"))
         self.active: dict[int, TrialRun] = {}
 
-    def run(self, size: int) -> None:
+    def run(self, size: int, until: Callable[[], int] | None = None) -> int:
+        """Trains a cohort of up to `size` trials; returns how many it started. until(): how many more the
+        study still wants, asked again before each trial (a study with a target, shared by other workers)."""
         if has_heartbeats(self.config.storage):
             optuna.storages.fail_stale_trials(self.study)
         # Asked one after the other, each after the previous one's params: the samplers' constant liar
         # (TPE, GP) then keeps the cohort's points apart.
         self.active = {}
-        asked = [self._ask() for _ in range(size)]
-        cohort = {tags.COHORT: str(asked[0][0].number), tags.COHORT_SIZE: str(size)}
+        asked = []
+        while len(asked) < size and (until is None or until() > 0):
+            asked.append(self._ask())
+        if not asked:
+            return 0
+        cohort = {tags.COHORT: str(asked[0][0].number), tags.COHORT_SIZE: str(len(asked))}
         for member_id, (trial, params) in enumerate(asked):
             self.active[member_id] = self._start(trial, params, cohort)
         try:
@@ -120,6 +126,7 @@ class CohortRunner:
             for run in self.active.values():
                 self._end(run, "FAILED", TrialState.FAIL, {tags.ERROR: error_text(err)})
         self.active = {}
+        return len(asked)
 
     def close(self) -> None:
         self.models.close()

@@ -26,18 +26,28 @@ WAIT_POLL_S = 5  # how often a worker with nothing to start checks the study aga
 
 class TrialBudget:
     """The trials this call may still start, shared by its local worker processes: each claims a cohort's
-    worth before starting it, so the call runs exactly n_trials, and a worker that started late (a spawned
-    process imports for seconds) or drew short trials (pruned, large batches) takes more of them."""
+    worth before starting it, so the call runs exactly n_trials. Every worker started has its first cohort
+    set aside for it: a spawned process imports for seconds, and without that the first worker, already
+    running, would take every cohort of a short study. After that, whoever is free claims the next one."""
 
-    def __init__(self, context: multiprocessing.context.BaseContext, n_trials: int):
-        self.remaining = context.Value("i", n_trials)
+    def __init__(self, context: multiprocessing.context.BaseContext, n_trials: int, first_cohorts: list[int]):
+        self.remaining = context.Value("i", n_trials - sum(first_cohorts))
+        self.reserved = context.Array("i", first_cohorts)
 
-    def claim(self, wanted: int = 1) -> int:
-        """Up to `wanted` trials; 0 when the budget is spent."""
+    def claim(self, worker: int, wanted: int = 1) -> int:
+        """Up to `wanted` trials for `worker` (its set-aside cohort first); 0 when the budget is spent."""
         with self.remaining.get_lock():
+            if self.reserved[worker]:
+                granted, self.reserved[worker] = self.reserved[worker], 0
+                return granted
             granted = max(0, min(wanted, self.remaining.value))
             self.remaining.value -= granted
             return granted
+
+
+def first_cohorts(n_trials: int, size: int, processes: int) -> list[int]:
+    """The cohort set aside for each of `processes` workers, in order, from a budget of n_trials."""
+    return [max(0, min(size, n_trials - i * size)) for i in range(processes)]
 
 
 def worker_device(name: str, worker: int) -> torch.device:
@@ -78,7 +88,7 @@ def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBud
     try:
         if target is None:
             deadline = time.monotonic() + config.timeout if config.timeout else math.inf
-            while time.monotonic() < deadline and (granted := budget.claim(size)):
+            while time.monotonic() < deadline and (granted := budget.claim(worker, size)):
                 runner.run(granted)
         else:
             run_until(study, runner, target, size, config)
@@ -99,12 +109,9 @@ def run_until(study: optuna.Study, runner: CohortRunner, target: int, size: int,
     while started < target and time.monotonic() < deadline:
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
         finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
-        missing = target - finished - states[TrialState.RUNNING]
-        if states[TrialState.WAITING] or missing > 0:
-            # Optuna hands out waiting (retried) trials first.
-            granted = min(size, max(states[TrialState.WAITING], missing), target - started)
-            runner.run(granted)
-            started += granted
+        if wanted_for_target(study, target):
+            # Counted again before each trial is asked: workers deciding at once claim no more than it lacks.
+            started += runner.run(min(size, target - started), until=lambda: wanted_for_target(study, target))
             continue
         if finished >= target:
             return
@@ -113,6 +120,30 @@ def run_until(study: optuna.Study, runner: CohortRunner, target: int, size: int,
         else:
             recover_dead_trials(study)
         time.sleep(WAIT_POLL_S)
+
+
+def wanted_for_target(study: optuna.Study, target: int) -> int:
+    """Trials to start now: the waiting (retried) ones, which must run, or what the target still lacks
+    once the complete, pruned and running trials (anywhere) are counted."""
+    states = Counter(t.state for t in study.get_trials(deepcopy=False))
+    lacking = target - states[TrialState.COMPLETE] - states[TrialState.PRUNED] - states[TrialState.RUNNING]
+    return max(states[TrialState.WAITING], lacking, 0)
+
+
+def processes_to_run(config: TuneConfig, size: int, target: int | None) -> int:
+    """How many worker processes this call runs (itself included): none that could not get a cohort."""
+    if target is not None:
+        return max(config.workers, 1)
+    return max(1, min(config.workers, math.ceil(config.n_trials / size)))
+
+
+def plan_text(config: TuneConfig, target: int | None) -> str:
+    """How the trials are spread, for the line a call prints: cohort size and processes actually started."""
+    size = cohort_size(config, worker_device(config.device, 0))
+    processes = processes_to_run(config, size, target)
+    fewer = (f" ({config.workers} asked: {config.n_trials} trials fill only {processes} cohort(s))"
+             if processes < config.workers else "")
+    return f"in cohorts of up to {size} on {processes} worker process(es){fewer}"
 
 
 def spawned_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget,
@@ -126,13 +157,6 @@ def spawned_worker(config: TuneConfig, parent: Parent, worker: int, budget: Tria
         run_worker(config, parent, worker, budget, callbacks, target, sampler_offset)
     except KeyboardInterrupt:
         sys.exit(130)  # the trials are recorded as interrupted; the parent prints the one line
-
-
-def workers_to_spawn(config: TuneConfig, size: int, target: int | None) -> range:
-    """Worker numbers 1.. of the processes worth starting: none that could not get a cohort of its own."""
-    if target is not None:
-        return range(1, config.workers)
-    return range(1, min(config.workers, math.ceil(config.n_trials / size)))
 
 
 def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallback], target: int | None = None,
@@ -150,12 +174,13 @@ def run_workers(config: TuneConfig, parent: Parent, callbacks: list[TrialCallbac
     if not has_heartbeats(config.storage):
         recover_dead_trials(load_study(config))
     context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
-    budget = TrialBudget(context, config.n_trials)
     size = cohort_size(config, worker_device(config.device, 0))
+    processes = processes_to_run(config, size, target)
+    budget = TrialBudget(context, config.n_trials, first_cohorts(config.n_trials, size, processes))
     others = [
         context.Process(target=spawned_worker, args=(config, parent, i, budget, callbacks, target, sampler_offset),
                         name=f"tune-worker-{i}")
-        for i in workers_to_spawn(config, size, target)
+        for i in range(1, processes)
     ]
     for process in others:
         process.start()

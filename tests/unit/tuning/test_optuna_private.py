@@ -17,7 +17,7 @@ def test_a_trial_asked_by_hand_beats_and_a_stale_trial_hands_its_edited_user_att
     trial.suggest_float("x", 0, 1)
     trial.set_user_attr("worker", {"pid": 1})
     record_heartbeat(study, trial)
-    time.sleep(1.5)
+    time.sleep(2.5)  # heartbeats are stored to the second: 2.5 s is past the 1 s grace however it rounds
     optuna.storages.fail_stale_trials(study)  # only a trial that has beaten can go stale
     (stale,) = study.trials
     assert stale.state == TrialState.FAIL
