@@ -13,6 +13,10 @@ class ConfigError(ValueError):
         self.param = param
 
 
+class DataError(RuntimeError):
+    """Input data is missing, unreadable or not what it claims to be (the source, data_dir, a checkpoint's data)."""
+
+
 def first_line(err: BaseException) -> str:
     """What a one-line error message can say of a library's exception (some span many lines)."""
     text = str(err).strip()

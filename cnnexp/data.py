@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from cnnexp.config import PrepareConfig
-from cnnexp.idx import NUM_CLASSES, SAMPLE, DataError, Split, class_names, download, read_source, sha256_file
+from cnnexp.checks import DataError
+from cnnexp.idx import NUM_CLASSES, SAMPLE, Split, class_names, download, read_source, sha256_file
 from cnnexp.locks import file_lock
 
 SPLITS = ("train", "val", "test")

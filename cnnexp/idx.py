@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cnnexp.checks import first_line
+from cnnexp.checks import DataError, first_line
 
 IDX_FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -26,10 +26,6 @@ IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 SAMPLE = "fashion-mnist-sample"  # the bundled real sample (cnnexp/sample_data): FashionMNIST's files and classes
 TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "kmnist": "KMNIST", SAMPLE: "FashionMNIST"}
-
-class DataError(RuntimeError):
-    """Input data is missing, unreadable or not what it claims to be."""
-
 
 @dataclass(frozen=True)
 class Split:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from cnnexp.config import VERBOSE_ENV, ConfigError
+from cnnexp.checks import ConfigError, DataError
+from cnnexp.config import VERBOSE_ENV
 from pipelines.progress import calm_bars_off_terminal
 
 # torch, MLflow and Optuna are imported by the functions that use them: `--help` and a mistyped flag stay
@@ -144,7 +145,9 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
         if verbose:
             traceback.print_exc()
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_FAILED
+        # Bad input is a parameter refused, or data the user pointed at that is missing or damaged: 2,
+        # wherever it was found; a failure while working (a crash, a loss gone NaN, a lost server): 1.
+        return EXIT_BAD_INPUT if isinstance(err, (ConfigError, DataError)) else EXIT_FAILED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -34,7 +34,14 @@ print_env() {
 up() {
   command -v initdb >/dev/null || { echo "local-cluster: PostgreSQL server binaries not found (apt-get install postgresql)" >&2; exit 1; }
   mkdir -p "$dir/artifacts"
-  [ "$(id -u)" = 0 ] && chown postgres "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres "$dir"
+    # As root the cluster belongs to `postgres`, which must be able to enter every parent of DIR; a parent
+    # made by `mktemp -d` (mode 0700) is one it cannot.
+    su postgres -s /bin/bash -c "test -x '$dir'" || {
+      echo "local-cluster: user postgres cannot enter $dir (a parent directory is private, e.g. made by mktemp -d);" \
+           "use a DIR whose parents it can enter, or: chmod o+x on them" >&2; exit 1; }
+  fi
   if [ ! -d "$dir/db" ]; then
     as_db_owner "initdb -D '$dir/db' -A trust -U postgres" >"$dir/initdb.log"
   fi

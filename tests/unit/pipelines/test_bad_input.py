@@ -10,7 +10,9 @@ from helpers import BAD_FILES, EXPECTED_FILE, write_idx_dir
 from pipelines import evaluate, prepare, train, tune
 
 COMMANDS = {"prepare": prepare.cli, "train": train.cli, "evaluate": evaluate.cli, "tune": tune.cli}
-BAD, FAILED = 2, 1  # exit codes: a parameter refused before any work / a failure while working
+# When the input is refused: before any run starts, or once a run has started and reads it (that run ends
+# FAILED with the line as its reason). Either way the exit code is 2: bad input, not a failure.
+BAD, IN_RUN = "before a run", "in its run"
 
 
 def _file_under_a_regular_file(tmp):
@@ -62,14 +64,14 @@ def _interrupt(metrics):
 CASES = {
     # prepare
     "prepare dataset unknown": ("prepare", ["--dataset", "cifar"], BAD, "dataset: unknown value 'cifar'; allowed: fashion-mnist"),
-    "prepare source missing dir": ("prepare", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
-    "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], FAILED, "missing (expected train-images-idx3-ubyte"),
-    **{f"prepare source {case}": ("prepare", _bad_source(case), FAILED, EXPECTED_FILE[case]) for case in BAD_FILES},
-    "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
+    "prepare source missing dir": ("prepare", lambda t: ["--source", str(t / "nowhere")], IN_RUN, "source: "),
+    "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], IN_RUN, "missing (expected train-images-idx3-ubyte"),
+    **{f"prepare source {case}": ("prepare", _bad_source(case), IN_RUN, EXPECTED_FILE[case]) for case in BAD_FILES},
+    "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "data_dir: cannot create"),
     # train
     "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
-    "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], FAILED, "data_dir: cannot create"),
-    "train source missing dir": ("train", lambda t: ["--source", str(t / "nowhere")], FAILED, "source: "),
+    "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "data_dir: cannot create"),
+    "train source missing dir": ("train", lambda t: ["--source", str(t / "nowhere")], IN_RUN, "source: "),
     "train resume unknown run": ("train", ["--resume", "0123abc"], BAD, "resume: no run '0123abc' in sqlite:"),
     "train resume a prepare run": ("train", lambda t: ["--resume", _run_of("prepare")(t)], BAD, "is not a train run"),
     "train resume a finished run": ("train", lambda t: ["--resume", _run_of("train", "--epochs", "1")(t)], BAD, "is FINISHED; only KILLED or FAILED"),
@@ -78,7 +80,7 @@ CASES = {
     "evaluate model_uri empty": ("evaluate", ["--model-uri", ""], BAD, "model_uri: must not be empty"),
     "evaluate model_uri unknown run": ("evaluate", ["--model-uri", "runs:/abc/model"], BAD, "model_uri: no model at 'runs:/abc/model'"),
     "evaluate bare unknown run id": ("evaluate", ["--model-uri", "abc"], BAD, "model_uri: no model at 'runs:/abc/model'"),
-    "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], FAILED, "data_dir: no prepared fashion-mnist data"),
+    "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], IN_RUN, "data_dir: no prepared fashion-mnist data"),
     # tune
     "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
     "tune setting differs from the study's": ("tune", lambda t: [*_study_of(t, "--epochs", "2"), "--epochs", "3"], BAD, "epochs: study 'cnnexp-tune' was created with epochs=2, got 3"),
@@ -97,7 +99,7 @@ def test_bad_input_gets_one_line_a_nonzero_exit_and_leaves_nothing_half_done(cas
     args = args(workdir) if callable(args) else args
     before, runs_before = _files(workdir), len(MlflowClient().search_runs(["0"]))
     capsys.readouterr()
-    assert COMMANDS[command](args) == code
+    assert COMMANDS[command](args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err and err.startswith(f"{command}: error: "), err
     runs = MlflowClient().search_runs(["0"])

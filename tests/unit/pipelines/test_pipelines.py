@@ -81,7 +81,7 @@ def test_cuda_without_cuda_is_refused_before_training(workdir, capsys):
 
 
 def test_verbose_shows_the_traceback(workdir, tmp_path, capsys):
-    assert train.cli(["--source", str(tmp_path / "nowhere"), "--verbose"]) == 1
+    assert train.cli(["--source", str(tmp_path / "nowhere"), "--verbose"]) == 2
     assert "Traceback" in capsys.readouterr().err
 
 
