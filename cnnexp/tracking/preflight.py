@@ -10,16 +10,19 @@ named cnnexp, against an http(s) tracking URI. There, before MLflow looks up the
 - it asks the server once (one try, store.STORE_CHECK_TIMEOUT_S); without an answer it prints one line naming
   MLFLOW_TRACKING_URI and exits 2 (SystemExit passes MLflow's `except Exception` around providers);
 - otherwise it sets store.HTTP_BOUNDS as defaults for that command and the entry point it starts (a user's own
-  values win), the bounds every cnnexp process uses anyway.
+  values win), the bounds every cnnexp process uses anyway, and (unless CNNEXP_VERBOSE) hides the command's
+  "View run ... at" lines, as cnnexp's own processes do.
 Everywhere else (other projects, scripts, notebooks, `mlflow server`, local stores) it does nothing.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
 
+from cnnexp.config import verbose
 from cnnexp.tracking import store
 
 PROJECT_NAME = "cnnexp"
@@ -65,6 +68,8 @@ def check_before_mlflow_run() -> None:
               flush=True)
         raise SystemExit(EXIT_BAD_INPUT)
     store.bound_http_waits()
+    if not verbose():  # the command's own "🏃 View run ... at" lines: train already prints its run's page
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class PreflightCheck(RequestHeaderProvider):
