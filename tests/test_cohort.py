@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from cnnexp.cohort import Member, fit_cohort, micro_batches, new_cohort
+from cnnexp import cohort as cohort_module
+from cnnexp.cohort import Member, fit_cohort, micro_batches, new_cohort, sub_streams
 from cnnexp.model import Network
 from cnnexp.train import NonFiniteLoss, fit, new_training_state
 from test_train import CPU, _split
@@ -39,7 +40,10 @@ def assert_same_training(cohort_history, network, expected):
         assert ((tensor - weights[name]).norm() / weights[name].norm()).item() < 1e-4, name
 
 
-def test_a_cohort_trains_each_member_exactly_as_its_own_fit(data, separate):
+# The default keeps MEMBERS in one sub-stream; 2 splits them into three, each its own fused model.
+@pytest.mark.parametrize("ratio", [cohort_module.SUB_STREAM_RATIO, 2])
+def test_a_cohort_trains_each_member_exactly_as_its_own_fit(data, separate, ratio, monkeypatch):
+    monkeypatch.setattr(cohort_module, "SUB_STREAM_RATIO", ratio)
     cohort = new_cohort(MEMBERS, seed=0, device=CPU)
     history = fit_cohort(cohort, *data, epochs=2)
     for i, expected in enumerate(separate):
@@ -63,6 +67,53 @@ def test_a_member_leaving_after_epoch_1_changes_no_other_members_numbers(data, s
         assert_same_training(history[i], cohort.network(i), separate[i])
 
 
+def test_a_member_that_joins_trains_as_its_own_fit_and_changes_no_other_members_numbers(data, separate):
+    cohort = new_cohort(MEMBERS[:3], seed=0, device=CPU)
+    joiner = Member(0.003, 24)
+    seen = []
+
+    def refill(results):
+        seen.append({i: r["epoch"] for i, r in results.items()})
+        if len(seen) == 1:  # 7 and 8 start their epoch 1 beside 0 and 2 at their epoch 2: different orders
+            cohort.add(7, MEMBERS[3], seed=0)
+            cohort.add(8, joiner, seed=5)
+            return {1}
+        return {0, 2} if len(seen) == 2 else set()  # complete: their rows leave, the joiners go on
+
+    history = fit_cohort(cohort, *data, epochs=2, on_epoch_end=refill)
+    assert seen == [{0: 1, 1: 1, 2: 1}, {0: 2, 2: 2, 7: 1, 8: 1}, {7: 2, 8: 2}]
+    assert cohort.ids == [7, 8] and [m["epoch"] for m in history[7]] == [1, 2]
+    assert_same_training(history[7], cohort.network(7), separate[3])
+    state = new_training_state(joiner.lr, seed=5, device=CPU)
+    own = fit(state, *data, batch_size=joiner.batch_size, epochs=2)
+    assert_same_training(history[8], cohort.network(8), (own, state.model.state_dict()))
+    for i in (0, 2):  # left after completing: their histories equal their own fits'
+        assert [m["epoch"] for m in history[i]] == [1, 2]
+        for got, want in zip(history[i], separate[i][0]):
+            assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-4)
+
+
+def test_a_member_that_completes_stays_readable_and_untrained_while_others_go_on(data, separate):
+    cohort = new_cohort(MEMBERS[:2], seed=0, device=CPU)
+    fit_cohort(cohort, *data, epochs=1)
+    cohort.add(5, MEMBERS[2], seed=0)
+    history = fit_cohort(cohort, *data, epochs=2, on_epoch_end=lambda results: ())
+    assert [m["epoch"] for m in history[5]] == [1, 2] and len(history[0]) == 2
+    for i, expected in ((0, separate[0]), (1, separate[1]), (5, separate[2])):
+        assert_same_training(history[i], cohort.network(i), expected)
+
+
+def test_a_member_id_in_use_cannot_join_again():
+    cohort = new_cohort(MEMBERS[:1], seed=0, device=CPU)
+    with pytest.raises(ValueError, match="already"):
+        cohort.add(0, MEMBERS[1], seed=0)
+
+
+def test_sub_streams_split_where_a_batch_reaches_the_ratio_times_the_groups_smallest(monkeypatch):
+    monkeypatch.setattr(cohort_module, "SUB_STREAM_RATIO", 8)
+    assert sub_streams([1024, 16, 64, 16, 32, 128]) == [[1, 3, 4, 2], [5], [0]]
+
+
 def test_a_diverging_member_leaves_with_its_error_and_the_others_go_on(data, separate):
     cohort = new_cohort([MEMBERS[0], Member(1e30, 32), MEMBERS[2]], seed=0, device=CPU)
     results = []
@@ -76,7 +127,9 @@ def test_a_diverging_member_leaves_with_its_error_and_the_others_go_on(data, sep
 def test_the_micro_batch_stream_completes_every_members_batches():
     stream = micro_batches(70, [16, 32, 24], CPU)
     assert [(m.start, m.stop) for m in stream] == [(0, 16), (16, 24), (24, 32), (32, 48), (48, 64), (64, 70)]
-    steps = torch.stack([m.stepping for m in stream]).sum(dim=0)
+    steps = torch.zeros(3, dtype=torch.long)
+    for micro in stream:
+        steps[micro.stepping] += 1
     assert steps.tolist() == [5, 3, 3]  # ceil(70 / b): the last partial batch steps too
     last = stream[-1]
     assert last.inv_batch_len.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 22])
