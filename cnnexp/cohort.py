@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,12 +39,6 @@ MemberResult = dict | NonFiniteLoss
 # of members that leave now (pruned, failed, complete), and may `Cohort.add` members that join for the
 # next epoch. Diverged members always leave.
 CohortCallback = Callable[[dict[int, MemberResult]], Iterable[int] | None]
-
-# A member whose batch is at least this many times the smallest batch of its sub-stream starts a new
-# sub-stream: stepping through micro-batches that small costs it more than a smaller fused model does
-# (measured at tune's batch mix: benchmarks/cohort_refill.md).
-SUB_STREAM_RATIO = 8
-
 
 @dataclass(frozen=True)
 class Member:
@@ -77,17 +72,17 @@ class Cohort:
         return {i: t.member for i, t in self.trainees.items()}
 
     def network(self, member_id: int) -> Network:
-        return self.fused.model.member(self.ids.index(member_id))
+        return self.fused.network(self.ids.index(member_id))
 
     def weights(self, member_id: int) -> dict[str, torch.Tensor]:
-        return self.fused.model.weights(self.ids.index(member_id))
+        return self.fused.weights(self.ids.index(member_id))
 
     def add(self, member_id: int, member: Member, seed: int) -> None:
         """A new member at its epoch 0, initialised and shuffled exactly as `new_training_state(lr, seed)`."""
         if member_id in self.trainees:
             raise ValueError(f"member {member_id} is already in the cohort")
         torch.manual_seed(seed)  # weight init, as new_training_state
-        device = self.fused.model.stacked[0].device
+        device = self.fused.flat.device
         self.fused = self.fused.cat(Fused.new([Network()], [member.lr]).to(device))
         self.trainees[member_id] = Trainee(member, torch.Generator().manual_seed(seed))
 
@@ -98,7 +93,7 @@ class Cohort:
 
     def _rows(self, member_ids: list[int]) -> torch.Tensor:
         ids = self.ids
-        return torch.tensor([ids.index(i) for i in member_ids], dtype=torch.long, device=self.fused.model.stacked[0].device)
+        return torch.tensor([ids.index(i) for i in member_ids], dtype=torch.long, device=self.fused.flat.device)
 
 
 def new_cohort(members: list[Member], seed: int, device: torch.device) -> Cohort:
@@ -132,18 +127,6 @@ def micro_batches(n: int, batch_sizes: list[int], device: torch.device) -> list[
     return stream
 
 
-def sub_streams(batch_sizes: list[int]) -> list[list[int]]:
-    """Positions into batch_sizes, grouped: by increasing batch size, a new group where a batch reaches
-    SUB_STREAM_RATIO times the group's smallest."""
-    groups: list[list[int]] = []
-    for position in sorted(range(len(batch_sizes)), key=lambda p: batch_sizes[p]):
-        if groups and batch_sizes[position] < SUB_STREAM_RATIO * batch_sizes[groups[-1][0]]:
-            groups[-1].append(position)
-        else:
-            groups.append([position])
-    return groups
-
-
 def train_epoch(fused: Fused, orders: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
                 stream: list[MicroBatch], bf16: bool = False,
                 forward: Callable = fused_forward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +135,8 @@ def train_epoch(fused: Fused, orders: torch.Tensor, inputs: torch.Tensor, labels
 
     Nothing in the loop waits for the device: the stream's tensors were made before, sums stay on it.
     """
-    optimizer, k = fused.optimizer, fused.model.k
+    k = fused.k
     flat = inputs.reshape(len(inputs), -1)
-    params = list(fused.model.stacked)
     loss_sum = torch.zeros(k, device=inputs.device)
     correct = torch.zeros(k, dtype=torch.int64, device=inputs.device)
     for micro in stream:
@@ -166,13 +148,17 @@ def train_epoch(fused: Fused, orders: torch.Tensor, inputs: torch.Tensor, labels
             x = x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
         y = labels[rows].expand(k, -1)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(params, x)  # [K, b, classes]
+            logits = forward(fused.params, x)  # [K, b, classes]
             losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, -1).sum(dim=1)
         # Each member's loss is the sum over this part of its batch divided by the batch's length: summed
         # over the batch's micro-batches, that is the gradient of its own batch's mean loss.
-        (losses * micro.inv_batch_len).sum().backward()
-        optimizer.step(micro.stepping)
-        optimizer.zero_grad(micro.stepping)
+        with warnings.catch_warnings():
+            # Each gradient is a strided view of Fused.grad on purpose (one Adam over [R, P]); autograd
+            # still accumulates into it in place, and warns that the layout is not the one it prefers.
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            (losses * micro.inv_batch_len).sum().backward()
+        fused.step(micro.stepping)
+        fused.zero_grad(micro.stepping)
         loss_sum += losses.detach().float()
         correct += (logits.detach().argmax(dim=2) == y).sum(dim=1)
     return loss_sum, correct
@@ -181,10 +167,9 @@ def train_epoch(fused: Fused, orders: torch.Tensor, inputs: torch.Tensor, labels
 @torch.inference_mode()
 def evaluate(fused: Fused, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:
     """Each member's mean loss and accuracy; chunks keep K members' activations near one eval batch's."""
-    model = fused.model
-    k = model.k
+    k = fused.k
     chunk = max(1, EVAL_BATCH_SIZE // k)
-    logits = torch.cat([model(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)], dim=1)
+    logits = torch.cat([fused.forward(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)], dim=1)
     losses = F.cross_entropy(logits.flatten(0, 1), labels.repeat(k), reduction="none").view(k, -1).mean(dim=1)
     accuracy = (logits.argmax(dim=2) == labels).double().mean(dim=1)
     return losses.tolist(), accuracy.tolist()
@@ -213,7 +198,7 @@ def fit_cohort(
     A member whose train loss is not finite leaves with a NonFiniteLoss in its place (as `fit` raises).
     epoch_time_s is the cohort's: the time all its training members took together.
     """
-    device = cohort.fused.model.stacked[0].device
+    device = cohort.fused.flat.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     forward = torch.compile(fused_forward) if torch_compile else fused_forward
@@ -224,31 +209,26 @@ def fit_cohort(
     n, streams = len(train_y), {}
     while training := [i for i, t in cohort.trainees.items() if t.epoch < epochs]:
         started = time.perf_counter()
-        loss_sum, correct = {}, {}
-        for group in sub_streams([cohort.trainees[i].member.batch_size for i in training]):
-            ids = [training[p] for p in group]
-            rows = cohort._rows(ids)
-            part = cohort.fused if ids == cohort.ids else cohort.fused.select(rows)
-            sizes = tuple(cohort.trainees[i].member.batch_size for i in ids)
-            if sizes not in streams:
-                streams[sizes] = micro_batches(n, list(sizes), device)
-            losses, hits = train_epoch(part, _orders(cohort, ids, n, device), train_x, train_y, streams[sizes], bf16, forward)
-            if part is not cohort.fused:
-                cohort.fused.put(rows, part)
-            loss_sum.update(zip(ids, (losses / n).tolist()))
-            correct.update(zip(ids, (hits.double() / n).tolist()))
-        trained = cohort.fused if training == cohort.ids else cohort.fused.select(cohort._rows(training))
-        val_loss, val_accuracy = evaluate(trained, val_x, val_y)
+        rows = cohort._rows(training)
+        part = cohort.fused if training == cohort.ids else cohort.fused.select(rows)
+        sizes = tuple(cohort.trainees[i].member.batch_size for i in training)
+        if sizes not in streams:
+            streams[sizes] = micro_batches(n, list(sizes), device)
+        losses, hits = train_epoch(part, _orders(cohort, training, n, device), train_x, train_y, streams[sizes], bf16, forward)
+        val_loss, val_accuracy = evaluate(part, val_x, val_y)
+        if part is not cohort.fused:
+            cohort.fused.put(rows, part)
+        train_loss, train_accuracy = (losses / n).tolist(), (hits.double() / n).tolist()
         elapsed = time.perf_counter() - started
         results: dict[int, MemberResult] = {}
         for row, member_id in enumerate(training):
             trainee = cohort.trainees[member_id]
             trainee.epoch += 1
-            if not math.isfinite(loss_sum[member_id]):
-                results[member_id] = NonFiniteLoss(trainee.epoch, loss_sum[member_id])
+            if not math.isfinite(train_loss[row]):
+                results[member_id] = NonFiniteLoss(trainee.epoch, train_loss[row])
                 continue
             results[member_id] = {
-                "epoch": trainee.epoch, "train_loss": loss_sum[member_id], "train_accuracy": correct[member_id],
+                "epoch": trainee.epoch, "train_loss": train_loss[row], "train_accuracy": train_accuracy[row],
                 "val_loss": val_loss[row], "val_accuracy": val_accuracy[row], "epoch_time_s": elapsed,
             }
             cohort.history.setdefault(member_id, []).append(results[member_id])

@@ -3,17 +3,16 @@
 What is fused is the work, not the math (HFTA, MLSys 2021): conv1 is one convolution with 6K outputs
 (over one shared input, or grouped over K inputs), conv2 a grouped convolution (groups=K), the linear
 layers batched matmuls over [K, batch, features], and one Adam update with one lr and step count per
-member runs over the stacked rows. A member is a row: rows are selected, written back, dropped and
-appended (`Fused`) without changing any other row's numbers.
+member runs over the stacked rows. A member is a row of flat buffers (`Fused`): rows are selected,
+written back, dropped and appended without changing any other row's numbers.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cnnexp.model import Network
 
@@ -22,9 +21,17 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 
 @functools.cache
-def parameter_names() -> tuple[str, ...]:
+def _meta_network() -> Network:
     with torch.device("meta"):  # no init on the CPU: the global RNG is left as it was
-        return tuple(name for name, _ in Network().named_parameters())
+        return Network()
+
+
+def parameter_names() -> tuple[str, ...]:
+    return tuple(name for name, _ in _meta_network().named_parameters())
+
+
+def parameter_shapes() -> tuple[torch.Size, ...]:
+    return tuple(p.shape for p in _meta_network().parameters())
 
 
 def fused_forward(stacked: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -63,133 +70,104 @@ def _as_conv_weight(stacked: torch.Tensor) -> torch.Tensor:
     return weight.contiguous(memory_format=torch.channels_last) if weight.device.type == "cpu" else weight
 
 
-class FusedNetworks(nn.Module):
-    """K Networks' parameters, each stacked over the members on a leading dim, in Network's order."""
-
-    def __init__(self, stacked: list[torch.Tensor]):
-        super().__init__()
-        self.stacked = nn.ParameterList(nn.Parameter(t.contiguous()) for t in stacked)
-
-    @classmethod
-    def of(cls, networks: list[Network]) -> FusedNetworks:
-        params = [dict(n.named_parameters()) for n in networks]
-        return cls([torch.stack([p[name].detach() for p in params]) for name in parameter_names()])
-
-    @property
-    def k(self) -> int:
-        return len(self.stacked[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_forward(list(self.stacked), x)
-
-    def weights(self, index: int) -> dict[str, torch.Tensor]:
-        """Member `index`'s slice of the fused weights, by Network's parameter names (views, not copies)."""
-        return {name: p[index].detach() for name, p in zip(parameter_names(), self.stacked)}
-
-    def member(self, index: int) -> Network:
-        """Member `index` as a plain Network (a copy of its slice of the fused weights)."""
-        network = Network(num_classes=self.stacked[-1].shape[1]).to(self.stacked[0].device)
-        network.load_state_dict(self.weights(index))  # load_state_dict copies
-        return network
-
-
-class CohortAdam:
-    """torch.optim.Adam (default betas and eps, no weight decay) over stacked parameters: one lr and one
-    step count per member, and an update of only the rows whose batch is complete."""
-
-    def __init__(self, params: list[nn.Parameter], lr: torch.Tensor, steps: torch.Tensor,
-                 exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor]):
-        self.params, self.lr, self.steps = list(params), lr, steps  # lr, steps: float64 [K]
-        self.exp_avg, self.exp_avg_sq = exp_avg, exp_avg_sq
-
-    def step(self, rows: torch.Tensor | None = None) -> None:
-        """rows: the members whose batch is complete (long [R]); None = every member.
-
-        Only those rows are read and written: at tune's batch mix most micro-batches step a few members
-        (index_select vs masked math over all rows: benchmarks/cohort_refill.md).
-        """
-        with torch.no_grad():
-            if rows is None:
-                self.steps += 1
-                steps, lr = self.steps, self.lr
-            else:
-                self.steps[rows] += 1
-                steps, lr = self.steps[rows], self.lr[rows]
-            # Bias corrections in float64, as Adam computes them from its step count.
-            step_size = (lr / (1 - BETA1**steps)).float()
-            correction2_sqrt = (1 - BETA2**steps).sqrt().float()
-            for p, m_all, v_all in zip(self.params, self.exp_avg, self.exp_avg_sq):
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                if rows is None:
-                    w, g, m, v = p.data, p.grad, m_all, v_all
-                else:
-                    w, g, m, v = (t.index_select(0, rows) for t in (p.data, p.grad, m_all, v_all))
-                m.lerp_(g, 1 - BETA1)
-                v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
-                denom = (v.sqrt() / correction2_sqrt.view(shape)).add_(EPS)
-                w.sub_(step_size.view(shape) * m / denom)
-                if rows is not None:
-                    for whole, part in ((p.data, w), (m_all, m), (v_all, v)):
-                        whole.index_copy_(0, rows, part)
-
-    def zero_grad(self, rows: torch.Tensor | None = None) -> None:
-        """Clears the gradients of the members that stepped; the others keep accumulating."""
-        for p in self.params:
-            if rows is None:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.index_fill_(0, rows, 0)
-
-
-@dataclass
 class Fused:
-    """The fused model and its optimizer: every tensor in them has one row per member."""
+    """K members' parameters, gradients and Adam moments (torch.optim.Adam's defaults, no weight decay)
+    as the rows of flat [K, P] buffers, with one lr and one step count per member.
 
-    model: FusedNetworks
-    optimizer: CohortAdam
+    Each parameter is a view of its columns of `flat` and its gradient a view of `grad`, so autograd
+    accumulates into `grad` in place and one Adam update is a dozen ops over [R, P] rather than a dozen
+    per parameter: at tune's batch mix most micro-batches step two or three of the K members, and only
+    those rows are read and written (benchmarks/cohort_refill.md).
+    """
+
+    def __init__(self, flat: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 lr: torch.Tensor, steps: torch.Tensor):
+        self.flat, self.exp_avg, self.exp_avg_sq = flat, exp_avg, exp_avg_sq
+        self.lr, self.steps = lr, steps  # float64 [K]
+        self.grad = torch.zeros_like(flat)
+        self.params: list[torch.Tensor] = []
+        start = 0
+        for shape in parameter_shapes():
+            stop = start + math.prod(shape)
+            param = flat[:, start:stop].view(len(flat), *shape).detach().requires_grad_()
+            param.grad = self.grad[:, start:stop].view(len(flat), *shape)
+            self.params.append(param)
+            start = stop
 
     @classmethod
     def new(cls, networks: list[Network], lrs: list[float]) -> Fused:
-        model = FusedNetworks.of(networks)
-        device = model.stacked[0].device
-        return cls(model, CohortAdam(
-            list(model.stacked), torch.tensor(lrs, dtype=torch.float64, device=device),
-            torch.zeros(len(lrs), dtype=torch.float64, device=device),
-            [torch.zeros_like(p) for p in model.stacked], [torch.zeros_like(p) for p in model.stacked],
-        ))
+        flat = torch.stack([torch.cat([p.detach().flatten() for p in n.parameters()]) for n in networks])
+        return cls(flat, torch.zeros_like(flat), torch.zeros_like(flat),
+                   torch.tensor(lrs, dtype=torch.float64, device=flat.device),
+                   torch.zeros(len(lrs), dtype=torch.float64, device=flat.device))
 
     @classmethod
     def empty(cls, device: torch.device) -> Fused:
         """No members yet (a cohort that is filled by `cat`)."""
-        with torch.device("meta"):
-            shapes = [p.shape for p in Network().parameters()]
-        rows = [[torch.zeros((0, *shape), device=device) for shape in shapes] for _ in range(3)]
-        state = [torch.zeros(0, dtype=torch.float64, device=device) for _ in range(2)]
-        return cls._of(rows[0] + rows[1] + rows[2] + state)
+        width = sum(math.prod(shape) for shape in parameter_shapes())
+        rows = [torch.zeros((0, width), device=device) for _ in range(3)]
+        return cls(*rows, *(torch.zeros(0, dtype=torch.float64, device=device) for _ in range(2)))
 
-    @classmethod
-    def _of(cls, tensors: list[torch.Tensor]) -> Fused:
-        n = len(parameter_names())
-        model = FusedNetworks(tensors[:n])
-        return cls(model, CohortAdam(list(model.stacked), tensors[3 * n], tensors[3 * n + 1],
-                                     tensors[n : 2 * n], tensors[2 * n : 3 * n]))
+    @property
+    def k(self) -> int:
+        return len(self.flat)
 
-    def _tensors(self) -> list[torch.Tensor]:
-        o = self.optimizer
-        return [p.detach() for p in self.model.stacked] + o.exp_avg + o.exp_avg_sq + [o.lr, o.steps]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_forward(self.params, x)
+
+    def step(self, rows: torch.Tensor | None = None) -> None:
+        """Adam for the members at rows (long [R]: those whose batch is complete); None = every member."""
+        with torch.no_grad():
+            if rows is None:
+                self.steps += 1
+                steps, lr = self.steps, self.lr
+                w, g, m, v = self.flat, self.grad, self.exp_avg, self.exp_avg_sq
+            else:
+                self.steps[rows] += 1
+                steps, lr = self.steps[rows], self.lr[rows]
+                w, g, m, v = (t.index_select(0, rows) for t in (self.flat, self.grad, self.exp_avg, self.exp_avg_sq))
+            # Bias corrections in float64, as Adam computes them from its step count.
+            step_size = (lr / (1 - BETA1**steps)).float().unsqueeze(1)
+            correction2_sqrt = (1 - BETA2**steps).sqrt().float().unsqueeze(1)
+            m.lerp_(g, 1 - BETA1)
+            v.mul_(BETA2).addcmul_(g, g, value=1 - BETA2)
+            denom = (v.sqrt() / correction2_sqrt).add_(EPS)
+            w.sub_(step_size * m / denom)
+            if rows is not None:
+                for whole, part in ((self.flat, w), (self.exp_avg, m), (self.exp_avg_sq, v)):
+                    whole.index_copy_(0, rows, part)
+
+    def zero_grad(self, rows: torch.Tensor | None = None) -> None:
+        """Clears the gradients of the members that stepped; the others keep accumulating."""
+        if rows is None:
+            self.grad.zero_()
+        else:
+            self.grad.index_fill_(0, rows, 0)
+
+    def weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Member `index`'s weights, by Network's parameter names (views, not copies)."""
+        return {name: p[index].detach() for name, p in zip(parameter_names(), self.params)}
+
+    def network(self, index: int) -> Network:
+        """Member `index` as a plain Network (a copy of its weights)."""
+        network = Network(num_classes=self.params[-1].shape[1]).to(self.flat.device)
+        network.load_state_dict(self.weights(index))  # load_state_dict copies
+        return network
+
+    def _rows(self) -> list[torch.Tensor]:
+        return [self.flat, self.exp_avg, self.exp_avg_sq, self.lr, self.steps]
 
     def select(self, rows: torch.Tensor) -> Fused:
-        """A copy of the members at `rows`, in that order (no gradient accumulating: at an epoch's end)."""
-        return Fused._of([t[rows] for t in self._tensors()])
+        """A copy of the members at `rows`, in that order (at an epoch's end: no gradient accumulating)."""
+        return Fused(*(t[rows] for t in self._rows()))
 
     def put(self, rows: torch.Tensor, part: Fused) -> None:
         """Writes `part` (a select(rows) that trained) back into those rows."""
-        with torch.no_grad():
-            for whole, new in zip(self._tensors(), part._tensors()):
-                whole.index_copy_(0, rows, new)
+        for whole, new in zip(self._rows(), part._rows()):
+            whole.index_copy_(0, rows, new)
 
     def cat(self, other: Fused) -> Fused:
-        return Fused._of([torch.cat([a, b]) for a, b in zip(self._tensors(), other._tensors())])
+        return Fused(*(torch.cat([a, b]) for a, b in zip(self._rows(), other._rows())))
 
     def to(self, device: torch.device) -> Fused:
-        return Fused._of([t.to(device) for t in self._tensors()])
+        return Fused(*(t.to(device) for t in self._rows()))

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from cnnexp import cohort as cohort_module
-from cnnexp.cohort import Member, fit_cohort, micro_batches, new_cohort, sub_streams
+from cnnexp.cohort import Member, fit_cohort, micro_batches, new_cohort
 from cnnexp.model import Network
 from cnnexp.train import NonFiniteLoss, fit, new_training_state
 from test_train import CPU, _split
@@ -40,10 +39,7 @@ def assert_same_training(cohort_history, network, expected):
         assert ((tensor - weights[name]).norm() / weights[name].norm()).item() < 1e-4, name
 
 
-# The default keeps MEMBERS in one sub-stream; 2 splits them into three, each its own fused model.
-@pytest.mark.parametrize("ratio", [cohort_module.SUB_STREAM_RATIO, 2])
-def test_a_cohort_trains_each_member_exactly_as_its_own_fit(data, separate, ratio, monkeypatch):
-    monkeypatch.setattr(cohort_module, "SUB_STREAM_RATIO", ratio)
+def test_a_cohort_trains_each_member_exactly_as_its_own_fit(data, separate):
     cohort = new_cohort(MEMBERS, seed=0, device=CPU)
     history = fit_cohort(cohort, *data, epochs=2)
     for i, expected in enumerate(separate):
@@ -107,11 +103,6 @@ def test_a_member_id_in_use_cannot_join_again():
     cohort = new_cohort(MEMBERS[:1], seed=0, device=CPU)
     with pytest.raises(ValueError, match="already"):
         cohort.add(0, MEMBERS[1], seed=0)
-
-
-def test_sub_streams_split_where_a_batch_reaches_the_ratio_times_the_groups_smallest(monkeypatch):
-    monkeypatch.setattr(cohort_module, "SUB_STREAM_RATIO", 8)
-    assert sub_streams([1024, 16, 64, 16, 32, 128]) == [[1, 3, 4, 2], [5], [0]]
 
 
 def test_a_diverging_member_leaves_with_its_error_and_the_others_go_on(data, separate):
