@@ -9,13 +9,15 @@ when members leave (pruned, complete, diverged) and new ones join (`Cohort.add`,
 
 Inputs: members whose permutations are equal (same seed and epoch: a fresh cohort) share one input
 batch and conv1 is one dense convolution; otherwise each member gathers its own rows and conv1 is a
-grouped convolution over [B, K, 28, 28]. The grouped form costs more (K=8, batch 100: see
-benchmarks/cohort_refill.md), so it runs only when the orders differ.
+grouped convolution over [B, K, 28, 28]. That costs 28-36% more per epoch (K=8, 6,000 images, one
+thread: 1.65 -> 2.12 s at batch 100, 2.10 -> 2.86 s at tune's batch mix), so it runs only when the
+orders differ (benchmarks/cohort_refill.md).
 
-Batch sizes: members are split into sub-streams by batch size (`sub_streams`), each its own fused
-model over its rows for the epoch. Within a sub-stream members consume one stream of micro-batches cut
-at every member's batch boundary; each accumulates the micro-batches of its batch and steps (only its
-rows) when that batch is complete. With equal batch sizes that is one micro-batch per step.
+Batch sizes: members consume one stream of micro-batches cut at every member's batch boundary; each
+accumulates the micro-batches of its batch and steps, only its rows, when that batch is complete.
+With equal batch sizes that is one micro-batch per step. Splitting members into sub-streams by batch
+size (each its own fused model) measured slower at every split tried (K=8 batch mix: 1.44-1.71x
+separate fits vs 1.88x for one stream), so the small-batch members' steps carry the others.
 """
 from __future__ import annotations
 

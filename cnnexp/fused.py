@@ -1,4 +1,4 @@
-"""K tutorial Networks as one model: every parameter and Adam moment stacked on a leading member dim.
+"""K tutorial Networks as one model: every parameter, gradient and Adam moment a row per member.
 
 What is fused is the work, not the math (HFTA, MLSys 2021): conv1 is one convolution with 6K outputs
 (over one shared input, or grouped over K inputs), conv2 a grouped convolution (groups=K), the linear
@@ -77,7 +77,9 @@ class Fused:
     Each parameter is a view of its columns of `flat` and its gradient a view of `grad`, so autograd
     accumulates into `grad` in place and one Adam update is a dozen ops over [R, P] rather than a dozen
     per parameter: at tune's batch mix most micro-batches step two or three of the K members, and only
-    those rows are read and written (benchmarks/cohort_refill.md).
+    those rows are read and written. K=8 at tune's batch mix (6,000 images, one thread): masked Adam
+    over all rows 2.78 s an epoch, over the stepping rows 2.35 s (1.45x -> 1.71x eight separate fits in
+    that run; 1.87x -> 2.20x in a quieter one); at batch 100, where all rows step, 1.39 vs 1.41 s.
     """
 
     def __init__(self, flat: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
