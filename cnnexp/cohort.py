@@ -42,6 +42,7 @@ MemberResult = dict | NonFiniteLoss
 # next epoch. Diverged members always leave.
 CohortCallback = Callable[[dict[int, MemberResult]], Iterable[int] | None]
 
+
 @dataclass(frozen=True)
 class Member:
     lr: float
