@@ -25,9 +25,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from run import DEFAULT_SOURCE, cohort_members, load_data  # noqa: E402
+from benchmarks.harness import DEFAULT_SOURCE, load_data  # noqa: E402
+from benchmarks.run import cohort_members  # noqa: E402
 
 from cnnexp import cohort  # noqa: E402
 from cnnexp.cohort import Member  # noqa: E402

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -25,15 +26,15 @@ class Heartbeat:
     """Beats for the cohort's running trials on storages with heartbeats (what study.optimize does per
     trial, which ask-and-tell leaves to the caller)."""
 
-    def __init__(self, study: optuna.Study, trials: list[optuna.Trial]):
-        self.study, self.trials = study, list(trials)
+    def __init__(self, study: optuna.Study, trials: Callable[[], list[optuna.Trial]]):
+        self.study, self.trials = study, trials  # asked at every beat: a cohort's trials change as it refills
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     def _beat(self) -> None:
         while True:
-            for trial in self.trials:
-                with contextlib.suppress(Exception):  # a finished trial, or a database hiccup: next beat
+            with contextlib.suppress(Exception):  # a cohort changing under us, a finished trial, a database hiccup
+                for trial in self.trials():
                     record_heartbeat(self.study, trial)
             if self.stop.wait(HEARTBEAT_INTERVAL_S):
                 return

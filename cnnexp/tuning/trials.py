@@ -1,4 +1,5 @@
-"""Trials run a cohort at a time: asked from Optuna, trained together, each reported, pruned or completed alone.
+"""Trials run a cohort at a time: asked from Optuna, trained together, each reported, pruned or completed alone,
+and a trial that leaves is replaced by a new one while the call has trials to give, so the cohort stays full.
 
 Each trial is its own MLflow child run, tagged with its cohort (the first trial's number) and size; a
 complete trial's model is logged off the training path, and only then is Optuna told it is complete.
@@ -29,6 +30,8 @@ from cnnexp.tuning.recovery import Heartbeat, queue_retry, retry_tags
 from cnnexp.tuning.study import OBJECTIVE, Parent, has_heartbeats, suggest
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
+# grant(n): how many more trials (at most n) this worker may start now: its budget, or what a study's target lacks.
+Grant = Callable[[int], int]
 
 
 def run_name(number: int, params: dict) -> str:
@@ -97,26 +100,20 @@ class CohortRunner:
         self.callbacks = callbacks
         self.models = ModelLogger(study, callbacks, split_dataset(data, "val"))
         self.active: dict[int, TrialRun] = {}
+        self.started = 0
 
-    def run(self, size: int, until: Callable[[], int] | None = None) -> int:
-        """Trains a cohort of up to `size` trials; returns how many it started. until(): how many more the
-        study still wants, asked again before each trial (a study with a target, shared by other workers)."""
+    def run(self, size: int, grant: Grant) -> int:
+        """Trains a cohort of up to `size` trials, refilled as they leave while grant() gives more; returns
+        how many trials it started (0: none granted)."""
         if has_heartbeats(self.config.storage):
             optuna.storages.fail_stale_trials(self.study)
-        # Asked one after the other, each after the previous one's params: the samplers' constant liar
-        # (TPE, GP) then keeps the cohort's points apart.
-        self.active = {}
-        asked = []
-        while len(asked) < size and (until is None or until() > 0):
-            asked.append(self._ask())
-        if not asked:
+        self.active, self.started, self.size, self.grant = {}, 0, size, grant
+        self.cohort_tags = {}
+        if not self._ask_and_start(size):
             return 0
-        cohort = {tags.COHORT: str(asked[0][0].number), tags.COHORT_SIZE: str(len(asked))}
-        for member_id, (trial, params) in enumerate(asked):
-            self.active[member_id] = self._start(trial, params, cohort)
         try:
-            with Heartbeat(self.study, [r.trial for r in self.active.values()]) if has_heartbeats(self.config.storage) \
-                    else contextlib.nullcontext():
+            with Heartbeat(self.study, lambda: [r.trial for r in list(self.active.values())]) \
+                    if has_heartbeats(self.config.storage) else contextlib.nullcontext():
                 self._train()
         except KeyboardInterrupt:
             for run in self.active.values():
@@ -126,10 +123,25 @@ class CohortRunner:
             for run in self.active.values():
                 self._end(run, "FAILED", TrialState.FAIL, {tags.ERROR: error_text(err)})
         self.active = {}
-        return len(asked)
+        return self.started
 
     def close(self) -> None:
         self.models.close()
+
+    def _ask_and_start(self, wanted: int) -> list[int]:
+        """Asks up to `wanted` trials (as grant allows, counted again before each) and starts their runs;
+        returns their member ids. Asked one after the other, each after the previous one's params: the
+        samplers' constant liar (TPE, GP) then keeps the points of trials in flight apart."""
+        joined = []
+        while len(joined) < wanted and self.grant(1):
+            trial, params = self._ask()
+            if not self.cohort_tags:  # the cohort is named after its first trial, and sized by its capacity
+                self.cohort_tags = {tags.COHORT: str(trial.number), tags.COHORT_SIZE: str(self.size)}
+            member_id = self.started
+            self.active[member_id] = self._start(trial, params, self.cohort_tags)
+            self.started += 1
+            joined.append(member_id)
+        return joined
 
     def _ask(self) -> tuple[optuna.Trial, dict]:
         trial = self.study.ask()
@@ -152,10 +164,17 @@ class CohortRunner:
     def _train(self) -> None:
         splits, epochs, options = self.data.splits, self.config.epochs, speed_options(self.config)
         members = [Member(run.params["lr"], run.params["batch_size"]) for run in self.active.values()]
-        if len(members) > 1:
+        if self.size > 1:
             group = new_cohort(members, self.config.seed, self.device)
-            fit_cohort(group, splits["train"], splits["val"], epochs=epochs,
-                       on_epoch_end=lambda results: self._epoch_end(results, group.weights), **options)
+
+            def on_epoch_end(results: dict[int, MemberResult]) -> set[int]:
+                leaving = self._epoch_end(results, group.weights)
+                for member_id in self._ask_and_start(self.size - (len(group.ids) - len(leaving))):
+                    params = self.active[member_id].params
+                    group.add(member_id, Member(params["lr"], params["batch_size"]), self.config.seed)
+                return leaving
+
+            fit_cohort(group, splits["train"], splits["val"], epochs=epochs, on_epoch_end=on_epoch_end, **options)
             return
         state = new_training_state(members[0].lr, self.config.seed, self.device)
 

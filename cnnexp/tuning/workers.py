@@ -38,7 +38,8 @@ class TrialBudget:
         """Up to `wanted` trials for `worker` (its set-aside cohort first); 0 when the budget is spent."""
         with self.remaining.get_lock():
             if self.reserved[worker]:
-                granted, self.reserved[worker] = self.reserved[worker], 0
+                granted = min(wanted, self.reserved[worker])
+                self.reserved[worker] -= granted
                 return granted
             granted = max(0, min(wanted, self.remaining.value))
             self.remaining.value -= granted
@@ -88,8 +89,12 @@ def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBud
     try:
         if target is None:
             deadline = time.monotonic() + config.timeout if config.timeout else math.inf
-            while time.monotonic() < deadline and (granted := budget.claim(worker, size)):
-                runner.run(granted)
+
+            def grant(wanted: int) -> int:
+                return budget.claim(worker, wanted) if time.monotonic() < deadline else 0
+
+            while runner.run(size, grant):
+                pass
         else:
             run_until(study, runner, target, size, config)
     finally:
@@ -106,12 +111,18 @@ def run_until(study: optuna.Study, runner: CohortRunner, target: int, size: int,
     """
     deadline = time.monotonic() + config.timeout if config.timeout else math.inf
     started = 0
+
+    def grant(wanted: int) -> int:
+        """Counted again before each trial is asked: workers deciding at once take no more than it lacks."""
+        if started + runner.started >= target or time.monotonic() >= deadline:
+            return 0
+        return min(wanted, wanted_for_target(study, target))
+
     while started < target and time.monotonic() < deadline:
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
         finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
         if wanted_for_target(study, target):
-            # Counted again before each trial is asked: workers deciding at once claim no more than it lacks.
-            started += runner.run(min(size, target - started), until=lambda: wanted_for_target(study, target))
+            started += runner.run(size, grant)
             continue
         if finished >= target:
             return

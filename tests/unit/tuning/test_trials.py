@@ -79,10 +79,29 @@ def test_a_cohorts_trials_are_distinct_points_trained_together_and_tagged(workdi
     runs = children[parent.info.run_id]
     assert_optuna_and_mlflow_agree(study, runs, client_of(workdir))
     cohorts = sorted((r.data.tags["cohort"], r.data.tags["cohort_size"]) for r in runs)
-    assert cohorts == [("0", "3")] * 3 + [("3", "2")] * 2  # the budget's last 2 trials form a cohort of 2
+    assert cohorts == [("0", "3")] * 5  # the last 2 trials took the places of the first ones
     run = next(r for r in runs if r.data.tags["cohort"] == "0")
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+class PruneTrialZero(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number == 0
+
+
+def test_a_pruned_trials_place_is_taken_by_a_new_trial_while_the_others_train_on(workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "make_pruner", lambda config: PruneTrialZero())
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    assert tune.cli(["--n-trials", "3", "--epochs", "3", "--cohort", "2", "--source", str(source)]) == 0
+    study = study_of(workdir)
+    assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE", "COMPLETE"]
+    (parent,), children = parent_and_children(workdir)
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in children[parent.info.run_id]}
+    assert {r.data.tags["cohort"] for r in runs.values()} == {"0"}
+    assert runs[2].info.start_time < runs[1].info.end_time  # joined while trial 1 was still training
+    assert sorted(study.trials[2].intermediate_values) == [1, 2, 3]  # its own epochs, from its first
+    assert_optuna_and_mlflow_agree(study, list(runs.values()), client_of(workdir))
 
 
 def test_a_trial_is_complete_in_optuna_only_once_its_model_is_logged(workdir, tmp_path, monkeypatch):

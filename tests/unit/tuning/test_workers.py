@@ -47,7 +47,7 @@ def test_a_worker_asks_no_more_trials_than_the_target_lacks(workdir, idx_source)
         runner = CohortRunner(study, config, data, torch.device("cpu"),
                               Parent(parent.info.run_id, parent.info.experiment_id, mlflow.get_tracking_uri()), [])
         runner._train = lambda: None  # what is tested is how many trials it asks for
-        assert runner.run(8, until=lambda: wanted_for_target(study, 4)) == 1
+        assert runner.run(8, lambda wanted: min(wanted, wanted_for_target(study, 4))) == 1
         runner.close()
     assert len(study.trials) == 4 and wanted_for_target(study, 4) == 0
 
