@@ -59,8 +59,11 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             history.append(metrics)
             best.update(metrics["epoch"], metrics["val_accuracy"], state.model)
             # Checkpoint before logging: a kill in between loses no metric, resume logs it from the checkpoint.
-            save_checkpoint(checkpoints, capture(state, history=history, best=best.state_dict(), **extras),
-                            state.epoch)
+            try:
+                save_checkpoint(checkpoints, capture(state, history=history, best=best.state_dict(), **extras),
+                                state.epoch)
+            except OSError as err:  # a full disk: the previous epoch's checkpoint is still whole
+                raise unwritable_checkpoint(err, checkpoints, run_id, state.epoch) from None
             log.log_epoch(metrics)
             owners.beat()
             progress.on_epoch_end(metrics)
@@ -77,6 +80,9 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             raise
         try:
             model, kept = log_results(state, best, history, data, config.keep)
+        except OSError as err:
+            raise RuntimeError(f"cannot write the model ({err.strerror or err}); {checkpoints} keeps all {state.epoch} "
+                               f"epochs: free space, then `cnnexp train --resume {run_id}` logs it") from None
         except Exception as err:
             raise store_lost_error(err, checkpoints, run_id, state.epoch) from None
         if config.register:
@@ -103,6 +109,14 @@ def kept_epoch(history: list[dict], best: BestEpoch, keep: str) -> dict:
     """The metrics of the epoch whose weights become the model: the best one, or the last."""
     epoch = best.epoch if keep == "best" else history[-1]["epoch"]
     return next(m for m in history if m["epoch"] == epoch)
+
+
+def unwritable_checkpoint(err: OSError, checkpoints: Path, run_id: str, epoch: int) -> RuntimeError:
+    """One line for a checkpoint that cannot be written (a full disk): what is kept, and how to go on."""
+    kept = (f"epochs 1-{epoch - 1} are kept: free space (or choose another checkpoint_dir), then "
+            f"`cnnexp train --resume {run_id}`" if epoch > 1 else "nothing was kept yet: free space and train again")
+    return RuntimeError(f"checkpoint_dir: cannot write epoch {epoch}'s checkpoint in {checkpoints} "
+                        f"({err.strerror or err}); {kept}")
 
 
 STORE_LOST = "store-lost.txt"  # in a run's checkpoint directory: the run may be resumed though still RUNNING

@@ -1,11 +1,15 @@
 """main: prepare -> train -> evaluate as child runs, with finished steps reused rather than rerun."""
 import dataclasses
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from cnnexp.tracking.queries import same_params
 from cnnexp.config import TrainConfig
+from cnnexp.tracking import log
+from cnnexp.tracking.queries import same_params
+from pipelines import evaluate as evaluate_module
 from pipelines import main
+from pipelines import prepare as prepare_module
 
 
 def _runs(**tags):
@@ -56,3 +60,29 @@ def test_code_version_changes_with_the_code(tmp_path, monkeypatch):
     (fake_repo / "cnnexp" / "tracking").mkdir()
     (fake_repo / "cnnexp" / "tracking" / "log.py").write_text("b = 1\n")  # a subpackage's module counts too
     assert len({before, first, second, main.code_version()}) == 4
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("step", ["prepare", "train", "evaluate"])
+def test_main_interrupted_at_a_step_ends_it_and_main_killed_and_the_next_main_goes_on(step, workdir, idx_source,
+                                                                                       monkeypatch, capsys):
+    # prepare: while reading the data; train: at its first epoch's metrics; evaluate: while scoring.
+    target = {"prepare": (prepare_module, "prepare"), "train": (log, "log_epoch"), "evaluate": (evaluate_module.evaluate, "predict")}
+    monkeypatch.setattr(*target[step], _interrupt)
+    args = ["--source", str(idx_source), "--epochs", "1", "--batch-size", "50"]
+    assert main.cli(args) == 130
+    assert "interrupted; the run is marked KILLED" in capsys.readouterr().err
+    (parent,) = _runs(**{"mlflow.runName": "main"})
+    assert parent.info.status == "KILLED"
+    children = MlflowClient().search_runs(["0"], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {r.info.run_name.split("-")[0]: r.info.status for r in children}[step] == "KILLED"
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    assert main.cli(args) == 0
+    (_, again) = _runs(**{"mlflow.runName": "main"})
+    done_before = {"prepare": "none", "train": "prepare", "evaluate": "prepare,train"}[step]
+    assert again.info.status == "FINISHED" and again.data.tags["reused_steps"] == done_before

@@ -3,7 +3,8 @@ import mlflow
 import pytest
 import torch
 
-from helpers import client_of, parent_and_children, write_idx_dir
+from cnnexp.tuning import trials
+from helpers import assert_optuna_and_mlflow_agree, client_of, parent_and_children, study_of, write_idx_dir
 from pipelines import tune
 
 
@@ -29,3 +30,36 @@ def test_retrain_best_runs_the_train_and_evaluate_steps_under_the_study(workdir,
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(test_accuracy)
     model = mlflow.pytorch.load_model(f"runs:/{trained.info.run_id}/model")
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_retrain_best_when_the_best_trial_is_a_retry(workdir, tmp_path, monkeypatch):
+    real_fit_cohort = trials.fit_cohort
+
+    def interrupted_after_epoch_1(cohort, train, val, *, on_epoch_end, **options):
+        def interrupt(results):
+            on_epoch_end(results)
+            raise KeyboardInterrupt
+        return real_fit_cohort(cohort, train, val, on_epoch_end=interrupt, **options)
+
+    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1)
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    args = ["--n-trials", "2", "--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
+    assert tune.cli(args) == 130
+    monkeypatch.setattr(trials, "fit_cohort", real_fit_cohort)
+    assert tune.cli(args + ["--retrain-best", "true"]) == 0
+    study = study_of(workdir)
+    assert "retry_of" in study.best_trial.user_attrs  # only the retries completed
+    parents, children = parent_and_children(workdir)
+    trained = next(r for r in children[parents[-1].info.run_id] if r.info.run_name.startswith("train-"))
+    assert float(trained.data.params["lr"]) == pytest.approx(study.best_params["lr"])
+    assert "best_test_accuracy" in client_of(workdir).get_run(parents[-1].info.run_id).data.metrics
+
+
+def test_hyperband_prunes_within_cohorts_and_both_stores_agree(workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    assert tune.cli(["--n-trials", "9", "--epochs", "3", "--cohort", "3", "--pruner", "hyperband", "--sampler", "random",
+                     "--source", str(source)]) == 0
+    study = study_of(workdir)
+    assert len(study.trials) == 9 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    (parent,), children = parent_and_children(workdir)
+    assert_optuna_and_mlflow_agree(study, children[parent.info.run_id], client_of(workdir))
