@@ -36,6 +36,7 @@ def main(config: TuneConfig) -> Made[dict]:
         else:
             print(f"study {config.study_name!r}: {before} earlier trials; running {config.n_trials} more "
                   f"{workers.plan_text(config, None)}")
+            report.import_figures_in_background()
             workers.run_workers(config, parent, [print_trial], data=data)
             result = report.log_outcome(found)
             if config.retrain_best and "best_params" in result:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import threading
 import warnings
 
 import numpy as np
@@ -60,15 +62,21 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return frame
 
 
+def import_figures_in_background() -> threading.Thread:
+    """Imports what the study's figures need (Optuna's matplotlib plots: about a second) on a thread while
+    trials train: torch's kernels run without the GIL, so the import comes off the study's end."""
+    thread = threading.Thread(target=importlib.import_module, args=("optuna.visualization.matplotlib",),
+                              name="figure-imports", daemon=True)
+    thread.start()
+    return thread
+
+
 def figures(study: optuna.Study) -> dict[str, Figure]:
     """Study figures by file name; a figure Optuna cannot draw yet (too few trials) is left out."""
     from optuna.visualization import matplotlib as vis  # seconds of import, paid only once a study ends
 
     makers = {
         "optimization_history.png": lambda: vis.plot_optimization_history(study),
-        # PED-ANOVA, not the default fANOVA: its random forest took 2 s (import and fit) of a 30 s study.
-        "param_importances.png": lambda: vis.plot_param_importances(
-            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()),
         "contour_lr_batch_size.png": lambda: vis.plot_contour(study, params=["lr", "batch_size"]),
         "slice.png": lambda: vis.plot_slice(study, params=["lr", "batch_size"]),
         "intermediate_values.png": lambda: vis.plot_intermediate_values(study),
@@ -76,6 +84,11 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
         # One bar per trial over wall time, coloured by state: how workers (and cohorts) spent the study.
         "timeline.png": lambda: vis.plot_timeline(study),
     }
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
+        # PED-ANOVA, not the default fANOVA: its random forest took 2 s (import and fit) of a 30 s study.
+        # Asked only where it can be drawn: importing optuna.importance alone takes a second.
+        makers["param_importances.png"] = lambda: vis.plot_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     drawn = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
