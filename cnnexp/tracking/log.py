@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from cnnexp.data import PreparedData
 from cnnexp import plots
 from cnnexp.tracking import tags
+from cnnexp.tracking.store import writes_queued
 
 
 def log_config(config) -> None:
@@ -30,9 +31,9 @@ def log_params(params: dict) -> None:
 
 
 def log_epoch(metrics: dict) -> None:
-    """One batched, non-blocking write per epoch: the store's latency stays off the training loop."""
+    """One batched write per epoch (queued to a server: store.writes_queued)."""
     values = {k: v for k, v in metrics.items() if k != "epoch"}
-    mlflow.log_metrics(values, step=metrics["epoch"], synchronous=False)
+    mlflow.log_metrics(values, step=metrics["epoch"], synchronous=not writes_queued())
 
 
 def log_child_epoch(run_id: str, metrics: dict) -> None:

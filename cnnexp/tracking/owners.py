@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp.processes import is_dead, owner
 from cnnexp.tracking import tags
+from cnnexp.tracking.store import writes_queued
 
 # A heartbeat is written at the start and after every epoch. Another host's run counts as stale once it is
 # this much older than its longest epoch allows (3 epochs' time), and never sooner than STALE_AFTER_S.
@@ -24,8 +25,8 @@ def record_owner() -> None:
 
 
 def beat() -> None:
-    """The active run's heartbeat (after an epoch): queued, so the store's latency stays off training."""
-    mlflow.set_tag(tags.HEARTBEAT, f"{time.time():.0f}", synchronous=False)
+    """The active run's heartbeat (after an epoch), written as the epoch's metrics are (store.writes_queued)."""
+    mlflow.set_tag(tags.HEARTBEAT, f"{time.time():.0f}", synchronous=not writes_queued())
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,13 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def writes_queued() -> bool:
+    """Whether per-epoch writes go through MLflow's background queue: to a server, so the network's latency
+    stays off the training loop. A local store takes them at once (milliseconds); MLflow's queue would make
+    every flush and every run's end wait up to a second for its idle worker (2.3 s of a 3.5 s 3-epoch run)."""
+    return is_server(tracking_uri())
+
+
 def use_tracking_uri(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # a worker must never resume the parent run as its own
