@@ -202,10 +202,11 @@ class CompareConfig:
             raise ConfigError("plot", "needs output: the figure is saved beside the CSV (same name, .png)")
 
 
-SAMPLERS = ("tpe", "random", "gp")
+SAMPLERS = ("tpe", "tpe-multivariate", "random", "gp")
 # Trials one process trains together when `cohort` is 0, by device type (benchmarks/README.md: cohort).
 DEFAULT_COHORT = {"cpu": 8, "cuda": 32}
 PRUNERS = ("asha", "median", "hyperband", "none")
+OBJECTIVES = ("best", "last")  # which epoch's val_accuracy is a trial's value
 
 
 @dataclass(frozen=True)
@@ -217,10 +218,13 @@ class TuneConfig:
     lr_max: float = field(default=0.1, metadata=_help("largest learning rate"))
     batch_min: int = field(default=16, metadata=_help("smallest batch size (a power of two)"))
     batch_max: int = field(default=1024, metadata=_help("largest batch size (a power of two)"))
-    sampler: str = field(default="tpe", metadata=_help("Optuna sampler", choices=SAMPLERS))
+    sampler: str = field(default="tpe", metadata=_help(
+        "Optuna sampler (tpe-multivariate: TPE modelling lr and batch size jointly)", choices=SAMPLERS))
     pruner: str = field(default="asha", metadata=_help(
         "Optuna pruner: asha (successive halving: a third go on after epochs 1, 3, 9, ...), median, hyperband or none",
         choices=PRUNERS))
+    objective: str = field(default="best", metadata=_help(
+        "a trial's value: its best epoch's val_accuracy (that of its logged model) or its last epoch's", choices=OBJECTIVES))
     storage: str = field(
         default="optuna-journal.log",
         metadata=_help("Optuna journal file, or any Optuna storage URL (sqlite:///..., postgresql://...)"),
@@ -259,6 +263,7 @@ class TuneConfig:
             raise ConfigError("batch_min", f"must not exceed batch_max ({self.batch_max}), got {self.batch_min}")
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("pruner", self.pruner, PRUNERS)
+        check_choice("objective", self.objective, OBJECTIVES)
         check_nonempty("storage", self.storage)
         check_nonempty("study_name", self.study_name)
         if self.workers < 0:

@@ -106,7 +106,8 @@ def log_study_settings(config: TuneConfig) -> None:
     """The tune config and the search space on the active (parent) run; the storage without its password."""
     settings = study_settings(config)
     log_config(dataclasses.replace(config, storage=settings["storage"]))
-    log_params({k: v for k, v in settings.items() if k not in ("storage", "sampler", "pruner", "study_name")})
+    # objective is a config field (best, last); study.json spells it out ("maximize best epoch's val_accuracy").
+    log_params({k: v for k, v in settings.items() if k not in ("storage", "sampler", "pruner", "objective", "study_name")})
     log_dict(settings, "study.json")
 
 

@@ -20,8 +20,8 @@ from cnnexp.tuning.recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, FailSta
 
 OBJECTIVE = JUDGED_BY  # a trial's value is its model's, as compare and the champion rule judge it
 # What `tune` fixes for the whole study; a joining worker takes these from the study, so no machine drifts.
-STUDY_SETTINGS = ("epochs", "lr_min", "lr_max", "batch_min", "batch_max", "sampler", "pruner", "seed", "dataset",
-                  "bf16", "torch_compile")
+STUDY_SETTINGS = ("epochs", "lr_min", "lr_max", "batch_min", "batch_max", "sampler", "pruner", "objective", "seed",
+                  "dataset", "bf16", "torch_compile")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
     # constant_liar (Optuna 5's default, stated): the trials of a cohort are asked before any of them
     # reports, and each is kept away from the others' points.
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=config.sampler == "tpe-multivariate")
 
 
 def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
@@ -200,5 +202,5 @@ def study_settings(config: TuneConfig) -> dict:
     """Parent-run params: the search space and how it is searched (storage without password)."""
     return {
         "search_space": search_space(config), "sampler": config.sampler, "pruner": config.pruner,
-        "storage": redact_url(config.storage), "study_name": config.study_name, "objective": f"maximize {OBJECTIVE}",
+        "storage": redact_url(config.storage), "study_name": config.study_name, "objective": f"maximize {config.objective} epoch's {OBJECTIVE}",
     }

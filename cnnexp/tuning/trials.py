@@ -46,6 +46,7 @@ class TrialRun:
     params: dict
     run_id: str
     best: BestEpoch = field(default_factory=BestEpoch)
+    value: float | None = None  # what Optuna is told once the model is logged (config.objective)
 
 
 def report(study: optuna.Study, callbacks: list[TrialCallback], trial: FrozenTrial) -> None:
@@ -76,8 +77,7 @@ class ModelLogger:
         while (job := self.jobs.get()) is not None:
             run, model, example, classes = job
             log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(), self.val)
-            # The trial's value is its model's: the best epoch's val_accuracy.
-            report(self.study, self.callbacks, self.study.tell(run.trial, run.best.val_accuracy))
+            report(self.study, self.callbacks, self.study.tell(run.trial, run.value))
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -207,6 +207,8 @@ class CohortRunner:
             leaving.add(member_id)
             del self.active[member_id]
             if isinstance(result, dict) and result["epoch"] == self.config.epochs:
+                # objective=best (the default): the value of the model it logs, its best epoch's.
+                run.value = run.best.val_accuracy if self.config.objective == "best" else result[OBJECTIVE]
                 example = to_inputs(self.data.splits["val"].images[:4])
                 model = run.best.restore(Network(num_classes=len(self.data.classes)))
                 self.models.submit(run, model, example, self.data.classes)

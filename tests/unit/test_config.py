@@ -38,7 +38,7 @@ RULES = {
     "tune batch_min not a power of two": (TuneConfig, {"batch_min": 12}, "batch_min: must be a power of two"),
     "tune batch_max not a power of two": (TuneConfig, {"batch_max": 100}, "batch_max: must be a power of two"),
     "tune batch range inverted": (TuneConfig, {"batch_min": 256, "batch_max": 64}, "batch_min: must not exceed batch_max (64)"),
-    "tune sampler unknown": (TuneConfig, {"sampler": "grid"}, "sampler: unknown value 'grid'; allowed: tpe, random"),
+    "tune sampler unknown": (TuneConfig, {"sampler": "grid"}, "sampler: unknown value 'grid'; allowed: tpe, tpe-multivariate, random, gp"),
     "tune pruner unknown": (TuneConfig, {"pruner": "foo"}, "pruner: unknown value 'foo'; allowed: asha, median, hyperband, none"),
     "tune workers negative": (TuneConfig, {"workers": -1}, "workers: must be 0 (run no trials here) or more"),
     "tune storage empty": (TuneConfig, {"storage": ""}, "storage: must not be empty"),

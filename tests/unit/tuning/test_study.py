@@ -57,3 +57,12 @@ def test_a_resumed_study_proposes_new_points_and_repeats_for_the_same_calls(samp
         assert points["again"] == points["first"]  # the same sequence of calls, the same points
 
 
+def test_objective_last_makes_a_trials_value_its_last_epochs_and_is_a_study_setting(workdir, tmp_path):
+    source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
+    args = ["--n-trials", "3", "--epochs", "3", "--cohort", "3", "--sampler", "tpe-multivariate", "--pruner", "none",
+            "--objective", "last", "--source", str(source)]
+    assert tune.cli(args) == 0
+    assert tune.cli(["--n-trials", "1", "--source", str(source)]) == 0  # a resumed study keeps its objective
+    study = study_of(workdir)
+    assert study.user_attrs["settings"]["objective"] == "last"
+    assert [t.value for t in study.trials] == [t.intermediate_values[3] for t in study.trials]
