@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (under 5 minutes): epoch time vs the tutorial loop, fit with bf16 / torch.compile,
 # evaluation images/s, the aggregate trials/min of 16 concurrent trials on one GPU vs one, and cohort
-# throughput (K = 1, 4, 16, 64 fused trials vs as many separate fits, 12,000 images). Needs torch
+# throughput (K = 1, 4, 16, 64 fused trials vs as many separate fits, 12,000 images; fresh cohorts and
+# refilled ones, whose members' orders differ). Needs torch
 # and torchvision only (the tracking benchmark is skipped without mlflow). Without CUDA it runs a quick CPU fallback.
 #   benchmarks/gpu_check.sh [more benchmarks/run.py flags]     JSON: $OUT/gpu_results.json or benchmarks/
 set -euo pipefail
