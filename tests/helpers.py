@@ -136,6 +136,18 @@ def run_mlflow(entry: str, work: Path, **params) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+def interrupted_after_epoch_1(real_fit_cohort):
+    """fit_cohort, with Ctrl-C arriving right after every member's first epoch was reported."""
+
+    def fit_cohort(cohort, train, val, *, on_epoch_end, **options):
+        def interrupt(results):
+            on_epoch_end(results)
+            raise KeyboardInterrupt
+        return real_fit_cohort(cohort, train, val, on_epoch_end=interrupt, **options)
+
+    return fit_cohort
+
+
 def worst_last_epoch(real_fit):
     """fit, with the last epoch reported at val_accuracy 0: the best epoch is then an earlier one, whose
     weights differ from the final ones (real accuracies on the synthetic bars only rise)."""

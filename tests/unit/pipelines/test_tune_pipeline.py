@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cnnexp.tuning import trials
-from helpers import assert_optuna_and_mlflow_agree, client_of, parent_and_children, study_of, write_idx_dir
+from helpers import (assert_optuna_and_mlflow_agree, client_of, interrupted_after_epoch_1, parent_and_children, study_of,
+                     write_idx_dir)
 from pipelines import tune
 
 
@@ -34,14 +35,7 @@ def test_retrain_best_runs_the_train_and_evaluate_steps_under_the_study(workdir,
 
 def test_retrain_best_when_the_best_trial_is_a_retry(workdir, tmp_path, monkeypatch):
     real_fit_cohort = trials.fit_cohort
-
-    def interrupted_after_epoch_1(cohort, train, val, *, on_epoch_end, **options):
-        def interrupt(results):
-            on_epoch_end(results)
-            raise KeyboardInterrupt
-        return real_fit_cohort(cohort, train, val, on_epoch_end=interrupt, **options)
-
-    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1)
+    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1(real_fit_cohort))
     source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
     args = ["--n-trials", "2", "--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
     assert tune.cli(args) == 130

@@ -7,8 +7,8 @@ import torch
 from cnnexp.train import NonFiniteLoss
 from cnnexp.tuning import study as study_module
 from cnnexp.tuning import trials
-from helpers import (assert_optuna_and_mlflow_agree, assert_study_table_and_figures, client_of, parent_and_children,
-                     points_of, study_of, write_idx_dir)
+from helpers import (assert_optuna_and_mlflow_agree, assert_study_table_and_figures, client_of,
+                     interrupted_after_epoch_1, parent_and_children, points_of, study_of, write_idx_dir)
 from pipelines import tune
 
 
@@ -124,14 +124,7 @@ def test_a_trial_is_complete_in_optuna_only_once_its_model_is_logged(workdir, tm
 
 def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(workdir, tmp_path, monkeypatch, capsys):
     real_fit_cohort = trials.fit_cohort
-
-    def interrupted_after_epoch_1(cohort, train, val, *, on_epoch_end, **options):
-        def interrupt(results):
-            on_epoch_end(results)
-            raise KeyboardInterrupt
-        return real_fit_cohort(cohort, train, val, on_epoch_end=interrupt, **options)
-
-    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1)
+    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1(real_fit_cohort))
     source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
     args = ["--n-trials", "2", "--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
     assert tune.cli(args) == 130
