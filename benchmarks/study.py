@@ -40,7 +40,7 @@ from cnnexp.evaluate import predict, score  # noqa: E402
 from cnnexp.model import to_inputs  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402
 
-SIZES = {"small": (None, 12, 3), "full": (60_000, 8, 2)}  # training images (None: the sample's own), trials, epochs
+SIZES = {"small": (None, 12, 3), "full": (60_000, 8, 2), "large": (60_000, 30, 5)}  # training images (None: the sample's own), trials, epochs
 CACHE = REPO / "benchmarks" / "handwritten_cache.json"
 # Test accuracy of a retrained configuration, by (size, source, epochs, seed, lr, batch size): variants that share
 # their sampler's start-up trials often pick the same best point, and need not train it again.

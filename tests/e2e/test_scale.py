@@ -256,3 +256,16 @@ def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_jou
         run = client.get_run(retry.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["retry_of"] == str(trial.number)
         mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+
+
+@pytest.mark.skipif(not INITDB or os.geteuid() != 0, reason="needs the PostgreSQL server binaries and root "
+                                                            "(the cluster then belongs to the postgres user)")
+def test_local_cluster_in_a_private_directory_says_in_one_line_why_postgres_cannot_use_it():
+    private = Path(tempfile.mkdtemp())  # mode 0700, as `mktemp -d` makes it
+    try:
+        done = subprocess.run(["bash", str(REPO / "scripts" / "local-cluster.sh"), "up", str(private / "cluster")],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("local-cluster: user postgres cannot enter") and "chmod o+x" in done.stderr

@@ -7,9 +7,10 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp.tracking import log
 from helpers import BAD_FILES, EXPECTED_FILE, write_idx_dir
-from pipelines import evaluate, prepare, train, tune
+from pipelines import compare, evaluate, main, prepare, train, tune, worker
 
-COMMANDS = {"prepare": prepare.cli, "train": train.cli, "evaluate": evaluate.cli, "tune": tune.cli}
+COMMANDS = {"prepare": prepare.cli, "train": train.cli, "evaluate": evaluate.cli, "tune": tune.cli, "main": main.cli,
+            "worker": worker.cli, "compare": compare.cli}
 # When the input is refused: before any run starts, or once a run has started and reads it (that run ends
 # FAILED with the line as its reason). Either way the exit code is 2: bad input, not a failure.
 BAD, IN_RUN = "before a run", "in its run"
@@ -83,6 +84,10 @@ CASES = {
     "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], IN_RUN, "data_dir: no prepared fashion-mnist data"),
     # tune
     "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
+    # main, worker, compare: one case each (their rules are the configs', tested in tests/unit/test_config.py)
+    "main epochs zero": ("main", ["--epochs", "0"], BAD, "epochs: must be at least 1"),
+    "worker workers zero": ("worker", ["--workers", "0"], BAD, "workers: must be at least 1"),
+    "compare plot without output": ("compare", ["--plot", "true"], BAD, "plot: needs output"),
     "tune setting differs from the study's": ("tune", lambda t: [*_study_of(t, "--epochs", "2"), "--epochs", "3"], BAD, "epochs: study 'cnnexp-tune' was created with epochs=2, got 3"),
     "tune storage in a missing directory": ("tune", lambda t: ["--storage", str(t / "nowhere" / "journal.log")], BAD, "nowhere does not exist; create it"),
     "tune storage unreachable": ("tune", lambda t: ["--storage", "postgresql://tuner:s3cret@127.0.0.1:9/optuna", "--source", str(write_idx_dir(t / "idx"))], BAD, "storage: cannot open postgresql://tuner:***@127.0.0.1:9/optuna"),
