@@ -8,6 +8,7 @@
 - registry: registered versions and the champion alias
 - queries: compare's table and the reuse of finished steps
 - resume: checkpoints and continuing an interrupted train run
+- owners: who runs a train run (host, pid, heartbeat), and orphans whose process is gone
 - preflight: the MLflow plugin that makes `mlflow run` fail fast on a dead server
 - mlflow_private: the one place that leans on MLflow behaviour outside its public API
 
