@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import socket
 
+import psutil
+
 
 def owner() -> dict[str, object]:
     """This process as a run or trial records its owner: the host, and the pid on it."""
@@ -11,14 +13,14 @@ def owner() -> dict[str, object]:
 
 
 def alive(pid: int) -> bool:
-    """Whether a process of this host exists (a zombie still counts; another user's process too)."""
+    """Whether a process of this host still runs (another user's too). A zombie does not: it has ended and only
+    waits to be reaped, which after a SIGKILL of a whole process group can take a while."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def is_dead(recorded: dict) -> bool:
