@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp.processes import is_dead, owner
 from cnnexp.tracking import tags
+from cnnexp.tracking.runs import metric_by_step
 from cnnexp.tracking.store import writes_queued
 
 # A heartbeat is written at the start and after every epoch. Another host's run counts as stale once it is
@@ -46,7 +47,7 @@ class Ownership:
         return f"{where}{heard}"
 
 
-def ownership(run: Run, longest_epoch_s: float = 0.0) -> Ownership:
+def ownership(run: Run) -> Ownership:
     found = run.data.tags
     host, pid = found.get(tags.OWNER_HOST, ""), found.get(tags.OWNER_PID)
     beat_at = found.get(tags.HEARTBEAT)
@@ -55,12 +56,12 @@ def ownership(run: Run, longest_epoch_s: float = 0.0) -> Ownership:
         return Ownership("unknown", host, None, silent_s)
     if host == socket.gethostname():
         return Ownership("dead" if is_dead({"host": host, "pid": int(pid)}) else "alive", host, int(pid), silent_s)
-    stale = silent_s is not None and silent_s > max(STALE_AFTER_S, 3 * longest_epoch_s)
+    stale = silent_s is not None and silent_s > max(STALE_AFTER_S, 3 * longest_epoch_s(run.info.run_id))
     return Ownership("stale" if stale else "recent", host, int(pid), silent_s)
 
 
 def longest_epoch_s(run_id: str) -> float:
-    return max((m.value for m in MlflowClient().get_metric_history(run_id, "epoch_time_s")), default=0.0)
+    return max(metric_by_step(run_id, "epoch_time_s").values(), default=0.0)
 
 
 def orphaned_train_runs() -> list[tuple[Run, Ownership]]:
@@ -69,5 +70,5 @@ def orphaned_train_runs() -> list[tuple[Run, Ownership]]:
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     running = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`{tags.ENTRY_POINT}` = 'train'")
-    found = [(run, ownership(run, longest_epoch_s(run.info.run_id))) for run in running]
+    found = [(run, ownership(run)) for run in running]
     return [(run, owned) for run, owned in found if owned.state in ("dead", "stale")]

@@ -12,6 +12,7 @@ from cnnexp.config import RANKING_METRIC, ConfigError
 from cnnexp.tracking import tags
 from cnnexp.tracking.models import last_model_id
 from cnnexp.tracking.registry import judged_value
+from cnnexp.tracking.runs import metric_by_step
 
 LEADERBOARD_COLUMNS = ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", RANKING_METRIC, "test_accuracy",
                        "train_time_s"]
@@ -47,15 +48,10 @@ def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.Dat
     return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS), trials_left_out
 
 
-def per_epoch(run_id: str, metric: str, client: MlflowClient | None = None) -> dict[int, float]:
-    """A metric's history by step: a resumed run may log an epoch its store missed again, from the checkpoint."""
-    return {m.step: m.value for m in (client or MlflowClient()).get_metric_history(run_id, metric)}
-
-
 def train_time_s(client: MlflowClient, run: Run) -> float:
     """Seconds spent training: the sum of its epochs' epoch_time_s. A resumed run's wall-clock span would
     count the time it sat interrupted; runs from before epoch_time_s was logged fall back to that span."""
-    epochs = per_epoch(run.info.run_id, "epoch_time_s", client)
+    epochs = metric_by_step(run.info.run_id, "epoch_time_s", client)
     if epochs:
         return round(sum(epochs.values()), 1)
     return round((run.info.end_time - run.info.start_time) / 1000, 1)

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp.checks import ConfigError
 from cnnexp.tracking import tags
-from cnnexp.tracking.owners import longest_epoch_s, ownership
+from cnnexp.tracking.owners import ownership
+from cnnexp.tracking.runs import metric_by_step
 from cnnexp.tracking.store import tracking_uri
 
 RESUMABLE = ("KILLED", "FAILED")
@@ -45,7 +46,7 @@ def resumable_run(run_id: str, store_lost: bool = False, take_over: bool = False
 
 def check_taken_over(run: Run, take_over: bool) -> None:
     """Refuses to continue a RUNNING run unless its process is known to be gone."""
-    owned = ownership(run, longest_epoch_s(run.info.run_id))
+    owned = ownership(run)
     if owned.state == "dead" or (owned.state == "stale" and take_over):
         return
     reasons = {
@@ -86,4 +87,4 @@ def link_resumed_run(run_id: str, epoch: int) -> None:
 
 
 def logged_steps(run_id: str, metric: str) -> set[int]:
-    return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
+    return set(metric_by_step(run_id, metric))

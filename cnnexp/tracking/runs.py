@@ -113,6 +113,11 @@ def run_tags(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.tags
 
 
+def metric_by_step(run_id: str, metric: str, client: MlflowClient | None = None) -> dict[int, float]:
+    """A metric's history by step: a resumed run may log an epoch its store missed again, from the checkpoint."""
+    return {m.step: m.value for m in (client or MlflowClient()).get_metric_history(run_id, metric)}
+
+
 def run_exists(run_id: str) -> bool:
     try:
         MlflowClient().get_run(run_id)
