@@ -10,7 +10,6 @@ figures are medians over the repeats, ratios are baseline median / contender med
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -30,7 +29,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import (DEFAULT_SOURCE, LR, SEED, Bench, fit_epochs, interleave, load_data,  # noqa: E402
                                 summarise, write_torchvision_root)
-from cnnexp.cohort import Member, fit_cohort, new_cohort  # noqa: E402
 from cnnexp.data import Split  # noqa: E402
 from cnnexp.devices import resolve_device  # noqa: E402
 from cnnexp.evaluate import predict  # noqa: E402
@@ -239,71 +237,6 @@ def bench_trials(b: Bench) -> dict:
             "threads_per_process": {"1": threads_per_worker(b, 1), str(k): threads_per_worker(b, k)}}
 
 
-TUNE_BATCHES = (16, 32, 64, 128, 256, 512, 1024)  # tune's default search space
-
-
-def cohort_members(k: int, mixed: bool) -> list[Member]:
-    """k points of tune's space: lrs log-spaced over 1e-4..1e-1; batch 100, or tune's sizes in turn."""
-    lrs = [10 ** (-4 + 3 * i / max(k - 1, 1)) for i in range(k)]
-    return [Member(lr, TUNE_BATCHES[(3 * i) % 7] if mixed else 100) for i, lr in enumerate(lrs)]
-
-
-def cohort_epoch(b: Bench, members: list[Member]) -> float:
-    cohort = new_cohort(members, SEED, b.device)
-    started = time.perf_counter()
-    fit_cohort(cohort, b.train, b.val, epochs=1)
-    return time.perf_counter() - started
-
-
-def refilled_epoch(b: Bench, members: list[Member]) -> float:
-    """A cohort as refilling leaves it: its members' shuffling orders differ (here: one seed each), so each
-    gathers its own input batch and conv1 is grouped over them (cnnexp.cohort)."""
-    cohort = new_cohort(members[:1], SEED, b.device)
-    for member_id, member in enumerate(members[1:], start=1):
-        cohort.add(member_id, member, SEED + member_id)
-    started = time.perf_counter()
-    fit_cohort(cohort, b.train, b.val, epochs=1)
-    return time.perf_counter() - started
-
-
-def separate_epochs(b: Bench, members: list[Member]) -> list[float]:
-    """Each member's own fit (1 epoch), timed one by one: the first k of them are the k-cohort's baseline."""
-    times = []
-    for member in members:
-        state = new_training_state(member.lr, SEED, b.device)
-        started = time.perf_counter()
-        fit(state, b.train, b.val, batch_size=member.batch_size, epochs=1)
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def bench_cohort(b: Bench) -> dict:
-    """Aggregate trial-epochs/s of a cohort of K against K separate fits (same lrs and batch sizes), at
-    batch 100 and at a mix of tune's batch sizes, fresh (one shared order) and as refilled (orders differ)."""
-    # --quick on CPU: 1,000 images and no 16-cohort (its 16 separate fits are most of the wait).
-    sizes = (1, 4, 16, 64) if b.device.type == "cuda" else (1, 4, 8, 16)[: 3 if b.quick else 4]
-    if b.quick and b.device.type == "cpu":
-        b = dataclasses.replace(b, train=Split(b.train.images[:1000], b.train.labels[:1000]))
-    rows = []
-    for mode, mixed in (("batch 100", False), ("tune's batch mix", True)):
-        everyone = cohort_members(max(sizes), mixed)
-        results: dict[str, list[dict]] = {}
-        for _ in range(b.repeats):  # interleaved: the separate fits, then each cohort, repeat after repeat
-            separate = separate_epochs(b, everyone)
-            for k in sizes:
-                results.setdefault(f"{mode}: {k} separate fits", []).append({"rate": k / sum(separate[:k])})
-                results.setdefault(f"{mode}: cohort of {k}", []).append({"rate": k / cohort_epoch(b, everyone[:k])})
-                if k > 1:
-                    results.setdefault(f"{mode}: {k} refilled (orders differ)", []).append(
-                        {"rate": k / refilled_epoch(b, everyone[:k])})
-        for k in sizes:
-            rows += summarise({name: runs for name, runs in results.items() if name.startswith(f"{mode}: {k} ")
-                               or name == f"{mode}: cohort of {k}"}, f"{mode}: {k} separate fits", "rate",
-                              higher_is_better=True)
-    return {"unit": "trial-epochs/s", "rows": rows, "batch_mix": list(TUNE_BATCHES),
-            "images_per_epoch": len(b.train.labels)}
-
-
 def needs_tuning(name: str) -> Callable[[Bench], dict]:
     """Benchmarks 4-5 time cnnexp.tuning through benchmarks/tuning_benchmarks.py (`pruning(bench)`,
     `workers(bench)`, each returning {"unit", "rows"})."""
@@ -321,7 +254,6 @@ BENCHMARKS: dict[str, Callable[[Bench], dict]] = {
     "options": bench_options,  # bf16 / torch.compile: by default only on CUDA (minutes of CPU for a known loss)
     "tracking": bench_tracking,
     "eval": bench_eval,
-    "cohort": bench_cohort,  # K trials fused into one model vs K separate fits
     "trials": bench_trials,  # K concurrent trials vs one (the GPU-sharing question; workers on CPU)
     "pruning": needs_tuning("pruning"),  # 4. 20-trial study: pruner none vs median vs asha (the default)
     "workers": needs_tuning("workers"),  # 5. trials per minute, workers=1 vs 2

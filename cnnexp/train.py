@@ -1,54 +1,84 @@
-"""The classic loop: batch -> forward -> cross-entropy -> backward -> Adam step, epoch after epoch."""
+"""The classic loop, batch -> forward -> cross-entropy -> backward -> Adam step, epoch after epoch: `fit` is the
+training engine (cnnexp.engine) with one slot, and a TrainingState is what it checkpoints and logs.
+"""
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnexp.config import TrainConfig, TuneConfig
 from cnnexp.data import Split
-from cnnexp.evaluate import predict, score
-from cnnexp.model import Network, to_inputs
+from cnnexp.engine import BETA1, BETA2, EPS, Engine, Member, NonFiniteLoss, StepCallback
+from cnnexp.fused import flatten, parameter_count
+from cnnexp.model import Network
+
+__all__ = ["BestEpoch", "NonFiniteLoss", "TrainingState", "fit", "new_training_state", "speed_options"]
 
 EpochCallback = Callable[[dict], None]
-BatchCallback = Callable[[int, torch.Tensor], None]
-
-
-class NonFiniteLoss(ArithmeticError):
-    """Training diverged; carries the epoch so callers can say where."""
-
-    def __init__(self, epoch: int, loss: float):
-        super().__init__(f"training loss became {loss} in epoch {epoch}; try a smaller lr")
-        self.epoch = epoch
 
 
 @dataclass
 class TrainingState:
-    """Everything that determines the rest of a run: enough to checkpoint and resume it exactly."""
+    """Everything that determines the rest of a run: enough to checkpoint and resume it exactly.
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    The model is the tutorial Network (what is logged and served); the Adam moments are flat rows in its
+    parameter order. state_dict() keeps torch.optim.Adam's layout, so checkpoints written before the
+    engine, by torch's own Adam, still resume.
+    """
+
+    model: Network
+    lr: float
     generator: torch.Generator
+    exp_avg: torch.Tensor = field(default_factory=lambda: torch.zeros(parameter_count()))
+    exp_avg_sq: torch.Tensor = field(default_factory=lambda: torch.zeros(parameter_count()))
+    steps: int = 0
     epoch: int = 0  # epochs completed
 
     def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._adam_state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        adam = state["optimizer"]
+        moments = [adam["state"][i] for i in range(len(list(self.model.parameters())))] if adam["state"] else []
+        zeros = torch.zeros(parameter_count())
+        self.exp_avg = flatten([m["exp_avg"] for m in moments]) if moments else zeros
+        self.exp_avg_sq = flatten([m["exp_avg_sq"] for m in moments]) if moments else zeros.clone()
+        self.steps = int(moments[0]["step"]) if moments else 0
+        self.lr = adam["param_groups"][0]["lr"]
         self.generator.set_state(state["generator"])
         self.epoch = state["epoch"]
+
+    def _adam_state_dict(self) -> dict:
+        params = list(self.model.parameters())
+        moments = {}
+        if self.steps:
+            start = 0
+            for i, p in enumerate(params):
+                stop = start + p.numel()
+                moments[i] = {"step": torch.tensor(float(self.steps)),
+                              "exp_avg": self.exp_avg[start:stop].view_as(p).clone(),
+                              "exp_avg_sq": self.exp_avg_sq[start:stop].view_as(p).clone()}
+                start = stop
+        group = {"lr": self.lr, "betas": (BETA1, BETA2), "eps": EPS, "weight_decay": 0.0, "amsgrad": False,
+                 "maximize": False, "params": list(range(len(params)))}
+        return {"state": moments, "param_groups": [group]}
+
+    def take(self, engine: Engine, slot_id: int) -> None:
+        """The member's weights, moments and progress after an epoch in the engine."""
+        self.model.load_state_dict(engine.weights(slot_id))
+        exp_avg, exp_avg_sq, self.steps = engine.adam_state(slot_id)
+        self.exp_avg, self.exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
+        self.epoch = engine.slots[slot_id].epoch
 
 
 class BestEpoch:
@@ -97,63 +127,8 @@ class BestEpoch:
 def new_training_state(lr: float, seed: int, device: torch.device) -> TrainingState:
     torch.manual_seed(seed)  # weight init
     model = Network().to(device)
-    if device.type == "cpu":
-        # oneDNN's NHWC kernels for conv and max-pool beat NCHW ones on CPU (benchmarks/README.md).
-        model = model.to(memory_format=torch.channels_last)
-    # One fused kernel per step instead of ~10 small ops per parameter; the same Adam update.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=_fused_adam_supported(device) or None)
     # Shuffling draws from its own generator so evaluation or logging cannot shift the batch order.
-    generator = torch.Generator().manual_seed(seed)
-    return TrainingState(model, optimizer, generator)
-
-
-def _fused_adam_supported(device: torch.device) -> bool:
-    return device.type in ("cpu", "cuda")
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The split, resident on the device for the whole fit; to a GPU from pinned memory, asynchronously."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def train_epoch(
-    state: TrainingState,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    on_batch_end: BatchCallback | None = None,
-    *,
-    forward: nn.Module | None = None,
-    bf16: bool = False,
-) -> tuple[float, float]:
-    """One pass over a shuffled copy of the resident split; returns mean loss and accuracy.
-
-    forward: what computes the logits, state.model by default (fit passes its torch.compile'd wrapper,
-    which shares the parameters); bf16: bfloat16 autocast of forward and loss (weights and Adam stay fp32).
-    """
-    model, optimizer = state.model if forward is None else forward, state.optimizer
-    model.train()
-    order = torch.randperm(len(labels), generator=state.generator).to(inputs.device)
-    # Sums stay on the device so the loop never waits for a metric.
-    loss_sum = torch.zeros((), device=inputs.device)
-    correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
-    for batch, start in enumerate(range(0, len(labels), batch_size)):
-        # Gathering each batch, not a shuffled copy of the whole split, halves the epoch's memory traffic.
-        rows = order[start : start + batch_size]
-        x, y = inputs[rows], labels[rows]
-        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(dim=1) == y).sum()
-        if on_batch_end is not None:
-            on_batch_end(batch, loss)
-    return loss_sum.item() / len(labels), correct.item() / len(labels)
+    return TrainingState(model, lr, torch.Generator().manual_seed(seed))
 
 
 def speed_options(config: TrainConfig | TuneConfig) -> dict:
@@ -169,43 +144,31 @@ def fit(
     batch_size: int,
     epochs: int,
     on_epoch_end: EpochCallback | None = None,
-    on_batch_end: BatchCallback | None = None,
+    on_batch_end: StepCallback | None = None,
     bf16: bool = False,
     torch_compile: bool = False,
 ) -> list[dict]:
-    """Trains from state.epoch up to `epochs`; returns one metrics dict per epoch run here.
+    """Trains from state.epoch up to `epochs` in a one-slot engine; returns one metrics dict per epoch run here.
 
-    bf16 and torch_compile change how the step runs, not what it computes (bf16 rounds activations);
-    both are off by default: on the CPU neither paid (benchmarks/README.md).
+    state holds the result after every epoch (before on_epoch_end sees it). bf16 and torch_compile change
+    how the step runs, not what it computes (bf16 rounds activations); both are off by default: on the CPU
+    neither paid (benchmarks/README.md).
     """
+    if state.epoch >= epochs:
+        return []
     device = next(state.model.parameters()).device
-    if device.type == "cuda":
-        # Every step has the same shapes (bar the last batch): cuDNN's autotuned kernels pay after a few steps.
-        torch.backends.cudnn.benchmark = True
-    # The wrapper shares state.model's parameters; state.model stays the plain module that is
-    # checkpointed, evaluated and logged.
-    forward = torch.compile(state.model) if torch_compile else state.model
-    train_x, train_y = to_inputs(to_device(train.images, device)), to_device(train.labels, device)
-    val_x, val_y = to_inputs(to_device(val.images, device)), to_device(val.labels, device)
+    engine = Engine(1, train, val, device, bf16=bf16, torch_compile=torch_compile)
+    slot = engine.join_state(Member(state.lr, batch_size), flatten(list(state.model.parameters())), state.exp_avg,
+                             state.exp_avg_sq, state.steps, state.generator, state.epoch)
     history = []
-    while state.epoch < epochs:
-        epoch = state.epoch + 1
-        started = time.perf_counter()
-        train_loss, train_accuracy = train_epoch(state, train_x, train_y, batch_size, on_batch_end,
-                                                 forward=forward, bf16=bf16)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(epoch, train_loss)
-        val_scores = score(predict(state.model, val_x), val_y)
-        state.epoch = epoch
-        metrics = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "val_loss": val_scores["loss"],
-            "val_accuracy": val_scores["accuracy"],
-            "epoch_time_s": time.perf_counter() - started,
-        }
-        history.append(metrics)
+    for results in engine.epochs(on_batch_end):
+        result = results[slot]
+        if isinstance(result, NonFiniteLoss):
+            raise result
+        state.take(engine, slot)
+        history.append(result)
         if on_epoch_end is not None:
-            on_epoch_end(metrics)
+            on_epoch_end(result)
+        if state.epoch >= epochs:
+            break
     return history

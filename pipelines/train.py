@@ -50,7 +50,7 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
         if config.batch_size > len(train):
             print(f"batch_size {config.batch_size} is more than the {len(train)} training images: "
                   f"each epoch is a single batch of {len(train)}")
-        progress = EpochProgress(config.epochs, math.ceil(len(train) / config.batch_size))
+        progress = EpochProgress(config.epochs, math.ceil(len(train) / config.batch_size), config.batch_size)
         state, best = new_training_state(config.lr, config.seed, device), BestEpoch()
         history = resume_into(state, best, checkpoint, run_id, data.digest) if checkpoint is not None else []
         extras = {"config": dataclasses.asdict(config), "data_digest": data.digest}

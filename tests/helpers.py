@@ -136,16 +136,15 @@ def run_mlflow(entry: str, work: Path, **params) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def interrupted_after_epoch_1(real_fit_cohort):
-    """fit_cohort, with Ctrl-C arriving right after every member's first epoch was reported."""
+def interrupted_after_epoch_1(real_engine):
+    """The engine, with Ctrl-C arriving right after every member's first epoch was reported."""
 
-    def fit_cohort(cohort, train, val, *, on_epoch_end, **options):
-        def interrupt(results):
-            on_epoch_end(results)
+    class Interrupted(real_engine):
+        def epochs(self, on_step=None):
+            yield self.epoch(on_step)
             raise KeyboardInterrupt
-        return real_fit_cohort(cohort, train, val, on_epoch_end=interrupt, **options)
 
-    return fit_cohort
+    return Interrupted
 
 
 def worst_last_epoch(real_fit):

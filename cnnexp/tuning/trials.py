@@ -1,8 +1,11 @@
-"""Trials run a cohort at a time: asked from Optuna, trained together, each reported, pruned or completed alone,
-and a trial that leaves is replaced by a new one while the call has trials to give, so the cohort stays full.
+"""Trials run a cohort at a time: asked from Optuna, trained together in the engine's slots, each reported,
+pruned or completed alone, and a trial that leaves is replaced by a new one while the call has trials to
+give, so the cohort stays full.
 
-Each trial is its own MLflow child run, tagged with its cohort (the first trial's number) and size; a
-complete trial's model is logged off the training path, and only then is Optuna told it is complete.
+Each trial is its own MLflow child run, tagged with its cohort (the first trial's number) and size. Every
+MLflow call (creating the run, its epochs, its end, its model) goes to one background queue, so the device
+never waits for the tracking store, and a trial's end is told to Optuna there, after its run's. Asking,
+reporting and pruning, which decide who trains next, stay on the training path.
 """
 from __future__ import annotations
 
@@ -16,16 +19,16 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnexp.cohort import Member, MemberResult, fit_cohort, new_cohort
 from cnnexp.config import TuneConfig
 from cnnexp.data import PreparedData
+from cnnexp.engine import Engine, Member, MemberResult, NonFiniteLoss
 from cnnexp.model import Network, to_inputs
 from cnnexp.processes import owner
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_child_epoch, split_dataset
 from cnnexp.tracking.models import log_model_and_finish
 from cnnexp.tracking.runs import end_child_run, error_text, start_child_run
-from cnnexp.train import BestEpoch, NonFiniteLoss, fit, new_training_state, speed_options
+from cnnexp.train import BestEpoch, speed_options
 from cnnexp.tuning.recovery import Heartbeat, queue_retry, retry_tags
 from cnnexp.tuning.study import OBJECTIVE, Parent, has_heartbeats, suggest
 
@@ -44,7 +47,7 @@ class TrialRun:
 
     trial: optuna.Trial
     params: dict
-    run_id: str
+    run_id: str = ""  # set by the tracker's queue when it has created the run, before any later job for it
     best: BestEpoch = field(default_factory=BestEpoch)
     value: float | None = None  # what Optuna is told once the model is logged (config.objective)
 
@@ -54,51 +57,87 @@ def report(study: optuna.Study, callbacks: list[TrialCallback], trial: FrozenTri
         callback(study, trial)
 
 
-class ModelLogger:
-    """Logs each complete trial's model on a background thread, then tells Optuna the trial is complete.
+class Tracker:
+    """MLflow's side of the trials, in order, on one background thread: the device never waits for it.
 
-    Off the training path: 0.3-0.6 s per model against seconds per trial. Optuna hears of the trial
-    only once its model is in, so a worker killed in between leaves the trial RUNNING, and it is failed
-    and retried like any other (dead pid or heartbeat) instead of standing as a best trial with no model.
-    close() waits for every job, so no worker exits with a run still open.
+    A complete trial's model is logged there too, and only then is Optuna told the trial is complete: a
+    worker killed in between leaves the trial RUNNING, and it is failed and retried like any other (dead
+    pid or heartbeat) instead of standing as a best trial with no model. An error in a job is raised in
+    the training thread at its next submit, drain or close. close() waits for every job, so no worker
+    exits with a run still open.
     """
 
     def __init__(self, study: optuna.Study, callbacks: list[TrialCallback], val) -> None:
         self.study, self.callbacks, self.val = study, callbacks, val
         self.jobs: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._work, name="model-logger", daemon=True)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="tracker", daemon=True)
         self.thread.start()
 
-    def submit(self, run: TrialRun, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
-        """The trial's model (already its kept epoch's weights, a copy that no training touches)."""
-        self.jobs.put((run, model.cpu(), example.cpu(), classes))
+    def submit(self, job: Callable[..., None], *args) -> None:
+        self._raise()
+        self.jobs.put((job, args))
+
+    def drain(self) -> None:
+        """Waits until every job so far is done."""
+        self.jobs.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            run, model, example, classes = job
+        while (item := self.jobs.get()) is not None:
+            job, args = item
+            try:
+                job(*args)  # every job runs, each trial's tell above all, whatever failed before
+            except BaseException as err:  # noqa: BLE001 - the first is handed to the training thread
+                self.error = self.error or err
+            finally:
+                self.jobs.task_done()
+        self.jobs.task_done()
+
+    def start(self, run: TrialRun, name: str, params: dict, run_tags: dict, parent: Parent) -> None:
+        def create() -> None:
+            run.run_id = start_child_run(parent.run_id, parent.experiment_id, name, params, run_tags)
+            run.trial.set_user_attr("mlflow_run_id", run.run_id)
+        self.submit(create)
+
+    def epoch(self, run: TrialRun, metrics: dict) -> None:
+        self.submit(lambda: log_child_epoch(run.run_id, metrics))
+
+    def end(self, run: TrialRun, status: str, state: TrialState, run_tags: dict) -> None:
+        """The run ends, then Optuna hears of it (after the run's id is on the trial, which a told trial
+        could no longer take)."""
+        def end_and_tell() -> None:
+            end_child_run(run.run_id, status, run_tags)
+            report(self.study, self.callbacks, self.study.tell(run.trial, state=state))
+        self.submit(end_and_tell)
+
+    def complete(self, run: TrialRun, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
+        """The trial's model (already its kept epoch's weights, a copy that no training touches), then the tell."""
+        def log_and_tell() -> None:
             log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(), self.val)
             report(self.study, self.callbacks, self.study.tell(run.trial, run.value))
+        self.submit(log_and_tell)
 
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join()
-
-
-class _MemberLeft(Exception):
-    """Ends a one-trial `fit` whose trial was pruned (a cohort drops the member instead)."""
+        self._raise()
 
 
 class CohortRunner:
-    """Runs trials K at a time: asks Optuna for K distinct points, trains them as one fused cohort (a lone
-    trial with plain `fit`), reports every epoch to every trial and prunes, fails or completes each on its
-    own.
-    """
+    """Runs trials K at a time in one engine: asks Optuna for a trial per free slot, reports every epoch to
+    every trial, and prunes, fails or completes each on its own, freeing its slot for the next."""
 
     def __init__(self, study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device,
                  parent: Parent, callbacks: list[TrialCallback]):
         self.study, self.config, self.data, self.device, self.parent = study, config, data, device, parent
         self.callbacks = callbacks
-        self.models = ModelLogger(study, callbacks, split_dataset(data, "val"))
+        self.tracker = Tracker(study, callbacks, split_dataset(data, "val"))
         self.active: dict[int, TrialRun] = {}
         self.started = 0
 
@@ -107,15 +146,26 @@ class CohortRunner:
         how many trials it started (0: none granted)."""
         if has_heartbeats(self.config.storage):
             optuna.storages.fail_stale_trials(self.study)
-        self.active, self.started, self.size, self.grant = {}, 0, size, grant
+        self.active, self.started, self.grant = {}, 0, grant
         self.cohort_tags = {}
-        if not self._ask_and_start(size):
+        splits = self.data.splits
+        # Batch-size tables on CUDA streams of their own ran side by side 1.3-1.5x faster than one after the
+        # other (benchmarks/engine.md).
+        engine = Engine(size, splits["train"], splits["val"], self.device, streams=True, **speed_options(self.config))
+        if not self._fill(engine):
             return 0
         try:
             with Heartbeat(self.study, lambda: [r.trial for r in list(self.active.values())]) \
                     if has_heartbeats(self.config.storage) else contextlib.nullcontext():
-                self._train()
+                for results in engine.epochs():
+                    for slot, result in results.items():
+                        if self._epoch_end(slot, result, engine) and slot in engine.slots:
+                            engine.leave(slot)
+                    self._fill(engine)
+            self.tracker.drain()
         except KeyboardInterrupt:
+            with contextlib.suppress(Exception):  # the runs must exist before they can be ended
+                self.tracker.drain()
             for run in self.active.values():
                 self._interrupted(run)
             raise
@@ -126,97 +176,56 @@ class CohortRunner:
         return self.started
 
     def close(self) -> None:
-        self.models.close()
+        self.tracker.close()
 
-    def _ask_and_start(self, wanted: int) -> list[int]:
-        """Asks up to `wanted` trials (as grant allows, counted again before each) and starts their runs;
-        returns their member ids. Asked one after the other, each after the previous one's params: the
-        samplers' constant liar (TPE, GP) then keeps the points of trials in flight apart."""
-        joined = []
-        while len(joined) < wanted and self.grant(1):
-            trial, params = self._ask()
+    def _fill(self, engine: Engine) -> int:
+        """Asks a trial for each free slot (as grant allows, counted again before each) and starts it; returns
+        how many joined. Asked one after the other, each after the previous one's params: the samplers'
+        constant liar (TPE, GP) then keeps the points of trials in flight apart."""
+        joined = 0
+        while engine.free and self.grant(1):
+            trial = self.study.ask()
+            params = suggest(trial, self.config)
             if not self.cohort_tags:  # the cohort is named after its first trial, and sized by its capacity
-                self.cohort_tags = {tags.COHORT: str(trial.number), tags.COHORT_SIZE: str(self.size)}
-            member_id = self.started
-            self.active[member_id] = self._start(trial, params, self.cohort_tags)
+                self.cohort_tags = {tags.COHORT: str(trial.number), tags.COHORT_SIZE: str(engine.capacity)}
+            slot = engine.join(Member(params["lr"], params["batch_size"]), self.config.seed)
+            self.active[slot] = self._start(trial, params)
             self.started += 1
-            joined.append(member_id)
+            joined += 1
         return joined
 
-    def _ask(self) -> tuple[optuna.Trial, dict]:
-        trial = self.study.ask()
-        return trial, suggest(trial, self.config)
-
-    def _start(self, trial: optuna.Trial, params: dict, cohort: dict) -> TrialRun:
-        run_id = start_child_run(
-            self.parent.run_id, self.parent.experiment_id, run_name(trial.number, params),
-            {**params, "epochs": self.config.epochs, "seed": self.config.seed},
-            {tags.TRIAL_NUMBER: str(trial.number), tags.STUDY_NAME: self.config.study_name,
-             tags.DEVICE: str(self.device), **cohort, **retry_tags(trial)},
-        )
+    def _start(self, trial: optuna.Trial, params: dict) -> TrialRun:
+        run = TrialRun(trial, params)
+        self.tracker.start(run, run_name(trial.number, params), {**params, "epochs": self.config.epochs, "seed": self.config.seed},
+                           {tags.TRIAL_NUMBER: str(trial.number), tags.STUDY_NAME: self.config.study_name,
+                            tags.DEVICE: str(self.device), **self.cohort_tags, **retry_tags(trial)}, self.parent)
         # Who runs it: a trial whose process is gone can then be told from one still running elsewhere.
         trial.set_user_attr("worker", owner())
-        trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("mlflow_parent_run_id", self.parent.run_id)
-        trial.set_user_attr("cohort", int(cohort[tags.COHORT]))
-        return TrialRun(trial, params, run_id)
+        trial.set_user_attr("cohort", int(self.cohort_tags[tags.COHORT]))
+        return run
 
-    def _train(self) -> None:
-        splits, epochs, options = self.data.splits, self.config.epochs, speed_options(self.config)
-        members = [Member(run.params["lr"], run.params["batch_size"]) for run in self.active.values()]
-        if self.size > 1:
-            group = new_cohort(members, self.config.seed, self.device)
-
-            def on_epoch_end(results: dict[int, MemberResult]) -> set[int]:
-                leaving = self._epoch_end(results, group.weights)
-                for member_id in self._ask_and_start(self.size - (len(group.ids) - len(leaving))):
-                    params = self.active[member_id].params
-                    group.add(member_id, Member(params["lr"], params["batch_size"]), self.config.seed)
-                return leaving
-
-            fit_cohort(group, splits["train"], splits["val"], epochs=epochs, on_epoch_end=on_epoch_end, **options)
-            return
-        state = new_training_state(members[0].lr, self.config.seed, self.device)
-
-        def on_epoch_end(metrics: dict) -> None:
-            if self._epoch_end({0: metrics}, lambda _: state.model):
-                raise _MemberLeft
-
-        try:
-            fit(state, splits["train"], splits["val"], batch_size=members[0].batch_size, epochs=epochs,
-                on_epoch_end=on_epoch_end, **options)
-        except NonFiniteLoss as err:
-            self._epoch_end({0: err}, lambda _: state.model)
-        except _MemberLeft:
-            pass
-
-    def _epoch_end(self, results: dict[int, MemberResult], weights: Callable[[int], torch.nn.Module | dict]) -> set[int]:
-        """Each member's epoch, in both stores; returns the members that leave (pruned, diverged, complete).
-
-        weights(member): its live weights, copied by its BestEpoch when this epoch is its best so far.
-        """
-        leaving = set()
-        for member_id, result in results.items():
-            run = self.active[member_id]
-            if isinstance(result, NonFiniteLoss):
-                self._end(run, "FAILED", TrialState.FAIL, {tags.ERROR: error_text(result)})
-            else:
-                run.best.update(result["epoch"], result[OBJECTIVE], weights(member_id))
-                if not self._report(run, result):
-                    continue
-            leaving.add(member_id)
-            del self.active[member_id]
-            if isinstance(result, dict) and result["epoch"] == self.config.epochs:
-                # objective=best (the default): the value of the model it logs, its best epoch's.
-                run.value = run.best.val_accuracy if self.config.objective == "best" else result[OBJECTIVE]
-                example = to_inputs(self.data.splits["val"].images[:4])
-                model = run.best.restore(Network(num_classes=len(self.data.classes)))
-                self.models.submit(run, model, example, self.data.classes)
-        return leaving
+    def _epoch_end(self, slot: int, result: MemberResult, engine: Engine) -> bool:
+        """A member's epoch, in both stores; True when it leaves (pruned, diverged, complete)."""
+        run = self.active[slot]
+        if isinstance(result, NonFiniteLoss):
+            self._end(run, "FAILED", TrialState.FAIL, {tags.ERROR: error_text(result)})
+        else:
+            run.best.update(result["epoch"], result[OBJECTIVE], engine.weights(slot))
+            if not self._report(run, result):
+                return False
+        del self.active[slot]
+        if isinstance(result, dict) and result["epoch"] == self.config.epochs:
+            # objective=best (the default): the value of the model it logs, its best epoch's.
+            run.value = run.best.val_accuracy if self.config.objective == "best" else result[OBJECTIVE]
+            example = to_inputs(self.data.splits["val"].images[:4])
+            model = run.best.restore(Network(num_classes=len(self.data.classes)))
+            self.tracker.complete(run, model, example, self.data.classes)
+        return True
 
     def _report(self, run: TrialRun, metrics: dict) -> bool:
         """Logs and reports one epoch; True when the trial is done (its last epoch, or pruned)."""
-        log_child_epoch(run.run_id, metrics)
+        self.tracker.epoch(run, metrics)
         epoch = metrics["epoch"]
         run.trial.report(metrics[OBJECTIVE], epoch)
         if epoch == self.config.epochs:
@@ -229,9 +238,7 @@ class CohortRunner:
         return False
 
     def _end(self, run: TrialRun, status: str, state: TrialState, run_tags: dict) -> None:
-        end_child_run(run.run_id, status, run_tags)
-        report(self.study, self.callbacks, self.study.tell(run.trial, state=state))
-
+        self.tracker.end(run, status, state, run_tags)
     def _interrupted(self, run: TrialRun) -> None:
         """Ctrl-C: KILLED in MLflow; Optuna has no such state, so FAIL, marked, and queued for the next call."""
         run.trial.set_user_attr(tags.INTERRUPTED, True)

@@ -9,8 +9,8 @@ import pytest
 
 from helpers import REPO
 
-CORE = ("checks", "config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "cohort",
-        "checkpoint", "processes")
+CORE = ("checks", "config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "engine",
+        "schedule", "fused", "checkpoint", "processes")
 
 
 def _imported(path: Path) -> set[str]:
@@ -94,3 +94,10 @@ def test_modules_import_without(modules, absent):
     code = f"import sys, {modules}; print(sorted(m for m in {absent!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"
+
+
+def test_one_module_of_the_library_trains():
+    """One training loop: gradients are taken in the engine alone (fit and tuning both run it)."""
+    training = sorted(str(path.relative_to(REPO)) for path in (REPO / "cnnexp").rglob("*.py")
+                      if ".backward(" in path.read_text() or "autograd.grad(" in path.read_text())
+    assert training == ["cnnexp/engine.py"]

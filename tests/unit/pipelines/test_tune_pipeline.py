@@ -34,12 +34,12 @@ def test_retrain_best_runs_the_train_and_evaluate_steps_under_the_study(workdir,
 
 
 def test_retrain_best_when_the_best_trial_is_a_retry(workdir, tmp_path, monkeypatch):
-    real_fit_cohort = trials.fit_cohort
-    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1(real_fit_cohort))
+    real_engine = trials.Engine
+    monkeypatch.setattr(trials, "Engine", interrupted_after_epoch_1(real_engine))
     source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
     args = ["--n-trials", "2", "--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
     assert tune.cli(args) == 130
-    monkeypatch.setattr(trials, "fit_cohort", real_fit_cohort)
+    monkeypatch.setattr(trials, "Engine", real_engine)
     assert tune.cli(args + ["--retrain-best", "true"]) == 0
     study = study_of(workdir)
     assert "retry_of" in study.best_trial.user_attrs  # only the retries completed

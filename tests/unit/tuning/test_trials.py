@@ -4,7 +4,7 @@ import optuna
 import pytest
 import torch
 
-from cnnexp.train import NonFiniteLoss
+from cnnexp.engine import NonFiniteLoss
 from cnnexp.tuning import study as study_module
 from cnnexp.tuning import trials
 from helpers import (assert_optuna_and_mlflow_agree, assert_study_table_and_figures, client_of,
@@ -13,22 +13,19 @@ from pipelines import tune
 
 
 def _diverging_at_batch_16(monkeypatch):
-    """fit (a lone trial) and fit_cohort (a cohort's members) diverge wherever the batch size is 16."""
-    real_fit, real_fit_cohort = trials.fit, trials.fit_cohort
+    """Members of batch size 16 diverge in their first epoch (a lone trial's engine and a cohort's alike)."""
 
-    def fit(state, train, val, *, batch_size, **options):
-        if batch_size == 16:
-            raise NonFiniteLoss(1, float("nan"))
-        return real_fit(state, train, val, batch_size=batch_size, **options)
+    class Diverging(trials.Engine):
+        def epoch(self, on_step=None):
+            sizes = {slot: s.member.batch_size for slot, s in self.slots.items()}
+            results = super().epoch(on_step)
+            for slot, result in results.items():
+                if sizes[slot] == 16 and not isinstance(result, NonFiniteLoss):
+                    results[slot] = NonFiniteLoss(result["epoch"], float("nan"))
+                    self.leave(slot)
+            return results
 
-    def fit_cohort(cohort, train, val, *, on_epoch_end, **options):
-        def diverge(results):
-            return on_epoch_end({i: NonFiniteLoss(1, float("nan")) if cohort.members[i].batch_size == 16 else r
-                                 for i, r in results.items()})
-        return real_fit_cohort(cohort, train, val, on_epoch_end=diverge, **options)
-
-    monkeypatch.setattr(trials, "fit", fit)
-    monkeypatch.setattr(trials, "fit_cohort", fit_cohort)
+    monkeypatch.setattr(trials, "Engine", Diverging)
 
 
 @pytest.mark.parametrize("cohort", [1, 3])
@@ -123,8 +120,8 @@ def test_a_trial_is_complete_in_optuna_only_once_its_model_is_logged(workdir, tm
 
 
 def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(workdir, tmp_path, monkeypatch, capsys):
-    real_fit_cohort = trials.fit_cohort
-    monkeypatch.setattr(trials, "fit_cohort", interrupted_after_epoch_1(real_fit_cohort))
+    real_engine = trials.Engine
+    monkeypatch.setattr(trials, "Engine", interrupted_after_epoch_1(real_engine))
     source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
     args = ["--n-trials", "2", "--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
     assert tune.cli(args) == 130
@@ -139,7 +136,7 @@ def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(w
         run = client_of(workdir).get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["interrupted"] == "true"
 
-    monkeypatch.setattr(trials, "fit_cohort", real_fit_cohort)
+    monkeypatch.setattr(trials, "Engine", real_engine)
     assert tune.cli(args) == 0  # the next call runs the queued trials first
     study = study_of(workdir)
     assert [t.state.name for t in study.trials[2:]] == ["COMPLETE", "COMPLETE"]

@@ -1,0 +1,152 @@
+"""The engine's contract: a member trained beside others computes what its own `fit` computes, whoever
+joins or leaves, and on CUDA the captured step computes what the eager step does."""
+import pytest
+import torch
+
+from cnnexp.engine import Engine, Member, NonFiniteLoss
+from cnnexp.model import Network
+from cnnexp.train import fit, new_training_state
+from helpers import CPU, tensor_split
+
+# Two members share each batch size (one table holds both), none dividing the 301 training images, so
+# every epoch ends in a padded batch; 24 is not a power of two. lrs stay small: at lr 0.03 and batch 16
+# rounding alone (2e-5 after one epoch) grows into another trajectory within two.
+MEMBERS = [Member(0.01, 16), Member(0.003, 32), Member(0.005, 16), Member(0.001, 24), Member(0.002, 32)]
+METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+EPOCHS = 2  # ~40 steps of batch 16: short enough that float rounding does not grow into other trajectories
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tensor_split(301, 1), tensor_split(97, 2)
+
+
+def own_fit(data, member, seed=0, device=CPU, epochs=EPOCHS):
+    state = new_training_state(member.lr, seed=seed, device=device)
+    history = fit(state, *data, batch_size=member.batch_size, epochs=epochs)
+    return history, {name: t.cpu() for name, t in state.model.state_dict().items()}
+
+
+def train(engine, epochs=EPOCHS, between=lambda results: None):
+    histories: dict[int, list] = {}
+    for results in engine.epochs():
+        for slot, result in results.items():
+            histories.setdefault(slot, []).append(result)
+        between(results)
+        for slot in [s for s, h in histories.items() if s in engine.slots and len(h) == epochs]:
+            histories[slot].append(engine.network(slot))  # its final weights, then it leaves
+            engine.leave(slot)
+    return histories
+
+
+def assert_same_training(got, expected, metrics_abs=1e-4, weights_rel=1e-4):
+    *history, network = got
+    want_history, want_weights = expected
+    assert type(network) is Network  # a plain Network: logged and loaded like train's
+    assert [m["epoch"] for m in history] == [m["epoch"] for m in want_history]
+    for g, w in zip(history, want_history):
+        for key in METRICS:
+            assert g[key] == pytest.approx(w[key], abs=metrics_abs), key
+    for name, tensor in network.state_dict().items():
+        want = want_weights[name]
+        assert ((tensor.cpu() - want).norm() / want.norm()).item() < weights_rel, name
+
+
+def test_members_trained_together_each_compute_their_own_fit(data):
+    engine = Engine(8, *data, CPU)
+    slots = [engine.join(m, seed=0) for m in MEMBERS]
+    histories = train(engine)
+    for slot, member in zip(slots, MEMBERS):
+        assert_same_training(histories[slot], own_fit(data, member))
+
+
+def test_members_whose_orders_differ_each_compute_their_own_fit(data):
+    engine = Engine(8, *data, CPU)
+    slots = [engine.join(m, seed=seed) for seed, m in enumerate(MEMBERS)]
+    histories = train(engine)
+    for seed, (slot, member) in enumerate(zip(slots, MEMBERS)):
+        assert_same_training(histories[slot], own_fit(data, member, seed=seed))
+
+
+def test_leaving_and_joining_between_epochs_changes_no_one_elses_numbers(data):
+    engine = Engine(3, *data, CPU)
+    first, second, third = (engine.join(m, seed=0) for m in MEMBERS[:3])  # 16, 32, 16: first and third share a table
+    joined = []
+
+    def after(results):
+        if first in results and results[first]["epoch"] == 1:
+            engine.leave(first)  # its row is cleared and third's moves into it
+            assert engine.free == 1
+            joined.append(engine.join(MEMBERS[3], seed=7))  # at its epoch 0 while the others are at 1
+
+    histories = train(engine, between=after)
+    assert len(histories[first]) == 1
+    assert_same_training(histories[second], own_fit(data, MEMBERS[1]))
+    assert_same_training(histories[third], own_fit(data, MEMBERS[2]))
+    assert_same_training(histories[joined[0]], own_fit(data, MEMBERS[3], seed=7))
+
+
+def test_a_full_engine_refuses_another_member(data):
+    engine = Engine(1, *data, CPU)
+    engine.join(MEMBERS[0], seed=0)
+    with pytest.raises(ValueError, match="all 1 slots are taken"):
+        engine.join(MEMBERS[1], seed=0)
+
+
+def test_a_diverging_member_leaves_with_its_error_and_the_others_go_on(data):
+    engine = Engine(3, *data, CPU)
+    slots = [engine.join(m, seed=0) for m in (MEMBERS[0], Member(1e30, 16), MEMBERS[1])]
+    first = next(engine.epochs())
+    assert isinstance(first[slots[1]], NonFiniteLoss) and first[slots[1]].epoch == 1
+    assert slots[1] not in engine.slots
+    histories = {s: [first[s]] for s in (slots[0], slots[2])}
+    second = next(engine.epochs())
+    for slot, member in ((slots[0], MEMBERS[0]), (slots[2], MEMBERS[1])):
+        assert_same_training([*histories[slot], second[slot], engine.network(slot)], own_fit(data, member))
+
+
+def test_each_members_epoch_time_is_its_share_of_the_epoch(data):
+    engine = Engine(4, *data, CPU)
+    for m in MEMBERS[:4]:
+        engine.join(m, seed=0)
+    results = next(engine.epochs())
+    assert len({r["epoch_time_s"] for r in results.values()}) == 1  # one epoch, shared out equally
+    alone = Engine(1, *data, CPU)
+    alone.join(MEMBERS[0], seed=0)
+    assert next(alone.epochs())[0]["epoch_time_s"] > 0
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture
+def exact_cuda():
+    """TF32 off for the equivalence checks: with it, cuDNN rounds a grouped and a single convolution's
+    inputs to 10-bit mantissas differently, and two copies of one model part after a few dozen steps."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_cuda
+def test_members_on_cuda_each_compute_their_own_fit_there(data, exact_cuda):
+    engine = Engine(8, *data, exact_cuda)
+    slots = [engine.join(m, seed=seed) for seed, m in enumerate(MEMBERS)]
+    histories = train(engine)
+    for seed, (slot, member) in enumerate(zip(slots, MEMBERS)):
+        # Float rounding only (other kernels for other shapes): the CPU's bound, ten times looser.
+        assert_same_training(histories[slot], own_fit(data, member, seed=seed, device=exact_cuda), 1e-3, 1e-3)
+
+
+@needs_cuda
+def test_the_captured_step_computes_what_the_eager_step_does(data, exact_cuda):
+    runs = []
+    for graphs in (True, False):
+        engine = Engine(8, *data, exact_cuda, graphs=graphs)
+        slots = [engine.join(m, seed=seed) for seed, m in enumerate(MEMBERS)]
+        runs.append((slots, train(engine)))
+    (slots, captured), (_, eager) = runs
+    for slot in slots:
+        *history, network = eager[slot]
+        assert_same_training(captured[slot], (history, network.state_dict()), 1e-5, 1e-5)
