@@ -12,7 +12,8 @@ from torch import nn
 
 from cnnexp.config import TrainConfig, TuneConfig
 from cnnexp.data import Split
-from cnnexp.engine import BETA1, BETA2, EPS, Engine, Member, NonFiniteLoss, StepCallback
+from cnnexp.engine import Engine, Member, NonFiniteLoss
+from cnnexp.slots import BETA1, BETA2, EPS, StepCallback
 from cnnexp.fused import flatten, parameter_count
 from cnnexp.model import Network
 
