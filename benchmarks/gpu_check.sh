@@ -1,22 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 5 minutes): epoch time vs the tutorial loop, fit with bf16 / torch.compile,
-# evaluation images/s, the aggregate trials/min of 16 concurrent trials on one GPU vs one, and cohort
-# throughput (K = 1, 4, 16, 64 fused trials vs as many separate fits, 12,000 images; fresh cohorts and
-# refilled ones, whose members' orders differ). Needs torch
-# and torchvision only (the tracking benchmark is skipped without mlflow). Without CUDA it runs a quick CPU fallback.
-#   benchmarks/gpu_check.sh [more benchmarks/run.py flags]     JSON: $OUT/gpu_results.json or benchmarks/
+# The one prepared GPU check (under 8 minutes, unattended, from a bare GPU machine): benchmarks/gpu_check.py.
+# mlflow and optuna are not installed there: carry their wheels in .whl (../shared/gpu/fetch-wheels.sh .whl),
+# which this installs into /tmp/site. Without CUDA it runs a quick CPU smoke test of the same steps.
+#   benchmarks/gpu_check.sh        JSON and logs: $OUT (or benchmarks/gpu_check_out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON:-python}
-out=${OUT:-benchmarks}/gpu_results.json
-if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  "$py" -c 'import torch; print("GPU:", torch.cuda.get_device_name(0), "torch", torch.__version__)'
-  args=(--device cuda --only epoch,options,eval,trials --repeats 2)
-  cohort=(--device cuda --quick --only cohort --repeats 1)
-else
-  echo "no CUDA device: quick CPU fallback"
-  args=(--device cpu --quick --only epoch,eval,trials)
-  cohort=(--device cpu --quick --only cohort --repeats 1)
+py=${PYTHON:-python3}
+if ! "$py" -c 'import mlflow, optuna' 2>/dev/null; then
+  [ -d .whl ] || { echo "gpu_check: mlflow/optuna missing and no .whl to install from (../shared/gpu/fetch-wheels.sh .whl)" >&2; exit 2; }
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 fi
-timeout 170 "$py" benchmarks/run.py "${args[@]}" --out "$out" "$@" || echo "gpu_check: the first part stopped early (timeout or error)"
-timeout 120 "$py" benchmarks/run.py "${cohort[@]}" --out "${out%.json}_cohort.json" "$@"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+exec "$py" benchmarks/gpu_check.py "$@"
