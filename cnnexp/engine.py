@@ -71,7 +71,7 @@ class Engine:
     def _stream(self, table: Table) -> contextlib.AbstractContextManager:
         if not self.streams:
             return contextlib.nullcontext()
-        stream = self._streams.setdefault(table.batch_size, torch.cuda.Stream(self.device))
+        stream = self._streams.setdefault(id(table), torch.cuda.Stream(self.device))
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the schedule and any joins first
         return torch.cuda.stream(stream)
 
@@ -92,19 +92,23 @@ class Engine:
         """A member that has trained before (a resumed run): rows [P] of weights and Adam moments."""
         if not self.free:
             raise ValueError(f"all {self.capacity} slots are taken")
-        b = member.batch_size
-        if b not in self.tables:
-            self.tables[b] = Table(b, self.capacity, self.n, self.device, self.graphs)
+        key = self._table_key(member)
+        if key not in self.tables:
+            self.tables[key] = Table(self.capacity, self.n, self.device, key if self.graphs else None)
         slot_id, self._next_id = self._next_id, self._next_id + 1
-        self.tables[b].add(slot_id, weights, exp_avg, exp_avg_sq, member.lr, steps)
+        self.tables[key].add(slot_id, member.batch_size, weights, exp_avg, exp_avg_sq, member.lr, steps)
         self.slots[slot_id] = Slot(member, generator, epoch)
         return slot_id
 
+    def _table_key(self, member: Member) -> int:
+        """A captured step has one shape, so a table per batch size; eager steps share one table (0)."""
+        return member.batch_size if self.graphs else 0
+
     def leave(self, slot_id: int) -> None:
-        self.tables[self.slots.pop(slot_id).member.batch_size].remove(slot_id)
+        self.tables[self._table_key(self.slots.pop(slot_id).member)].remove(slot_id)
 
     def _where(self, slot_id: int) -> tuple[Table, int]:
-        table = self.tables[self.slots[slot_id].member.batch_size]
+        table = self.tables[self._table_key(self.slots[slot_id].member)]
         return table, table.row(slot_id)
 
     def weights(self, slot_id: int) -> dict[str, torch.Tensor]:

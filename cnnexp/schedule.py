@@ -1,8 +1,11 @@
-"""An epoch as data: which training rows each member gathers at each step, made once per epoch.
+"""An epoch as data: which training rows each member gathers at each step, with what weight, and who steps.
 
-Every step has one shape, [members, batch]: the last partial batch is padded with row 0 and weighted 0,
-so a captured step can be replayed for the whole epoch. Each real position weighs 1/len(its batch), so
-a member's weighted sum of losses is its own batch's mean loss, the last batch's included.
+Members of one table train on micro-batches of m rows, m the greatest common divisor of their batch sizes
+(their batch size itself when they share one). A member whose batch spans several micro-batches adds up
+their gradients and steps when its batch is complete. Every step has one shape, [members, m]: the last
+partial batch is padded with row 0 and weighted 0, so a captured step can be replayed for the whole epoch.
+Each real position weighs 1/len(its member's batch), so a member's weighted sum of losses over its batch
+is that batch's mean loss, the last batch's included.
 """
 from __future__ import annotations
 
@@ -15,12 +18,24 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
-def batch_weights(n: int, batch_size: int) -> torch.Tensor:
-    """float [S, b]: 1/len of each step's batch at its real positions, 0 at the padding."""
-    steps = steps_per_epoch(n, batch_size)
-    position = torch.arange(steps * batch_size).view(steps, batch_size)
-    lengths = torch.tensor([min(batch_size, n - s * batch_size) for s in range(steps)], dtype=torch.float32)
-    return torch.where(position < n, 1.0 / lengths.unsqueeze(1), 0.0)
+def micro_size(batch_sizes: list[int]) -> int:
+    return math.gcd(*batch_sizes)
+
+
+def batch_weights(n: int, batch_sizes: list[int], micro: int) -> torch.Tensor:
+    """float [S, K, m]: 1/len of member j's batch at each real position of micro-batch s, 0 at the padding."""
+    steps = steps_per_epoch(n, micro)
+    position = torch.arange(steps * micro).view(steps, 1, micro)
+    sizes = torch.tensor(batch_sizes).view(1, -1, 1)
+    start = position // sizes * sizes
+    length = torch.minimum(sizes, n - start).clamp(min=1).to(torch.float32)
+    return torch.where(position < n, 1.0 / length, 0.0)
+
+
+def stepping(n: int, batch_sizes: list[int], micro: int) -> torch.Tensor:
+    """bool [S, K]: whether micro-batch s completes member j's batch (the last one always does)."""
+    ends = torch.arange(1, steps_per_epoch(n, micro) + 1).view(-1, 1) * micro
+    return (ends % torch.tensor(batch_sizes).view(1, -1) == 0) | (ends >= n)
 
 
 def epoch_orders(generators: list[torch.Generator], n: int) -> torch.Tensor:
@@ -28,10 +43,10 @@ def epoch_orders(generators: list[torch.Generator], n: int) -> torch.Tensor:
     return torch.stack([torch.randperm(n, generator=g) for g in generators])
 
 
-def padded_rows(orders: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """orders [K, n] -> long [S, K, b]: step s's rows for each member; padding gathers row 0 (weighted 0)."""
+def padded_rows(orders: torch.Tensor, micro: int) -> torch.Tensor:
+    """orders [K, n] -> long [S, K, m]: micro-batch s's rows for each member; padding gathers row 0 (weighted 0)."""
     k, n = orders.shape
-    steps = steps_per_epoch(n, batch_size)
-    padded = torch.zeros(k, steps * batch_size, dtype=orders.dtype)
+    steps = steps_per_epoch(n, micro)
+    padded = torch.zeros(k, steps * micro, dtype=orders.dtype)
     padded[:, :n] = orders
-    return padded.view(k, steps, batch_size).transpose(0, 1).contiguous()
+    return padded.view(k, steps, micro).transpose(0, 1).contiguous()

@@ -65,7 +65,9 @@ def test_members_whose_orders_differ_each_compute_their_own_fit(data):
     slots = [engine.join(m, seed=seed) for seed, m in enumerate(MEMBERS)]
     histories = train(engine)
     for seed, (slot, member) in enumerate(zip(slots, MEMBERS)):
-        assert_same_training(histories[slot], own_fit(data, member, seed=seed))
+        # A member whose batch spans micro-batches (gcd 8 here) sums their gradients: other rounding than
+        # its own fit's, which one member's trajectory grows from 6e-6 (val_loss, epoch 1) to 2e-4 (epoch 2).
+        assert_same_training(histories[slot], own_fit(data, member, seed=seed), 1e-3, 1e-2)
 
 
 def test_leaving_and_joining_between_epochs_changes_no_one_elses_numbers(data):
