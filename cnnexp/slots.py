@@ -193,14 +193,18 @@ class Table:
         step_size, correction2 = self._adam_factors(torch.ones(len(self.weights), k, dtype=torch.bool))
         self.step_size[:, :k], self.correction2[:, :k] = step_size, correction2
         self.step_size[:, k:], self.correction2[:, k:] = 0, 1  # rows past the members step by 0
-        self.rows[:, :k].copy_(padded_rows(orders, self.graph_batch).pin_memory(), non_blocking=True)
+        rows = padded_rows(orders, self.graph_batch)
+        self.rows[:, :k].copy_(rows.pin_memory() if self.device.type == "cuda" else rows, non_blocking=True)
         self.step_index.zero_()
         return None
 
     def train_epoch(self, plan: Plan | None, data: Resident, forward: Callable, bf16: bool,
                     on_step: StepCallback | None) -> None:
         if plan is None:
-            replay = self._graph(self.rows_run(), data, forward, bf16).replay
+            k = self.rows_run()
+            # Off CUDA the captured path's steps run uncaptured, so its schedule is testable anywhere.
+            replay = (self._graph(k, data, forward, bf16).replay if self.device.type == "cuda"
+                      else lambda: self._graph_step(k, data, forward, bf16))
             for s in range(len(self.weights)):
                 replay()
                 if on_step is not None:

@@ -118,6 +118,24 @@ def test_each_members_epoch_time_is_its_share_of_the_epoch(data):
     assert next(alone.epochs())[0]["epoch_time_s"] > 0
 
 
+def test_the_captured_paths_steps_compute_what_the_eager_ones_do(data):
+    """Tables per batch size, k rounded up to a power of two, step index and Adam factors as device data:
+    the captured path's step, run uncaptured on the CPU, through a leave and a join."""
+    members = [Member(0.01, 16), Member(0.003, 16), Member(0.005, 16), Member(0.002, 32)]
+    runs = []
+    for graphs in (True, False):
+        engine = Engine(4, *data, CPU, graphs=graphs)
+        slots = [engine.join(m, seed=seed) for seed, m in enumerate(members)]
+        first = next(engine.epochs())
+        engine.leave(slots[0])  # three rows of batch 16 left: a fourth, cleared, is computed and steps by 0
+        second = next(engine.epochs())
+        runs.append((first, second, {s: engine.network(s) for s in engine.slots}))
+    (first, second, networks), (want_first, want_second, want_networks) = runs
+    for slot in networks:
+        expected = ([want_first[slot], want_second[slot]], want_networks[slot].state_dict())
+        assert_same_training([first[slot], second[slot], networks[slot]], expected, 1e-5, 1e-5)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
