@@ -39,6 +39,7 @@ from cnnexp.data import Split, load_prepared, read_source  # noqa: E402
 from cnnexp.evaluate import predict, score  # noqa: E402
 from cnnexp.model import to_inputs  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402
+from cnnexp.tuning.space import params_of  # noqa: E402
 
 SIZES = {"small": (None, 12, 3), "full": (60_000, 8, 2), "large": (60_000, 30, 5)}  # training images (None: the sample's own), trials, epochs
 CACHE = REPO / "benchmarks" / "handwritten_cache.json"
@@ -68,7 +69,8 @@ def cnnexp_study(work: Path, raw: Path, trials: int, epochs: int, seed: int, ext
         raise SystemExit(f"cnnexp tune failed:\n{done.stderr[-3000:]}")
     study = optuna.load_study(study_name=f"bench-{seed}", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(work / "journal.log"))))
-    return {"wall_s": wall, "best_value": study.best_value, "best_params": study.best_params}
+    # batch_size, not the exponent Optuna records: the retraining and the pairing read it
+    return {"wall_s": wall, "best_value": study.best_value, "best_params": params_of(study.best_trial)}
 
 
 def handwritten_study(work: Path, root: Path, trials: int, epochs: int, seed: int) -> dict:

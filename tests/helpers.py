@@ -22,6 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnexp.data import Split
+from cnnexp.tuning.space import params_of
 from cnnexp.tuning.study import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def assert_optuna_and_mlflow_agree(study, child_runs, client, killed=None):
         assert run.info.status == MLFLOW_STATE[trial.state.name], number
         assert run.data.tags.get("mlflow.runName", run.info.run_name).startswith(f"trial-{number}-")
         assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
-        assert int(run.data.params["batch_size"]) == trial.params["batch_size"]
+        assert int(run.data.params["batch_size"]) == params_of(trial)["batch_size"]
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         logged = {m.step: pytest.approx(m.value) for m in history}
         assert len(history) == len(logged), f"trial {number}: an epoch logged twice"
@@ -243,4 +244,4 @@ def assert_study_table_and_figures(study, parent, child_runs):
 
 
 def points_of(study: optuna.Study) -> list[tuple[float, int]]:
-    return [(round(t.params["lr"], 12), t.params["batch_size"]) for t in study.trials]
+    return [(round(t.params["lr"], 12), params_of(t)["batch_size"]) for t in study.trials]

@@ -1,6 +1,7 @@
 """Everything that talks to Optuna, one idea a module; callers import the module they need.
 
-- study: storage, sampler, pruner, the study's settings and data digest, the search space
+- study: storage, sampler, pruner, the study's settings and data digest
+- space: the search space (batch size through its exponent), and its params as cnnexp reads them
 - trials: trials run a cohort at a time, each its own MLflow child run, models logged off the training path
 - workers: the call's trial budget, devices and threads, worker processes
 - recovery: heartbeats, trials whose worker died, retries

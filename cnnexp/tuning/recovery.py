@@ -12,6 +12,7 @@ from cnnexp.processes import is_dead
 from cnnexp.tracking import tags
 from cnnexp.tracking.runs import end_child_run
 from cnnexp.tuning.optuna_private import hand_over_user_attrs, record_heartbeat
+from cnnexp.tuning.space import optuna_params, params_of
 
 # Heartbeats (RDB storages): a live worker beats every 10 s; a trial silent for 30 s is failed and retried.
 # 30 s is three missed beats, so a worker slowed by a busy machine or a slow database round trip is not
@@ -49,8 +50,9 @@ class Heartbeat:
 
 
 def queue_retry(study: optuna.Study, number: int, params: dict, run_id: str) -> None:
-    """The trial's params queued again (WAITING), naming the trial and run it retries (see retry_tags)."""
-    study.enqueue_trial(params, user_attrs={tags.RETRY_OF: number, tags.RETRY_OF_RUN_ID: run_id})
+    """The trial's params (as cnnexp reads them: batch_size) queued again (WAITING), naming the trial and
+    run it retries (see retry_tags)."""
+    study.enqueue_trial(optuna_params(study, params), user_attrs={tags.RETRY_OF: number, tags.RETRY_OF_RUN_ID: run_id})
 
 
 def retry_tags(trial: optuna.Trial) -> dict[str, str]:
@@ -94,5 +96,5 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     for trial in dead:
         end_trial_run(trial, "its worker process died")
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        queue_retry(study, trial.number, trial.params, trial.user_attrs.get("mlflow_run_id", ""))
+        queue_retry(study, trial.number, params_of(trial), trial.user_attrs.get("mlflow_run_id", ""))
     return [t.number for t in dead]

@@ -17,6 +17,7 @@ from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config, log_csv, log_dict, log_figure, log_metrics, log_params
 from cnnexp.tracking.models import model_id_of
 from cnnexp.tracking.runs import set_tags, tracked_run
+from cnnexp.tuning.space import optuna_names, params_of
 from cnnexp.tuning.study import study_settings
 
 
@@ -28,7 +29,7 @@ def summary(study: optuna.Study) -> dict:
         "trials_failed": counts[TrialState.FAIL], "trials_total": len(trials),
     }
     if counts[TrialState.COMPLETE]:
-        result.update(best_value=study.best_value, best_trial=study.best_trial.number, best_params=study.best_params)
+        result.update(best_value=study.best_value, best_trial=study.best_trial.number, best_params=params_of(study.best_trial))
     return result
 
 
@@ -39,7 +40,7 @@ def summary_line(result: dict) -> str:
 
 def progress_text(study: optuna.Study, trial: FrozenTrial) -> str:
     """One line per finished trial: its params, value, state and the study's best so far."""
-    params = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    params = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params_of(trial).items())
     reported = trial.intermediate_values  # a pruned trial shows its last reported val accuracy
     value = trial.value if trial.value is not None else reported.get(max(reported, default=0))
     shown = "-" if value is None else f"{value:.4f}"
@@ -75,12 +76,13 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
     """Study figures by file name; a figure Optuna cannot draw yet (too few trials) is left out."""
     from optuna.visualization import matplotlib as vis  # seconds of import, paid only once a study ends
 
+    searched = optuna_names(study)  # batch size as the study searched it: its exponent, or an old study's categorical
     makers = {
         "optimization_history.png": lambda: vis.plot_optimization_history(study),
-        "contour_lr_batch_size.png": lambda: vis.plot_contour(study, params=["lr", "batch_size"]),
-        "slice.png": lambda: vis.plot_slice(study, params=["lr", "batch_size"]),
+        "contour_lr_batch_size.png": lambda: vis.plot_contour(study, params=searched),
+        "slice.png": lambda: vis.plot_slice(study, params=searched),
         "intermediate_values.png": lambda: vis.plot_intermediate_values(study),
-        "parallel_coordinate.png": lambda: vis.plot_parallel_coordinate(study, params=["lr", "batch_size"]),
+        "parallel_coordinate.png": lambda: vis.plot_parallel_coordinate(study, params=searched),
         # One bar per trial over wall time, coloured by state: how workers (and cohorts) spent the study.
         "timeline.png": lambda: vis.plot_timeline(study),
     }

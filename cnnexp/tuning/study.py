@@ -1,4 +1,4 @@
-"""The study: its storage, sampler and pruner, the settings it keeps for every worker, and its search space."""
+"""The study: its storage, sampler and pruner, and the settings it keeps for every worker (search space: space.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +17,7 @@ from cnnexp.checks import first_line
 from cnnexp.config import JUDGED_BY, ConfigError, TuneConfig, WorkerConfig, verbose
 from cnnexp.tracking.store import redact_url
 from cnnexp.tuning.recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, FailStaleRunAndRetry
+from cnnexp.tuning.space import search_space, suggest  # noqa: F401 - suggest: trials asks through the study module
 
 OBJECTIVE = JUDGED_BY  # a trial's value is its model's, as compare and the champion rule judge it
 # What `tune` fixes for the whole study; a joining worker takes these from the study, so no machine drifts.
@@ -185,17 +186,6 @@ def reached_target(study: optuna.Study, target: int) -> bool:
     """The study has its target of complete or pruned trials and none still running anywhere."""
     states = Counter(t.state for t in study.get_trials(deepcopy=False))
     return states[TrialState.COMPLETE] + states[TrialState.PRUNED] >= target and not states[TrialState.RUNNING]
-
-
-def search_space(config: TuneConfig) -> dict:
-    return {"lr": {"low": config.lr_min, "high": config.lr_max, "log": True}, "batch_size": config.batch_sizes}
-
-
-def suggest(trial: optuna.Trial, config: TuneConfig) -> dict:
-    return {
-        "lr": trial.suggest_float("lr", config.lr_min, config.lr_max, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", config.batch_sizes),
-    }
 
 
 def study_settings(config: TuneConfig) -> dict:
