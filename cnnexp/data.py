@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,13 +16,17 @@ import torch
 
 from cnnexp.config import PrepareConfig
 from cnnexp.checks import DataError
-from cnnexp.idx import NUM_CLASSES, SAMPLE, Split, class_names, download, read_source, sha256_file
+from cnnexp.idx import NUM_CLASSES, SAMPLE, DownloadFailed, Split, class_names, download, read_source, sha256_file
 from cnnexp.locks import file_lock
 
 SPLITS = ("train", "val", "test")
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"  # see its README.md: origin and license
 SAMPLE_OF = {"fashion-mnist": SAMPLE}  # what a failed download of a dataset falls back to
+SAMPLE_IMAGES = 4_443  # in sample_data: 3,443 train + 1,000 test
 MANIFEST = "manifest.json"
+# In <data_dir>/<dataset>/ (which then has no manifest) when the sample stood in for a failed download:
+# later runs load the sample, named as what it is, without trying the download again.
+STAND_IN = "stand-in.json"
 FORMAT_VERSION = 1
 
 
@@ -71,8 +76,32 @@ def prepared_path(data_dir: str | Path, dataset: str) -> Path:
 
 
 def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
-    """Reads, checks, splits and stores the data; returns it and whether an earlier result was reused."""
+    """Reads, checks, splits and stores the data; returns it and whether an earlier result was reused.
+
+    When fashion-mnist cannot be downloaded into the default data_dir, the bundled sample is prepared under
+    its own name and stands in for it (the returned data names the sample). In a data_dir the user named,
+    a failed download stops instead: an empty directory there is more likely a typo than a wish for 4,443
+    images.
+    """
     config.validate()
+    try:
+        return _prepare_dir(config)
+    except DownloadFailed as failed:
+        if is_prepared(config.data_dir, config.dataset, follow_stand_in=False):
+            return load_prepared(config.data_dir, config.dataset), True  # the data it already has stays good
+        if config.dataset not in SAMPLE_OF:
+            raise
+        if config.data_dir != PrepareConfig().data_dir:
+            raise DataError(
+                f"data_dir: {config.data_dir} holds no prepared {config.dataset} and its download failed "
+                f"({failed.reason}); check the path, pass source=<directory of the four IDX files>, or choose "
+                f"dataset={SAMPLE_OF[config.dataset]} (the bundled {SAMPLE_IMAGES:,}-image sample)") from None
+        sample = _prepare_dir(dataclasses.replace(config, dataset=SAMPLE_OF[config.dataset]))
+        _mark_stand_in(prepared_path(config.data_dir, config.dataset), SAMPLE_OF[config.dataset], failed.reason)
+        return sample
+
+
+def _prepare_dir(config: PrepareConfig) -> tuple[PreparedData, bool]:
     target = prepared_path(config.data_dir, config.dataset)
     created = _first_missing(target.parent)
     try:
@@ -123,29 +152,59 @@ def _prepare_in(config: PrepareConfig, target: Path) -> tuple[PreparedData, bool
 
 
 def find_source(config: PrepareConfig) -> tuple[Path, str]:
-    """The directory of IDX files to read, and the dataset they hold: the bundled sample stands in
-    for fashion-mnist when its download fails and no source was given (the manifest then names it)."""
+    """The directory of IDX files to read, and the dataset they hold (DownloadFailed when it cannot be had)."""
     if config.source:
         return Path(config.source), config.dataset
     if config.dataset == SAMPLE:
         return SAMPLE_DIR, SAMPLE
+    return download(config.dataset, Path(config.data_dir) / "downloads"), config.dataset
+
+
+def _mark_stand_in(path: Path, held: str, reason: str) -> None:
+    """<data_dir>/<dataset>/ becomes just the stand-in note (a sample stored there by an older cnnexp goes:
+    it is the bundled one, prepared again under its own name)."""
+    with file_lock(path.parent / f".{path.name}.lock"):  # prepare's lock: concurrent fallbacks swap in turn
+        new = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}"
+        new.mkdir()
+        try:
+            (new / STAND_IN).write_text(json.dumps({"dataset": held, "download_error": reason}, indent=2))
+            _swap_in(new, path)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
+
+
+def _read_stand_in(path: Path) -> dict | None:
     try:
-        return download(config.dataset, Path(config.data_dir) / "downloads"), config.dataset
-    except DataError:
-        if config.dataset not in SAMPLE_OF:
-            raise
-        return SAMPLE_DIR, SAMPLE_OF[config.dataset]
+        return json.loads((path / STAND_IN).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
-def stand_in_notice(data: PreparedData, dataset: str) -> str | None:
-    """One line when the data prepared for `dataset` is the bundled sample instead, else None."""
-    held = data.manifest["inputs"]["dataset"]
+def held_dataset(data: PreparedData) -> str:
+    """The dataset the prepared data really holds (fashion-mnist-sample where the sample stood in)."""
+    return data.manifest["inputs"]["dataset"]
+
+
+def naming_held(config, data: PreparedData):
+    """The config (any with a dataset field) naming the dataset its data holds: what its run logs and a
+    study records. Loading by the requested name still finds it (stand-in note)."""
+    return dataclasses.replace(config, dataset=held_dataset(data))
+
+
+def stand_in_notice(data: PreparedData, dataset: str, download_tried: bool) -> str | None:
+    """One line when the data loaded for `dataset` is the bundled sample instead, else None: a download
+    that failed just now, or the sample that has stood in since an earlier one failed."""
+    held = held_dataset(data)
     if held == dataset or held != SAMPLE_OF.get(dataset):
         return None
     images = sum(entry["count"] for entry in data.manifest["splits"].values())
-    return (f"{dataset} could not be downloaded: using the bundled {images:,}-image {held} instead "
-            f"(runs are tagged dataset={held}); for the full set, prepare again with network or pass "
-            f"source=<directory of the four IDX files>")
+    full_set = "for the full set, prepare again with network or pass source=<directory of the four IDX files>"
+    if download_tried:
+        reason = (_read_stand_in(prepared_path(data.path.parent, dataset)) or {}).get("download_error", "")
+        return (f"{dataset} could not be downloaded{f' ({reason})' if reason else ''}: using the bundled "
+                f"{images:,}-image {held} instead, and runs name it {held}; {full_set}")
+    return (f"using the bundled {images:,}-image {held}: it stands in for {dataset} in {data.path.parent} since "
+            f"its download failed, and runs name it {held}; {full_set}")
 
 
 def _take(split: Split, idx: torch.Tensor) -> Split:
@@ -203,14 +262,21 @@ def _read_manifest(path: Path) -> dict | None:
         return None
 
 
-def is_prepared(data_dir: str | Path, dataset: str) -> bool:
-    return _read_manifest(prepared_path(data_dir, dataset)) is not None
+def is_prepared(data_dir: str | Path, dataset: str, follow_stand_in: bool = True) -> bool:
+    path = prepared_path(data_dir, dataset)
+    if _read_manifest(path) is not None:
+        return True
+    stand_in = _read_stand_in(path) if follow_stand_in else None
+    return stand_in is not None and is_prepared(data_dir, stand_in["dataset"], follow_stand_in=False)
 
 
 def load_prepared(data_dir: str | Path, dataset: str) -> PreparedData:
-    """Loads the three splits, refusing files whose sha256 differs from the manifest."""
+    """Loads the three splits (the sample's where it stands in), refusing files whose sha256 differs from the manifest."""
     path = prepared_path(data_dir, dataset)
     manifest = _read_manifest(path)
+    stand_in = _read_stand_in(path) if manifest is None else None
+    if stand_in is not None:
+        return load_prepared(data_dir, stand_in["dataset"])
     if manifest is None:
         raise DataError(f"data_dir: no prepared {dataset} data in {path}; run: mlflow run . -e prepare")
     splits = {}

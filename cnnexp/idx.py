@@ -136,6 +136,15 @@ def check_labels(path: Path, labels: torch.Tensor) -> None:
         raise DataError(f"{path}: label {int(bad[0])} out of range 0-{NUM_CLASSES - 1} ({len(bad)} such labels)")
 
 
+class DownloadFailed(DataError):
+    """A download that was tried and failed; `reason` is the network's first line."""
+
+    def __init__(self, dataset: str, reason: str):
+        self.reason = reason
+        super().__init__(f"download of {dataset} failed ({reason}); without network, pass a directory of the four "
+                         f"IDX files: mlflow run . -e prepare --env-manager local -P source=/path/to/idx-dir")
+
+
 def download(dataset: str, into: Path) -> Path:
     """Downloads with torchvision; returns the directory holding the four files."""
     dataset_class = torchvision_class(dataset)
@@ -146,10 +155,7 @@ def download(dataset: str, into: Path) -> Path:
     except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
         if not existed:  # half-downloaded files would only mislead the next attempt
             shutil.rmtree(into, ignore_errors=True)
-        raise DataError(
-            f"download of {dataset} failed ({first_line(err)}); without network, pass a directory of the "
-            f"four IDX files: mlflow run . -e prepare --env-manager local -P source=/path/to/idx-dir"
-        ) from None
+        raise DownloadFailed(dataset, first_line(err)) from None
     return into / dataset_class.__name__ / "raw"
 
 

@@ -161,20 +161,21 @@ def load_or_prepare(config) -> PreparedData:
     """The prepared data a train or tune config names, prepared first where it is not (said in one line)."""
     from cnnexp.data import is_prepared, load_prepared, prepare
 
-    if is_prepared(config.data_dir, config.dataset):
+    ready = is_prepared(config.data_dir, config.dataset)
+    if ready:
         data = load_prepared(config.data_dir, config.dataset)
     else:
         print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
         data = prepare(config.prepare_config())[0]
-    announce_stand_in(data, config.dataset)
+    announce_stand_in(data, config.dataset, download_tried=not ready)
     return data
 
 
-def announce_stand_in(data: PreparedData, dataset: str) -> None:
-    """Says so when the data prepared for `dataset` is the bundled sample (a failed download fell back to it)."""
+def announce_stand_in(data: PreparedData, dataset: str, download_tried: bool = True) -> None:
+    """Says so when the data loaded for `dataset` is the bundled sample (a failed download fell back to it)."""
     from cnnexp.data import stand_in_notice
 
-    notice = stand_in_notice(data, dataset)
+    notice = stand_in_notice(data, dataset, download_tried)
     if notice:
         print(notice)
 

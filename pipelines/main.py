@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from cnnexp.config import EvaluateConfig, MainConfig
-from cnnexp.data import is_prepared, load_prepared
+from cnnexp.data import is_prepared, load_prepared, naming_held
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config
 from cnnexp.tracking.models import MODEL_NAME
@@ -58,6 +58,7 @@ def main(config: MainConfig) -> dict[str, str]:
         # A prepare run counts only while the data it made is still there, unchanged.
         prepare_id, prepared = run_step("prepare", prepare, prepare_config, code, prepared_digest(prepare_config))
         data = prepared or load_prepared(config.data_dir, config.dataset)  # once, for every step
+        train_config = naming_held(train_config, data)  # as train logs it, so a finished twin is found
         train_id, history = run_step("train", train, train_config, code, data.digest, data=data)
         evaluate_config = EvaluateConfig(model_uri=f"runs:/{train_id}/{MODEL_NAME}",
                                          data_dir=config.data_dir, dataset=config.dataset, device=config.device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cnnexp.checkpoint import capture, has_checkpoint, load_checkpoint, restore, save_checkpoint
 from cnnexp.config import ConfigError, TrainConfig
-from cnnexp.data import PreparedData
+from cnnexp.data import PreparedData, naming_held
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from cnnexp.tracking import log, models, owners, resume, store, tags
@@ -41,10 +41,11 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
     with tracked_run(**run_args, log_system_metrics=config.system_metrics or None) as run:
         run_id = run.info.run_id
         checkpoints = Path(config.checkpoint_dir, run_id)
+        data = data or load_or_prepare(config)
+        config = naming_held(config, data)  # params and the model's params name the sample where it stood in
         log.log_config(config)
         set_tags({tags.ENTRY_POINT: "train"})
         owners.record_owner()  # a RUNNING run whose process is gone (SIGKILL, a lost machine) can then be resumed
-        data = data or load_or_prepare(config)
         log.log_environment(device, data)
         train, val = data.splits["train"], data.splits["val"]
         if config.batch_size > len(train):

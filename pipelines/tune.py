@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from cnnexp.config import EvaluateConfig, TrainConfig, TuneConfig
-from cnnexp.data import PreparedData
+from cnnexp.data import PreparedData, naming_held
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_metrics
 from cnnexp.tracking.runs import active_run_ids, reopen, set_tags, tracked_run
@@ -21,14 +21,15 @@ def main(config: TuneConfig) -> Made[dict]:
     found = study.load_study(config)
     data = load_or_prepare(config)
     study.check_digest(found, data.digest, "data_dir")  # other data than the study's
+    named = naming_held(config, data)  # the sample, where it stood in: in params and the study's settings
     with tracked_run(run_name=f"tune-{config.study_name}"):
-        report.log_study_settings(config)
+        report.log_study_settings(named)
         if kept:  # under `mlflow run` the params hold the defaults it passed; this says what ran
             set_tags({tags.SETTINGS_FROM_STUDY: kept})
         before = len(found.trials)
         run_id, experiment_id = active_run_ids()
         parent = study.Parent(run_id, experiment_id, tracking_uri())
-        target = study.record_for_workers(found, config, parent, data.digest)
+        target = study.record_for_workers(found, named, parent, data.digest)
         if not config.workers:
             set_tags({tags.STUDY_STATUS: tags.STUDY_WAITING})
             print(f"study {config.study_name!r} ready for {target} complete or pruned trials; on each machine run: "

@@ -140,18 +140,74 @@ def test_the_bundled_sample_ships_with_the_package_and_says_where_it_comes_from(
     assert "Zalando Research" in notice and "MIT License" in notice
 
 
-def test_a_failed_fashion_mnist_download_falls_back_to_the_sample(tmp_path, monkeypatch):
+def _offline(monkeypatch) -> list:
+    """FashionMNIST's download fails as without network; returns the list of attempts."""
     import torchvision.datasets as tvd
 
-    from cnnexp.data import stand_in_notice
+    attempts = []
 
     def no_network(self, *args, **kwargs):
+        attempts.append(self.root)
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
-    data, _ = prepare(PrepareConfig(data_dir=str(tmp_path / "data")))
-    assert data.path.name == "fashion-mnist" and data.manifest["inputs"]["dataset"] == SAMPLE
-    assert not (tmp_path / "data" / "downloads").exists()
-    notice = stand_in_notice(data, "fashion-mnist")
-    assert "using the bundled 4,443-image fashion-mnist-sample instead" in notice and "for the full set" in notice
-    assert stand_in_notice(data, SAMPLE) is None
+    return attempts
+
+
+def test_a_failed_download_into_the_default_data_dir_lets_the_sample_stand_in_under_its_own_name(tmp_path, monkeypatch):
+    from cnnexp.data import STAND_IN, is_prepared, naming_held, stand_in_notice
+
+    monkeypatch.chdir(tmp_path)
+    attempts = _offline(monkeypatch)
+    data, _ = prepare(PrepareConfig())
+    assert len(attempts) == 1 and not (tmp_path / "data" / "downloads").exists()
+    assert data.path == Path("data") / SAMPLE and data.manifest["inputs"]["dataset"] == SAMPLE
+    assert [p.name for p in (tmp_path / "data" / "fashion-mnist").iterdir()] == [STAND_IN]  # no manifest: no data there
+    later = load_prepared("data", "fashion-mnist")  # what later runs load, without trying the download
+    assert is_prepared("data", "fashion-mnist") and later.digest == data.digest and len(attempts) == 1
+    assert naming_held(PrepareConfig(), later).dataset == SAMPLE
+    tried = stand_in_notice(data, "fashion-mnist", download_tried=True)
+    assert tried.startswith("fashion-mnist could not be downloaded (Error downloading train-images-idx3-ubyte.gz): "
+                            "using the bundled 4,443-image fashion-mnist-sample instead")
+    standing = stand_in_notice(later, "fashion-mnist", download_tried=False)
+    assert "could not be downloaded" not in standing and "stands in for fashion-mnist" in standing
+    assert "4,443-image" in standing and "for the full set" in standing
+    assert stand_in_notice(data, SAMPLE, download_tried=True) is None
+
+
+def test_the_sample_count_in_messages_is_the_bundled_samples(tmp_path):
+    from cnnexp.data import SAMPLE_IMAGES
+
+    data, _ = prepare(PrepareConfig(dataset=SAMPLE, data_dir=str(tmp_path / "data")))
+    assert sum(len(split) for split in data.splits.values()) == SAMPLE_IMAGES
+
+
+def test_a_failed_download_into_a_named_data_dir_stops_with_one_line(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    typo = tmp_path / "dta"
+    with pytest.raises(DataError) as raised:
+        prepare(PrepareConfig(data_dir=str(typo)))
+    assert str(raised.value) == (
+        f"data_dir: {typo} holds no prepared fashion-mnist and its download failed (Error downloading "
+        "train-images-idx3-ubyte.gz); check the path, pass source=<directory of the four IDX files>, or choose "
+        "dataset=fashion-mnist-sample (the bundled 4,443-image sample)")
+    assert not typo.exists()  # nothing made there
+
+
+def test_first_use_of_a_named_data_dir_downloads_into_it(tmp_path, monkeypatch, idx_source):
+    import cnnexp.data
+
+    monkeypatch.setattr(cnnexp.data, "download", lambda dataset, into: idx_source)  # the network answered
+    data, _ = prepare(PrepareConfig(data_dir=str(tmp_path / "new")))
+    assert data.path == tmp_path / "new" / "fashion-mnist" and data.manifest["inputs"]["dataset"] == "fashion-mnist"
+
+
+def test_prepared_data_is_kept_when_a_later_download_fails(tmp_path, monkeypatch, idx_source):
+    import cnnexp.data
+
+    monkeypatch.setattr(cnnexp.data, "download", lambda dataset, into: idx_source)
+    first, _ = prepare(PrepareConfig(data_dir=str(tmp_path / "d")))
+    monkeypatch.undo()
+    _offline(monkeypatch)
+    again, reused = prepare(PrepareConfig(data_dir=str(tmp_path / "d")))
+    assert reused and again.digest == first.digest and again.manifest["inputs"]["dataset"] == "fashion-mnist"

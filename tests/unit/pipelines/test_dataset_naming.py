@@ -1,0 +1,60 @@
+"""The dataset is named truthfully: a run on the bundled sample says so in its params, its model's params
+and its study's settings; the download line only when a download was tried; a mistyped data_dir stops."""
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import study_of
+from pipelines import train, tune
+
+SAMPLE = "fashion-mnist-sample"
+
+
+@pytest.fixture
+def offline(monkeypatch) -> list:
+    import torchvision.datasets as tvd
+
+    attempts = []
+
+    def no_network(self, *args, **kwargs):
+        attempts.append(self.root)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
+    return attempts
+
+
+def _lines(out: str, text: str) -> list[str]:
+    return [line for line in out.splitlines() if text in line]
+
+
+def test_a_run_on_the_stand_in_names_it_and_only_a_real_download_attempt_is_reported(workdir, offline, capsys):
+    assert train.cli(["--epochs", "1", "--batch-size", "500"]) == 0
+    first = capsys.readouterr().out
+    assert len(offline) == 1 and len(_lines(first, "fashion-mnist could not be downloaded (Error downloading")) == 1
+    assert train.cli(["--epochs", "1", "--batch-size", "500"]) == 0
+    second = capsys.readouterr().out
+    assert len(offline) == 1 and not _lines(second, "could not be downloaded")  # nothing was tried again
+    assert len(_lines(second, f"using the bundled 4,443-image {SAMPLE}: it stands in for fashion-mnist")) == 1
+    client = MlflowClient()
+    for run in client.search_runs(["0"]):
+        assert run.data.params["dataset"] == SAMPLE and run.data.tags["dataset"] == SAMPLE
+        model = client.get_logged_model(run.outputs.model_outputs[-1].model_id)
+        assert model.params["dataset"] == SAMPLE
+
+
+def test_a_study_on_the_stand_in_records_it_in_its_settings(workdir, offline):
+    assert tune.cli(["--n-trials", "1", "--epochs", "1", "--pruner", "none"]) == 0
+    assert study_of(workdir).user_attrs["settings"]["dataset"] == SAMPLE
+    (parent,) = [r for r in MlflowClient().search_runs(["0"]) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.params["dataset"] == SAMPLE
+    assert tune.cli(["--n-trials", "1", "--epochs", "1", "--pruner", "none"]) == 0  # resumes on the same data
+    assert len(offline) == 1 and len(study_of(workdir).trials) == 2
+
+
+def test_a_mistyped_data_dir_stops_with_one_line_instead_of_training_on_the_sample(workdir, offline, capsys):
+    assert train.cli(["--epochs", "1", "--data-dir", "dta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("train: error: data_dir: dta holds no prepared fashion-mnist and its download failed (Error "
+                   "downloading train-images-idx3-ubyte.gz); check the path, pass source=<directory of the four IDX "
+                   "files>, or choose dataset=fashion-mnist-sample (the bundled 4,443-image sample)")
+    assert not (workdir / "dta").exists()
