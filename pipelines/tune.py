@@ -9,7 +9,7 @@ from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_metrics
 from cnnexp.tracking.runs import active_run_ids, reopen, set_tags, tracked_run
 from cnnexp.tracking.store import redact_url, tracking_uri
-from cnnexp.tuning import report, study, workers
+from cnnexp.tuning import counts, report, study, workers
 from pipelines.common import Made, load_or_prepare, make_parser, print_trial, run_entry_point
 
 
@@ -22,20 +22,23 @@ def main(config: TuneConfig) -> Made[dict]:
     data = load_or_prepare(config)
     study.check_digest(found, data.digest, "data_dir")  # other data than the study's
     named = naming_held(config, data)  # the sample, where it stood in: in params and the study's settings
-    with tracked_run(run_name=f"tune-{config.study_name}"):
+    call, previous = counts.call_number(found), found.user_attrs.get("mlflow_parent_run_id")
+    # Each call its own parent (under `mlflow run` it must be), named and tagged as which call it is.
+    with tracked_run(run_name=f"tune-{config.study_name}" + (f"-resume-{call - 1}" if call > 1 else "")):
         report.log_study_settings(named)
+        set_tags({tags.STUDY_CALL: str(call), **({tags.PREVIOUS_CALL_RUN_ID: previous} if previous else {})})
         if kept:  # under `mlflow run` the params hold the defaults it passed; this says what ran
             set_tags({tags.SETTINGS_FROM_STUDY: kept})
-        before = len(found.trials)
+        plan = counts.plan(found, config.n_trials)
         run_id, experiment_id = active_run_ids()
         parent = study.Parent(run_id, experiment_id, tracking_uri())
-        target = study.record_for_workers(found, named, parent, data.digest)
+        target = study.record_for_workers(found, named, parent, data.digest, call)
         if not config.workers:
             set_tags({tags.STUDY_STATUS: tags.STUDY_WAITING})
             print(f"study {config.study_name!r} ready for {target} complete or pruned trials; on each machine run: "
                   f"cnnexp worker --storage {redact_url(config.storage)} --study-name {config.study_name}")
         else:
-            print(f"study {config.study_name!r}: {before} earlier trials; running {config.n_trials} more "
+            print(f"study {config.study_name!r}, call {call}: {counts.earlier_text(plan)}; {counts.running_text(plan)} "
                   f"{workers.plan_text(config, None)}")
             report.import_figures_in_background()
             workers.run_workers(config, parent, [print_trial], data=data)

@@ -12,7 +12,7 @@ from cnnexp.config import ConfigError, WorkerConfig
 from cnnexp.tracking import tags
 from cnnexp.tracking.runs import run_exists, run_tags
 from cnnexp.tracking.store import tracking_uri
-from cnnexp.tuning import report, study, workers
+from cnnexp.tuning import counts, report, study, workers
 from pipelines.common import Made, load_or_prepare, make_parser, print_trial, run_entry_point
 
 
@@ -29,7 +29,7 @@ def main(config: WorkerConfig) -> Made[dict]:
     parent = study.Parent(parent_id, joined.user_attrs["mlflow_experiment_id"], tracking_uri())
     target = None if config.n_trials else joined.user_attrs["target_trials"]
     goal = f"{config.n_trials} trials" if target is None else f"trials until the study has {target} complete or pruned"
-    print(f"joined study {config.study_name!r} ({len(joined.trials)} trials so far): {goal}, "
+    print(f"joined study {config.study_name!r} ({counts.earlier_text(counts.plan(joined, 0))}): {goal}, "
           f"{workers.plan_text(settings, target)}")
     workers.run_workers(settings, parent, [print_trial], target, study.joining_offset(), data=data)
     if target is not None and study.reached_target(joined, target) \

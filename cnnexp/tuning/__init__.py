@@ -6,6 +6,7 @@
 - workers: the call's trial budget, devices and threads, worker processes
 - recovery: heartbeats, trials whose worker died, retries
 - report: the study's summary, trials table and figures on its parent run
+- counts: trials counted honestly (a trial queued again is not a failure) and each `tune` call numbered
 - optuna_private: the one place that leans on Optuna internals
 
 Every trial is an MLflow child run of the study's run; the run's final status is set before Optuna

@@ -17,25 +17,26 @@ from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config, log_csv, log_dict, log_figure, log_metrics, log_params
 from cnnexp.tracking.models import model_id_of
 from cnnexp.tracking.runs import set_tags, tracked_run
+from cnnexp.tuning.counts import state_counts
 from cnnexp.tuning.space import optuna_names, params_of
 from cnnexp.tuning.study import study_settings
 
 
 def summary(study: optuna.Study) -> dict:
-    trials = study.get_trials(deepcopy=False)
-    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    counts = state_counts(study)  # a trial stopped and queued again is not failed (counts.py)
     result = {
-        "trials_complete": counts[TrialState.COMPLETE], "trials_pruned": counts[TrialState.PRUNED],
-        "trials_failed": counts[TrialState.FAIL], "trials_total": len(trials),
+        "trials_complete": counts["complete"], "trials_pruned": counts["pruned"], "trials_failed": counts["failed"],
+        "trials_requeued": counts["requeued"], "trials_total": counts["total"],
     }
-    if counts[TrialState.COMPLETE]:
+    if counts["complete"]:
         result.update(best_value=study.best_value, best_trial=study.best_trial.number, best_params=params_of(study.best_trial))
     return result
 
 
 def summary_line(result: dict) -> str:
-    return (f"{result['trials_complete']} complete, {result['trials_pruned']} pruned, {result['trials_failed']} failed; "
-            f"best val_accuracy {result.get('best_value', float('nan')):.4f}")
+    requeued = f", {result['trials_requeued']} stopped and queued again" if result.get("trials_requeued") else ""
+    return (f"{result['trials_complete']} complete, {result['trials_pruned']} pruned, {result['trials_failed']} failed"
+            f"{requeued}; best val_accuracy {result.get('best_value', float('nan')):.4f}")
 
 
 def progress_text(study: optuna.Study, trial: FrozenTrial) -> str:

@@ -139,15 +139,16 @@ def with_study_settings(config: TuneConfig) -> TuneConfig:
     return dataclasses.replace(config, **settings)
 
 
-def record_for_workers(study: optuna.Study, config: TuneConfig, parent: Parent, data_digest: str) -> int:
+def record_for_workers(study: optuna.Study, config: TuneConfig, parent: Parent, data_digest: str, call: int) -> int:
     """Records on the study what a joining worker needs; returns its target count (complete or pruned).
 
-    config has the study's settings already (with_study_settings). The latest `tune` owns the parent run
-    that workers log under.
+    config has the study's settings already (with_study_settings). The latest `tune` (call number `call`)
+    owns the parent run that workers log under.
     """
     target = finished_count(study) + config.n_trials
     attrs = {"settings": {name: getattr(config, name) for name in STUDY_SETTINGS}, "data_digest": data_digest,
-             "mlflow_parent_run_id": parent.run_id, "mlflow_experiment_id": parent.experiment_id, "target_trials": target}
+             "mlflow_parent_run_id": parent.run_id, "mlflow_experiment_id": parent.experiment_id, "target_trials": target,
+             "tune_calls": call}
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     return target

@@ -57,3 +57,27 @@ def test_hyperband_prunes_within_cohorts_and_both_stores_agree(workdir, tmp_path
     assert len(study.trials) == 9 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
     (parent,), children = parent_and_children(workdir)
     assert_optuna_and_mlflow_agree(study, children[parent.info.run_id], client_of(workdir))
+
+
+def test_a_resume_after_ctrl_c_counts_earlier_requeued_and_new_trials_apart_and_names_its_call(
+        workdir, tmp_path, monkeypatch, capsys):
+    real_engine = trials.Engine
+    monkeypatch.setattr(trials, "Engine", interrupted_after_epoch_1(real_engine))
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    args = ["--epochs", "2", "--cohort", "2", "--pruner", "none", "--source", str(source)]
+    assert tune.cli(["--n-trials", "2", *args]) == 130
+    monkeypatch.setattr(trials, "Engine", real_engine)
+    capsys.readouterr()
+    assert tune.cli(["--n-trials", "3", *args]) == 0
+    out = capsys.readouterr().out
+    assert "study 'cnnexp-tune', call 2: 2 earlier trials (2 stopped and queued again); running 3: 2 queued again, " \
+           "then 1 new in cohorts of up to 2" in out
+    assert "done: 3 complete, 0 pruned, 0 failed, 2 stopped and queued again; best val_accuracy" in out
+    parents, _ = parent_and_children(workdir)
+    assert [p.info.run_name for p in parents] == ["tune-cnnexp-tune", "tune-cnnexp-tune-resume-1"]
+    assert [p.data.tags["study_call"] for p in parents] == ["1", "2"]
+    assert "previous_call_run_id" not in parents[0].data.tags
+    assert parents[1].data.tags["previous_call_run_id"] == parents[0].info.run_id
+    metrics = parents[1].data.metrics
+    assert (metrics["trials_complete"], metrics["trials_failed"], metrics["trials_requeued"], metrics["trials_total"]) \
+        == (3, 0, 2, 5)
