@@ -10,6 +10,7 @@ from cnnexp.tracking.log import log_metrics
 from cnnexp.tracking.runs import active_run_ids, reopen, set_tags, tracked_run
 from cnnexp.tracking.store import redact_url, tracking_uri
 from cnnexp.tuning import counts, report, study, workers
+from pipelines import status
 from pipelines.common import Made, load_or_prepare, make_parser, print_trial, run_entry_point
 
 
@@ -41,7 +42,8 @@ def main(config: TuneConfig) -> Made[dict]:
             print(f"study {config.study_name!r}, call {call}: {counts.earlier_text(plan)}; {counts.running_text(plan)} "
                   f"{workers.plan_text(config, None)}")
             report.import_figures_in_background()
-            workers.run_workers(config, parent, [print_trial], data=data)
+            with status.of_study(found, config.n_trials, config.epochs):
+                workers.run_workers(config, parent, [print_trial], data=data)
             result = report.log_outcome(found)
             if config.retrain_best and "best_params" in result:
                 result["best_test_accuracy"] = retrain_best(config, result["best_params"], data)

@@ -13,6 +13,7 @@ from cnnexp.tracking import tags
 from cnnexp.tracking.runs import run_exists, run_tags
 from cnnexp.tracking.store import tracking_uri
 from cnnexp.tuning import counts, report, study, workers
+from pipelines import status
 from pipelines.common import Made, load_or_prepare, make_parser, print_trial, run_entry_point
 
 
@@ -31,7 +32,8 @@ def main(config: WorkerConfig) -> Made[dict]:
     goal = f"{config.n_trials} trials" if target is None else f"trials until the study has {target} complete or pruned"
     print(f"joined study {config.study_name!r} ({counts.earlier_text(counts.plan(joined, 0))}): {goal}, "
           f"{workers.plan_text(settings, target)}")
-    workers.run_workers(settings, parent, [print_trial], target, study.joining_offset(), data=data)
+    with status.of_study(joined, config.n_trials or None, settings.epochs):
+        workers.run_workers(settings, parent, [print_trial], target, study.joining_offset(), data=data)
     if target is not None and study.reached_target(joined, target) \
             and run_tags(parent_id).get(tags.STUDY_STATUS) == tags.STUDY_WAITING:
         report.summarise_on_parent(joined, parent_id)

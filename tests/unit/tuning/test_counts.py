@@ -44,3 +44,18 @@ def test_calls_are_numbered_from_the_study_and_an_older_study_had_one():
     assert call_number(study) == 2
     study.set_user_attr("tune_calls", 4)
     assert call_number(study) == 5
+
+
+def test_the_status_text_counts_this_calls_trials_and_names_the_epoch_and_the_best():
+    from cnnexp.tuning.counts import done_count, status_text
+
+    study = _interrupted_study(stopped=0, complete=2)  # 2 complete, 1 failed for good
+    before = done_count(state_counts(study))
+    finished = study.ask()
+    study.tell(finished, 0.75)
+    running = study.ask()
+    running.report(0.4, 1)
+    running.report(0.6, 2)
+    assert status_text(study, before, 3, 5, 12.4) == \
+        "tune: 12 s, 1 of 3 trials done, 1 running (epoch 2 of 5 done), best val_accuracy 0.7500 (trial 3)"
+    assert status_text(optuna.create_study(), 0, None, 5, 0) == "tune: 0 s, 0 trials done, 0 running, best val_accuracy -"
