@@ -17,7 +17,7 @@ from cnnexp.checks import first_line
 from cnnexp.config import JUDGED_BY, ConfigError, TuneConfig, WorkerConfig, verbose
 from cnnexp.tracking.store import redact_url
 from cnnexp.tuning.recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, FailStaleRunAndRetry
-from cnnexp.tuning.space import search_space, suggest  # noqa: F401 - suggest: trials asks through the study module
+from cnnexp.tuning.space import search_space
 
 OBJECTIVE = JUDGED_BY  # a trial's value is its model's, as compare and the champion rule judge it
 # What `tune` fixes for the whole study; a joining worker takes these from the study, so no machine drifts.

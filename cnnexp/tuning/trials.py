@@ -30,7 +30,8 @@ from cnnexp.tracking.models import log_model_and_finish
 from cnnexp.tracking.runs import end_child_run, error_text, start_child_run
 from cnnexp.train import BestEpoch, speed_options
 from cnnexp.tuning.recovery import Heartbeat, queue_retry, retry_tags
-from cnnexp.tuning.study import OBJECTIVE, Parent, has_heartbeats, suggest
+from cnnexp.tuning.space import suggest
+from cnnexp.tuning.study import OBJECTIVE, Parent, has_heartbeats
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 # grant(n): how many more trials (at most n) this worker may start now: its budget, or what a study's target lacks.
