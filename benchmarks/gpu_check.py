@@ -1,6 +1,7 @@
 """Every GPU figure of the training engine in one unattended run, printed as one table and written as JSON.
 
     benchmarks/gpu_check.sh            # on a bare GPU machine: installs carried wheels, then runs this
+    JSON: $OUT/gpu_check.json (every figure), logs: $OUT/logs.tar.gz
 
 In order, each under its own time limit so the figures come first and the suite takes what is left:
 1. the CUDA-only tests;
@@ -8,8 +9,9 @@ In order, each under its own time limit so the figures come first and the suite 
    as many separate fits at batch 100 and at tune's batch mix, graphs, streams, cudnn.benchmark, bf16;
 3. `cnnexp tune --n-trials 100 --epochs 5` at full size (60,000 images tiled from the bundled sample) with
    defaults and a fresh store, from command to exit, with the GPU's utilization sampled every 200 ms;
-   the same study with per-trial tracking stubbed out (benchmarks/tune_stubbed.py), and with cohort=1;
-4. the whole test suite, serially, in the time left.
+   the same study with per-trial tracking stubbed out (benchmarks/tune_stubbed.py), with cohort=64 and with
+   cohort=1 (each under a time limit: a study cut short says so);
+4. the test suite, serially, in the time left: the fast selection first, then the slow and server tests.
 """
 from __future__ import annotations
 
@@ -113,7 +115,8 @@ def study_outcome(journal: Path) -> dict:
 def main() -> int:
     import torch
 
-    out = Path(os.environ.get("OUT") or REPO / "benchmarks" / "gpu_check_out")
+    results = Path(os.environ.get("OUT") or REPO / "benchmarks" / "gpu_check_out")
+    out = results / "logs"  # the device tool brings back 8 files: the logs travel as one archive
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + BUDGET_S
     left = lambda: deadline - time.monotonic()  # noqa: E731
@@ -129,8 +132,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         data = full_size_data(Path(work))
         tune, stubbed = ["-m", "pipelines.cli", "tune"], ["benchmarks/tune_stubbed.py"]
-        studies = {"default": (tune, [], 90), "tracking_stubbed": ([str(REPO / stubbed[0])], [], 90),
-                   "cohort_1": (tune, ["--cohort", "1"], 120)}
+        studies = {"default": (tune, [], 90), "tracking_stubbed": ([str(REPO / stubbed[0])], [], 60),
+                   "cohort_64": (tune, ["--cohort", "64"], 60), "cohort_1": (tune, ["--cohort", "1"], 100)}
         for name, (script, extra, limit) in studies.items():
             if not cuda:
                 extra = [*extra, "--device", "cpu", "--n-trials", "2", "--epochs", "1"]
@@ -138,12 +141,16 @@ def main() -> int:
             print(f"study {name}: {report[f'study_{name}']}", flush=True)
     if gpu is not None:
         gpu.proc.terminate()
-    suite = [*pytest, "-x", "--timeout", "120"] if _has_pytest_timeout() else [*pytest, "-x"]
+    suite = [*pytest, "--timeout", "120"] if _has_pytest_timeout() else pytest
     # On the CPU the suite is CI's to run; here only the GPU machine's serial run is the point.
-    report["suite"] = run(suite, left() - 10, out / "suite.log") if cuda else {"rc": "skipped (no CUDA)", "wall_s": 0}
+    for part, marks in (("suite_fast", "not slow and not server"), ("suite_slow", "slow or server")):
+        report[part] = run([*suite, "-m", marks], left() - 10, out / f"{part}.log") if cuda else \
+            {"rc": "skipped (no CUDA)", "wall_s": 0}
     report["engine_rows"] = json.loads((out / "engine.json").read_text())["rows"] if (out / "engine.json").exists() else []
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (results / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     print_table(report, out)
+    shutil.make_archive(str(results / "logs"), "gztar", out)
+    shutil.rmtree(out)
     return 0
 
 
@@ -168,7 +175,7 @@ def print_table(report: dict, out: Path) -> None:
     for row in report["engine_rows"]:
         speed = f"  x{row['speedup_second']:.2f} (epoch 1 x{row['speedup_first']:.2f})" if "speedup_second" in row else ""
         rows.append((row["contender"], f"epoch 1 {row['first_s']:.3f} s, epoch 2 {row['second_s']:.3f} s{speed}"))
-    for name in ("default", "tracking_stubbed", "cohort_1"):
+    for name in ("default", "tracking_stubbed", "cohort_64", "cohort_1"):
         s = report.get(f"study_{name}", {})
         rows.append((f"tune 100x5 {name}", f"rc {s.get('rc')}, {s.get('wall_s', 0):.1f} s, best {s.get('best_val_accuracy')}, "
                                           f"{s.get('complete')} complete / {s.get('pruned')} pruned / {s.get('failed')} failed, "
@@ -177,8 +184,9 @@ def print_table(report: dict, out: Path) -> None:
     default, stubbed = report.get("study_default", {}), report.get("study_tracking_stubbed", {})
     if default.get("wall_s") and stubbed.get("wall_s"):
         rows.append(("tracking's share of the study", f"{1 - stubbed['wall_s'] / default['wall_s']:.1%}"))
-    rows.append(("whole suite, serially", f"rc {report['suite']['rc']} in {report['suite']['wall_s']:.0f} s: "
-                                          f"{_tail(out / 'suite.log')}"))
+    for part in ("suite_fast", "suite_slow"):
+        rows.append((f"tests, {part}, serially", f"rc {report[part]['rc']} in {report[part]['wall_s']:.0f} s: "
+                                                 f"{_tail(out / f'{part}.log')}"))
     width = max(len(name) for name, _ in rows)
     print("\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows), flush=True)
 
