@@ -16,9 +16,10 @@ import torch
 from mlflow.entities import Run
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from cnnexp.checks import ConfigError, first_line
+from cnnexp.serving import OUTPUTS
 from cnnexp.tracking import pyfunc, tags
 from cnnexp.tracking.runs import error_text
 
@@ -27,8 +28,12 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 # Outputs only: a TensorSpec input would pin one dtype, and pyfunc enforces it strictly, so it
 # would refuse either uint8 0-255 or float 0-1 images; the input example shows the uint8 form.
+# The outputs state the default form (params {"output": "class_index"}); "named" and "probabilities"
+# are asked for per call, and MLflow enforces no output schema. Without a params schema MLflow would
+# drop the `output` param with a warning.
 MODEL_SIGNATURE = ModelSignature(
-    outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name")])
+    outputs=Schema([ColSpec(DataType.long, "class_index")]),
+    params=ParamSchema([ParamSpec("output", DataType.string, OUTPUTS[0])]),
 )
 
 
@@ -79,7 +84,8 @@ def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: lis
     only other format, pt2 (torch.export), loads as a GraphModule, not a Network, that refuses .eval(),
     and needs a TensorSpec input signature, which pyfunc would enforce on the uint8 form.
     mlflow.pyfunc.load_model (and `mlflow models serve`) gives cnnexp.serving.ImageClassifier:
-    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name, built from the weights alone.
+    28x28 images, uint8 0-255 or float 0-1 -> class indices (or, by the `output` param, names or
+    probabilities), built from the weights alone.
     code_paths ships cnnexp inside the model so both load where cnnexp is not installed.
     """
     model = model.cpu().eval()

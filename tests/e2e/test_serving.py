@@ -71,12 +71,14 @@ def test_served_model_answers_as_evaluate_predicted(trained):
             except OSError:
                 time.sleep(0.5)
         print(f"mlflow models serve answered /ping after {time.monotonic() - started:.1f} s")
-        images = load_prepared(trained.work / "data", "fashion-mnist").splits["test"].images.numpy()
+        data = load_prepared(trained.work / "data", "fashion-mnist")
+        images, classes = data.splits["test"].images.numpy(), data.classes
         expected = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(
             f"runs:/{trained.evaluation_id}/predictions.csv")))["predicted"].tolist()
         for inputs in (images.tolist(), (images / 255.0).tolist()):
-            answers = _post(port, {"inputs": inputs})
-            assert [a["class_index"] for a in answers] == expected
+            assert [a["class_index"] for a in _post(port, {"inputs": inputs})] == expected
+            named = _post(port, {"inputs": inputs, "params": {"output": "named"}})
+            assert [(a["class_index"], a["class_name"]) for a in named] == [(i, classes[i]) for i in expected]
         with pytest.raises(urllib.error.HTTPError) as refused:
             _post(port, {"inputs": (images[:1].astype(int) + 300).tolist()})
         assert refused.value.code == 400

@@ -131,13 +131,14 @@ def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(traine
     with pytest.raises(mlflow.exceptions.MlflowException, match="pickle"):
         mlflow.pytorch.load_model(uri)  # the Network face is a pickle ...
     model = mlflow.pyfunc.load_model(uri)  # ... the pyfunc face is built from the weights alone
-    assert model.metadata.signature.outputs.input_names() == ["class_index", "class_name"]
+    assert model.metadata.signature.outputs.input_names() == ["class_index"]
     assert model.metadata.saved_input_example_info["type"] == "ndarray"
     data = load_prepared("data", "fashion-mnist")
     images = data.splits["test"].images.numpy()
     expected = _csv(trained.evaluations[LRS[0]].info.run_id, "predictions.csv")["predicted"].to_numpy()
     for batch in (images, images / np.float32(255), pd.DataFrame(images.reshape(len(images), -1))):
-        answer = model.predict(batch)
+        np.testing.assert_array_equal(model.predict(batch).to_numpy(), expected)
+        answer = model.predict(batch, params={"output": "named"})
         np.testing.assert_array_equal(answer["class_index"].to_numpy(), expected)
         assert list(answer["class_name"]) == [data.classes[i] for i in expected]
 
