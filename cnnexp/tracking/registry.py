@@ -8,6 +8,7 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS
 from mlflow.tracking import MlflowClient
 
 from cnnexp.config import JUDGED_BY
+from cnnexp.tracking.mlflow_private import link_version_to_logged_model, version_model_id
 
 CHAMPION = "champion"
 
@@ -23,15 +24,17 @@ def register_and_promote(model_uri: str, name: str) -> tuple[int, bool]:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no champion yet
         champion = None
-    promoted = champion is None or (judged_value(version.model_id, version.run_id)
-                                    > judged_value(champion.model_id, champion.run_id))
+    promoted = champion is None or (judged_value(version_model_id(version), version.run_id)
+                                    > judged_value(version_model_id(champion), champion.run_id))
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return int(version.version), promoted
 
 
 def create_version(client: MlflowClient, model_uri: str, name: str) -> ModelVersion:
-    """A new version of the registered model `name` (created if new) from the logged model at model_uri.
+    """A new version of the registered model `name` (created if new) from the logged model at model_uri,
+    linked both ways as mlflow.register_model links them: the version's model_id and source
+    (models:/<model_id>), the model's `mlflow.modelVersions` tag.
 
     The client's calls, not mlflow.register_model, which prints "Registered model ... already exists" and
     "Created version ..." on stderr, lines our one line already says.
@@ -44,7 +47,9 @@ def create_version(client: MlflowClient, model_uri: str, name: str) -> ModelVers
             raise
     # MLflow 3 keeps models apart from run artifacts: the version's source is the LoggedModel itself.
     source = f"models:/{info.model_id}" if info.model_id else model_uri
-    return client.create_model_version(name, source, run_id=info.run_id, model_id=info.model_id)
+    version = client.create_model_version(name, source, run_id=info.run_id, model_id=info.model_id)
+    link_version_to_logged_model(client, version)
+    return version
 
 
 def judged_value(model_id: str | None, run_id: str) -> float:
