@@ -17,7 +17,7 @@ from cnnexp.config import RANKING_METRIC, CompareConfig
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
 from cnnexp.serving import as_inputs
-from helpers import use_store, write_idx_dir
+from helpers import model_uri, use_store, write_idx_dir
 from pipelines import compare, evaluate, prepare, train
 
 LRS = (0.01, 0.0003)  # in 2 epochs on the synthetic bars the first learns and the second barely starts
@@ -125,7 +125,7 @@ def test_evaluation_artifacts_agree_with_test_accuracy(trained):
 
 def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(trained, monkeypatch):
     run_id = trained.runs[LRS[0]]
-    uri = f"runs:/{run_id}/model"
+    uri = model_uri(run_id)
     assert isinstance(mlflow.pytorch.load_model(uri), Network)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     with pytest.raises(mlflow.exceptions.MlflowException, match="pickle"):

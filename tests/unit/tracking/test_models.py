@@ -1,5 +1,6 @@
 """The logged model (cnnexp.tracking.models) as MLflow's own tools read it: mlflow.models.evaluate with no
-wrapper, and the pyfunc's `output` param; on a network trained a few steps on the synthetic bars."""
+wrapper, the pyfunc's `output` param, its name and how a URI finds it; on a network trained a few steps
+on the synthetic bars."""
 from types import SimpleNamespace
 
 import mlflow
@@ -10,7 +11,8 @@ import torch
 
 from cnnexp.evaluate import predict
 from cnnexp.model import Network, to_inputs
-from cnnexp.tracking.models import log_model
+from cnnexp.checks import ConfigError
+from cnnexp.tracking.models import log_model, model_name, resolve_model
 from helpers import synthetic_split, use_store
 
 CLASSES = [f"class-{i}" for i in range(10)]
@@ -38,11 +40,12 @@ def logged(tmp_path_factory):
         mp.chdir(work)
         use_store(mp, work)
         network = _trained_network()
-        with mlflow.start_run():
-            info = log_model(network, torch.rand(2, 1, 28, 28), CLASSES)
+        with mlflow.start_run(run_name="train-lr0.01-bs50") as run:
+            info = log_model(network, torch.rand(2, 1, 28, 28), CLASSES, name=model_name(run.info.run_name))
         images, labels = synthetic_split(120, seed=9)
         logits = predict(network, to_inputs(torch.from_numpy(images)))
-        yield SimpleNamespace(info=info, images=images, labels=labels.astype(np.int64), logits=logits)
+        yield SimpleNamespace(info=info, run_id=run.info.run_id, images=images, labels=labels.astype(np.int64),
+                              logits=logits)
 
 
 def test_mlflow_evaluate_scores_the_logged_model_as_a_classifier_with_no_wrapper(logged):
@@ -81,3 +84,29 @@ def test_an_unknown_output_is_the_callers_error_naming_the_choices(logged):
     with pytest.raises(mlflow.exceptions.MlflowException, match="output must be one of class_index, named") as refused:
         model.predict(logged.images[:1], params={"output": "logits"})
     assert refused.value.get_http_status_code() == 400
+
+
+def test_a_model_name_is_its_runs_with_what_mlflow_refuses_replaced():
+    assert model_name("train-lr0.01-bs100") == "train-lr0_01-bs100"
+    assert model_name("trial-3-lr0.00123-bs64") == "trial-3-lr0_00123-bs64"
+    assert model_name('a/b:c%d"e\'f') == "a_b_c_d_e_f"
+    assert model_name("") == model_name(None) == "model"
+
+
+def test_a_model_is_found_by_its_name_and_as_its_runs_model(logged):
+    model_id, run_id = logged.info.model_id, logged.run_id
+    assert mlflow.get_logged_model(model_id).name == "train-lr0_01-bs50"
+    assert mlflow.models.get_model_info(f"runs:/{run_id}/train-lr0_01-bs50").model_id == model_id
+    with pytest.raises(mlflow.exceptions.MlflowException):  # MLflow looks runs:/ models up by name ...
+        mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    for uri in (f"runs:/{run_id}/model", run_id):  # ... cnnexp's commands take them as "the run's model"
+        assert resolve_model(uri) == (f"models:/{model_id}", run_id, model_id)
+    assert resolve_model(f"models:/{model_id}") == (f"models:/{model_id}", run_id, model_id)
+
+
+@pytest.mark.parametrize("uri", ["runs:/0123456789abcdef/model", "0123456789abcdef", "runs:/RUN/other-name"])
+def test_a_uri_that_finds_no_model_is_one_config_error_naming_it(logged, uri):
+    uri = uri.replace("RUN", logged.run_id)
+    with pytest.raises(ConfigError, match="no model at") as refused:
+        resolve_model(uri)
+    assert "\n" not in str(refused.value)
