@@ -196,8 +196,8 @@ def test_compare_ranks_runs_by_the_chosen_metric(trained, capsys):
     assert compare.cli(["--sort-by", "test_accuracy", "--output", "board.csv", "--plot", "true"]) == 0
     board = pd.read_csv("board.csv")
     assert board["lr"].iloc[0] == best and set(board["lr"]) >= set(LRS)
-    assert list(board.columns) == ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", "model_val_accuracy",
-                                   "test_accuracy", "train_time_s"]
+    assert list(board.columns) == ["run_id", "run_name", "dataset", "kind", "lr", "batch_size", "epochs",
+                                   "model_val_accuracy", "test_accuracy", "train_time_s"]
     assert (trained.work / "board.png").stat().st_size > 0
     assert "model_val_accuracy" in capsys.readouterr().out
     assert compare.cli(["--sort-by", "nope"]) == 2
