@@ -313,7 +313,7 @@ class WorkerConfig:
 class OrphansConfig:
     end: bool = field(default=False, metadata=_help(
         "mark the orphaned runs FAILED (tag error says why), so the UI no longer shows them running; "
-        "each stays resumable from its checkpoint"))
+        "a train run stays resumable from its checkpoint"))
 
     def validate(self) -> None:
         """A bool has no wrong value; there for the entry points' common shape."""

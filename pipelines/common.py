@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from cnnexp.checks import ConfigError, DataError
+from cnnexp.checks import ConfigError, DataError, first_line
 from cnnexp.config import VERBOSE_ENV
 from pipelines.progress import calm_bars_off_terminal
 
@@ -114,7 +114,7 @@ class Made(Generic[R]):
 def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main: Callable[[C], Any],
                     argv: list[str] | None = None) -> int:
     """Parses, runs main, and turns every failure into one line on stderr and a non-zero exit code."""
-    from cnnexp.tracking import mlflow_private, runs, store
+    from cnnexp.tracking import mlflow_private, runs, store, store_errors
 
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
@@ -144,7 +144,8 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
         runs.end_pending_run("FAILED", err, run_id=pending_run)
         if verbose:
             traceback.print_exc()
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        err = store_errors.unwritable_store(err) or err
+        print(f"{parser.prog}: error: {first_line(err)}", file=sys.stderr)
         # Bad input is a parameter refused, or data the user pointed at that is missing or damaged: 2,
         # wherever it was found; a failure while working (a crash, a loss gone NaN, a lost server): 1.
         return EXIT_BAD_INPUT if isinstance(err, (ConfigError, DataError)) else EXIT_FAILED
