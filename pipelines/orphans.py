@@ -22,7 +22,7 @@ def main(config: OrphansConfig) -> Made[list[str]]:
     found = orphaned_runs()
     for run, owned in found:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
-        kind = "" if is_train_run(run) else "  (not a train run: it cannot be resumed)"
+        kind = "" if is_train_run(run) else "  (not a train run)"
         print(f"{run.info.run_id}  {run.info.run_name}  started {started}  {owned.describe()}  ({owned.state}){kind}")
         if config.end:
             end_child_run(run.info.run_id, "FAILED", {tags.ERROR: f"orphaned: its process is gone ({owned.describe()})"})

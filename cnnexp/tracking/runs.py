@@ -156,9 +156,10 @@ def active_run_ids() -> tuple[str, str]:
 
 
 def start_child_run(parent_run_id: str, experiment_id: str, run_name: str, params: dict, run_tags: dict) -> str:
+    """A child run (a trial) created with its owner, the worker process, as tracked_run creates runs."""
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name=run_name,
-                            tags={**source_tags(), MLFLOW_PARENT_RUN_ID: parent_run_id, **run_tags})
+                            tags={**source_tags(), **owner_tags(), MLFLOW_PARENT_RUN_ID: parent_run_id, **run_tags})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 

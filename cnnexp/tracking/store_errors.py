@@ -16,6 +16,7 @@ from cnnexp.tracking import store, tags
 FULL = ("database or disk is full", "no space left on device", "could not extend file", "disk quota exceeded")
 READ_ONLY = ("attempt to write a readonly database", "read-only transaction", "read-only file system")
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+SHOWN = 3  # runs named in the line (a study's trials may be many); orphans lists them all
 
 
 def _from_the_store(chain: list[BaseException]) -> bool:
@@ -68,4 +69,5 @@ def left_running(when: str) -> str:
         return ""
     if not ids:
         return ""
-    return f"; left RUNNING: run {', '.join(ids)} ({when}, `cnnexp orphans --end true` ends it)"
+    named = ", ".join(ids[:SHOWN]) + (f" and {len(ids) - SHOWN} more" if len(ids) > SHOWN else "")
+    return f"; left RUNNING: run {named} ({when}, `cnnexp orphans --end true` ends it)"
