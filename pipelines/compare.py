@@ -7,9 +7,11 @@ from pathlib import Path
 import pandas as pd
 
 from cnnexp import plots
-from cnnexp.config import RANKING_METRIC, CompareConfig, ConfigError
+from cnnexp.config import CompareConfig, ConfigError
+from cnnexp.ranking import RANKING_METRIC
 from cnnexp.tracking.queries import training_runs
-from pipelines.common import make_parser, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.running import run_entry_point
 
 ASCENDING = ("train_time_s", "run_name", "run_id", "kind")  # smaller is better (or just alphabetical)
 # The same figure the registry's champion rule and tune's best trial use.

@@ -14,7 +14,8 @@ from cnnexp.config import OrphansConfig
 from cnnexp.tracking import tags
 from cnnexp.tracking.owners import is_train_run, orphaned_runs
 from cnnexp.tracking.runs import end_child_run
-from pipelines.common import Made, make_parser, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.running import Made, run_entry_point
 
 
 def main(config: OrphansConfig) -> Made[list[str]]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cnnexp.checkpoint import capture, has_checkpoint, load_checkpoint, restore, save_checkpoint
-from cnnexp.checks import write_failure
+from cnnexp.errors import write_failure
 from cnnexp.config import ConfigError, TrainConfig
 from cnnexp.data import PreparedData
 from cnnexp.devices import resolve_device
@@ -17,7 +17,10 @@ from cnnexp.model import to_inputs
 from cnnexp.tracking import log, models, owners, resume, store, tags
 from cnnexp.tracking.runs import run_address, tracked_run
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
-from pipelines.common import Made, load_or_prepare, make_parser, register_model, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.outcomes import register_model
+from pipelines.prepared import load_or_prepare
+from pipelines.running import Made, run_entry_point
 from pipelines.progress import EpochProgress
 
 

@@ -9,7 +9,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from cnnexp.config import RANKING_METRIC, ConfigError
+from cnnexp.config import ConfigError
+from cnnexp.ranking import RANKING_METRIC
 from cnnexp.tracking import tags
 from cnnexp.tracking.models import last_model_id
 from cnnexp.tracking.registry import judged_value

@@ -6,7 +6,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from cnnexp.config import JUDGED_BY
+from cnnexp.ranking import JUDGED_BY
 from cnnexp.tracking.mlflow_private import link_version_to_logged_model, version_model_id
 from cnnexp.tracking.models import resolve_model
 

@@ -14,7 +14,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from cnnexp.checks import ConfigError, first_line
-from cnnexp.config import verbose
+from cnnexp.verbosity import verbose
 from cnnexp.locks import file_lock
 
 # MLflow's own defaults (a 120 s timeout, 7 retries with exponential backoff) make each call to a server

@@ -7,7 +7,8 @@ import errno
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnexp.checks import ConfigError, error_chain
+from cnnexp.checks import ConfigError
+from cnnexp.errors import error_chain
 from cnnexp.processes import owner
 from cnnexp.tracking import store, tags
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO
 
 CORE = ("checks", "config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "cohort",
-        "checkpoint", "processes")
+        "checkpoint", "processes", "verbosity", "ranking", "errors")
 
 
 def _imported(path: Path) -> set[str]:

@@ -8,7 +8,7 @@ import yaml
 
 from cnnexp import config as cfg
 from pipelines import cli
-from pipelines.common import flag
+from pipelines.flags import flag
 from helpers import REPO
 
 ENTRY_POINT_CONFIGS = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnexp.checks import write_failure
+from cnnexp.errors import write_failure
 from cnnexp.tracking import models
 from pipelines import train
 

@@ -10,10 +10,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnexp import evaluate as core
-from cnnexp.config import JUDGED_BY
+from cnnexp.ranking import JUDGED_BY, RANKING_METRIC
 from cnnexp.tracking.pyfunc import ServedClassifier
 from cnnexp.tracking.registry import judged_value, register_and_promote
-from cnnexp.config import RANKING_METRIC, CompareConfig
+from cnnexp.config import CompareConfig
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
 from cnnexp.serving import as_inputs
