@@ -3,26 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass, field, replace
 
 from cnnexp.checks import (ConfigError, check_choice, check_cohort, check_device, check_nonempty, check_seed,
                            check_timeout)
-
+from cnnexp.ranking import RANKING_METRIC
 # fashion-mnist-sample: 4,443 real Fashion-MNIST images shipped inside the package (cnnexp/sample_data),
 # so the main job runs offline too; prepare falls back to it when the fashion-mnist download fails.
 DATASETS = ("fashion-mnist", "mnist", "kmnist", "fashion-mnist-sample")
 KEEPS = ("best", "last")
-
-
-# --verbose sets it, so that processes a command spawns (tuning workers) are as loud as it; also for `mlflow run`.
-VERBOSE_ENV = "CNNEXP_VERBOSE"
-
-
-def verbose() -> bool:
-    """Whether MLflow's and Optuna's own log lines and warnings are shown (a normal run shows only ours)."""
-    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -181,12 +171,6 @@ class MainConfig:
             step.validate()
 
 
-# What a model is judged by, everywhere (compare, the registry's champion rule, tune's best trial): the
-# val_accuracy its training run linked to it, i.e. that of the epoch whose weights it holds.
-JUDGED_BY = "val_accuracy"
-RANKING_METRIC = f"model_{JUDGED_BY}"  # compare's leaderboard column of it, and its default sort
-
-
 @dataclass(frozen=True)
 class CompareConfig:
     experiment: str = field(default="Default", metadata=_help("name of the experiment whose training runs are ranked"))
@@ -313,7 +297,7 @@ class WorkerConfig:
 class OrphansConfig:
     end: bool = field(default=False, metadata=_help(
         "mark the orphaned runs FAILED (tag error says why), so the UI no longer shows them running; "
-        "each stays resumable from its checkpoint"))
+        "a train run stays resumable from its checkpoint"))
 
     def validate(self) -> None:
         """A bool has no wrong value; there for the entry points' common shape."""

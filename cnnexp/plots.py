@@ -7,6 +7,7 @@ matplotlib.use("Agg")  # headless: figures are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def samples_per_class(images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_class: int = 8) -> Figure:
@@ -34,6 +35,7 @@ def learning_curves(history: list[dict]) -> Figure:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
+        integer_ticks(ax)
     fig.suptitle("Learning curves: train vs validation")
     fig.tight_layout()
     return fig
@@ -82,6 +84,17 @@ def accuracy_vs_lr(lr: list[float], accuracy: list[float], batch_size: list[int]
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def integer_ticks(ax) -> None:
+    """Ticks only at whole numbers on the x axis: there is no epoch (or trial) 1.25."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def fit_labels(fig: Figure) -> None:
+    """Moves the axes in so that tick labels and titles stay inside the figure (Optuna's bar chart of
+    importances cut "batch_size" to "patch_size" at the left edge)."""
+    fig.tight_layout()
 
 
 def save(fig: Figure, path) -> None:

@@ -44,6 +44,12 @@ def _check_range(array: np.ndarray, high: float, rule: str) -> None:
         raise ValueError(f"{rule}; got values from {array.min():g} to {array.max():g}")
 
 
+# What predict's `output` param may ask for. The default is one class index per image: the form
+# mlflow.models.evaluate's classifier evaluator and sklearn-style callers compare with integer labels
+# (a two-column frame there fails with "all the input arrays must have same number of dimensions").
+OUTPUTS = ("class_index", "named", "probabilities")
+
+
 class ImageClassifier:
     """The pyfunc side of the logged model: mlflow.pyfunc.load_model returns one of these."""
 
@@ -51,7 +57,16 @@ class ImageClassifier:
         self.network = network.eval()
         self.classes = list(classes)
 
-    def predict(self, batch, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, batch, params: dict | None = None) -> pd.Series | pd.DataFrame:
+        """params {"output": ...}: "class_index" (default) a Series of class indices; "named" a frame of
+        class_index and class_name; "probabilities" a frame with one column per class name, rows summing to 1."""
+        output = (params or {}).get("output") or OUTPUTS[0]
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
         logits = predict(self.network, as_inputs(batch))
-        index = logits.argmax(dim=1).numpy()
-        return pd.DataFrame({"class_index": index.astype(np.int64), "class_name": [self.classes[i] for i in index]})
+        if output == "probabilities":
+            return pd.DataFrame(torch.softmax(logits, dim=1).numpy(), columns=self.classes)
+        index = logits.argmax(dim=1).numpy().astype(np.int64)
+        if output == "class_index":
+            return pd.Series(index, name="class_index")
+        return pd.DataFrame({"class_index": index, "class_name": [self.classes[i] for i in index]})

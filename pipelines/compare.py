@@ -7,9 +7,11 @@ from pathlib import Path
 import pandas as pd
 
 from cnnexp import plots
-from cnnexp.config import RANKING_METRIC, CompareConfig, ConfigError
+from cnnexp.config import CompareConfig, ConfigError
+from cnnexp.ranking import RANKING_METRIC
 from cnnexp.tracking.queries import training_runs
-from pipelines.common import make_parser, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.running import run_entry_point
 
 ASCENDING = ("train_time_s", "run_name", "run_id", "kind")  # smaller is better (or just alphabetical)
 # The same figure the registry's champion rule and tune's best trial use.
@@ -17,10 +19,22 @@ METRIC_MEANING = {RANKING_METRIC: "each run's logged model's own val_accuracy: i
 
 
 def leaderboard(runs: pd.DataFrame, sort_by: str) -> pd.DataFrame:
+    """Ranked within each dataset (an MNIST accuracy is no better than a Fashion-MNIST one), datasets by name."""
     if sort_by not in runs.columns:
         raise ConfigError("sort_by", f"unknown column {sort_by!r}; allowed: {', '.join(runs.columns)}")
     ascending = sort_by in ASCENDING or sort_by.endswith("loss")
-    return runs.sort_values(sort_by, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+    keys = ["dataset"] + ([sort_by] if sort_by != "dataset" else [])
+    return runs.sort_values(keys, ascending=[True, ascending][:len(keys)], na_position="last",
+                            kind="stable").reset_index(drop=True)
+
+
+def mixed_datasets(table: pd.DataFrame) -> str | None:
+    """One line when the runs trained on several datasets, naming them and their counts."""
+    counts = table["dataset"].replace("", "unknown").value_counts(sort=False)
+    if len(counts) < 2:
+        return None
+    listed = ", ".join(f"{name} {count}" for name, count in counts.items())
+    return f"runs of {len(counts)} datasets ({listed}): ranked within each dataset, never across"
 
 
 def heading(config: CompareConfig, table: pd.DataFrame, trials_left_out: int) -> str:
@@ -37,6 +51,8 @@ def main(config: CompareConfig) -> pd.DataFrame:
     runs, trials_left_out = training_runs(config.experiment, config.include_trials)
     table = leaderboard(runs, config.sort_by)
     print(heading(config, table, trials_left_out))
+    if (mixed := mixed_datasets(table)) is not None:
+        print(mixed)
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(table.to_string(index=False) if len(table) else "no finished training runs")
     if config.output:

@@ -14,7 +14,9 @@ from cnnexp.model import to_inputs
 from cnnexp.tracking import log, tags
 from cnnexp.tracking.models import load_network, resolve_model
 from cnnexp.tracking.runs import run_tags, set_tags, tracked_run
-from pipelines.common import Made, make_parser, register_model, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.outcomes import register_model
+from pipelines.running import Made, run_entry_point
 
 MISTAKES_SHOWN = 24
 

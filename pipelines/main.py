@@ -13,7 +13,8 @@ from cnnexp.tracking.models import MODEL_NAME
 from cnnexp.tracking.queries import find_step_run, mark_step
 from cnnexp.tracking.runs import set_tags, tracked_run
 from pipelines import evaluate, prepare, train
-from pipelines.common import make_parser, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.running import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("cnnexp/**/*.py", "pipelines/**/*.py")  # the code that computes results, subpackages included

@@ -1,8 +1,9 @@
-"""cnnexp orphans: RUNNING train runs whose process is gone (SIGKILL, a machine lost), and how to go on.
+"""cnnexp orphans: RUNNING runs whose process is gone (SIGKILL, a machine lost, a store it could not write),
+and how to go on.
 
 A run killed without a chance to end itself stays RUNNING in the store. This lists those whose owner
-process is gone (on this host, by pid) or silent (another host's heartbeat is stale); `--end true` marks
-them FAILED. Either way `cnnexp train --resume <id>` continues one from its checkpoint.
+process is gone (on this host, by pid) or, for train runs, silent (another host's heartbeat is stale);
+`--end true` marks them FAILED. Either way `cnnexp train --resume <id>` continues a train run from its checkpoint.
 """
 from __future__ import annotations
 
@@ -11,21 +12,23 @@ import time
 
 from cnnexp.config import OrphansConfig
 from cnnexp.tracking import tags
-from cnnexp.tracking.owners import orphaned_train_runs
+from cnnexp.tracking.owners import is_train_run, orphaned_runs
 from cnnexp.tracking.runs import end_child_run
-from pipelines.common import Made, make_parser, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.running import Made, run_entry_point
 
 
 def main(config: OrphansConfig) -> Made[list[str]]:
     config.validate()
-    found = orphaned_train_runs()
+    found = orphaned_runs()
     for run, owned in found:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
-        print(f"{run.info.run_id}  {run.info.run_name}  started {started}  {owned.describe()}  ({owned.state})")
+        kind = "" if is_train_run(run) else "  (not a train run)"
+        print(f"{run.info.run_id}  {run.info.run_name}  started {started}  {owned.describe()}  ({owned.state}){kind}")
         if config.end:
             end_child_run(run.info.run_id, "FAILED", {tags.ERROR: f"orphaned: its process is gone ({owned.describe()})"})
     verb = "ended FAILED" if config.end else "found"
-    print(f"{len(found)} orphaned train run(s) {verb}; continue one with: cnnexp train --resume <run id>"
+    print(f"{len(found)} orphaned run(s) {verb}; continue a train run with: cnnexp train --resume <run id>"
           + ("" if config.end or not found else "  (or end them: cnnexp orphans --end true)"))
     return Made("", [run.info.run_id for run, _ in found])
 

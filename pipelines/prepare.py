@@ -8,7 +8,9 @@ from cnnexp.data import PreparedData, prepare
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config, log_prepared_data
 from cnnexp.tracking.runs import set_tags, tracked_run
-from pipelines.common import Made, announce_stand_in, make_parser, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.prepared import announce_stand_in
+from pipelines.running import Made, run_entry_point
 
 
 def main(config: PrepareConfig) -> Made[PreparedData]:

@@ -9,14 +9,18 @@ import sys
 from pathlib import Path
 
 from cnnexp.checkpoint import capture, has_checkpoint, load_checkpoint, restore, save_checkpoint
+from cnnexp.errors import write_failure
 from cnnexp.config import ConfigError, TrainConfig
 from cnnexp.data import PreparedData, naming_held
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from cnnexp.tracking import log, models, owners, resume, store, tags
-from cnnexp.tracking.runs import run_address, set_tags, tracked_run
+from cnnexp.tracking.runs import run_address, tracked_run
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
-from pipelines.common import Made, load_or_prepare, make_parser, register_model, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.outcomes import register_model
+from pipelines.prepared import load_or_prepare
+from pipelines.running import Made, run_entry_point
 from pipelines.progress import EpochProgress
 
 
@@ -38,14 +42,13 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
         config = config.resumed_with(checkpoint["config"])
     run_args = {"run_id": config.resume} if config.resume else {"run_name": f"train-lr{config.lr:g}-bs{config.batch_size}"}
     # None, not False, when off: MLflow's own MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
-    with tracked_run(**run_args, log_system_metrics=config.system_metrics or None) as run:
+    # The entry point goes in with the run itself (tracked_run adds its owner): what `cnnexp orphans` looks for.
+    with tracked_run(**run_args, tags={tags.ENTRY_POINT: "train"}, log_system_metrics=config.system_metrics or None) as run:
         run_id = run.info.run_id
         checkpoints = Path(config.checkpoint_dir, run_id)
         data = data or load_or_prepare(config)
         config = naming_held(config, data)  # params and the model's params name the sample where it stood in
         log.log_config(config)
-        set_tags({tags.ENTRY_POINT: "train"})
-        owners.record_owner()  # a RUNNING run whose process is gone (SIGKILL, a lost machine) can then be resumed
         log.log_environment(device, data)
         train, val = data.splits["train"], data.splits["val"]
         if config.batch_size > len(train):
@@ -63,8 +66,10 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             try:
                 save_checkpoint(checkpoints, capture(state, history=history, best=best.state_dict(), **extras),
                                 state.epoch)
-            except OSError as err:  # a full disk: the previous epoch's checkpoint is still whole
-                raise unwritable_checkpoint(err, checkpoints, run_id, state.epoch) from None
+            except (OSError, RuntimeError) as err:  # a full disk: the previous epoch's checkpoint is still whole
+                if (reason := write_failure(err)) is None:
+                    raise
+                raise unwritable_checkpoint(reason, checkpoints, run_id, state.epoch) from None
             log.log_epoch(metrics)
             owners.beat()
             progress.on_epoch_end(metrics)
@@ -80,11 +85,11 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
                 resume.log_checkpoint(checkpoints)
             raise
         try:
-            model, kept = log_results(state, best, history, data, config.keep)
-        except OSError as err:
-            raise RuntimeError(f"cannot write the model ({err.strerror or err}); {checkpoints} keeps all {state.epoch} "
-                               f"epochs: free space, then `cnnexp train --resume {run_id}` logs it") from None
+            model, kept = log_results(state, best, history, data, config.keep, run.info.run_name)
         except Exception as err:
+            if (reason := write_failure(err)) is not None:
+                raise RuntimeError(f"cannot write the model ({reason}); {checkpoints} keeps all {state.epoch} "
+                                   f"epochs: free space, then `cnnexp train --resume {run_id}` logs it") from None
             raise store_lost_error(err, checkpoints, run_id, state.epoch) from None
         if config.register:
             register_model(model.model_uri, config.register)
@@ -94,14 +99,15 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
     return Made(run_id, history)
 
 
-def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
-    """Learning curves and the kept epoch's model; returns the ModelInfo and that epoch's metrics."""
+def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str, run_name: str):
+    """Learning curves and the kept epoch's model, named after the run; returns the ModelInfo and that
+    epoch's metrics."""
     log.log_learning_curves(history)
     kept = kept_epoch(history, best, keep)
     if keep == "best":
         best.restore(state.model)
     model = models.log_kept_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
-                                  best.summary(), log.split_dataset(data, "val"))
+                                  best.summary(), log.split_dataset(data, "val"), models.model_name(run_name))
     log.flush()
     return model, kept
 
@@ -112,12 +118,12 @@ def kept_epoch(history: list[dict], best: BestEpoch, keep: str) -> dict:
     return next(m for m in history if m["epoch"] == epoch)
 
 
-def unwritable_checkpoint(err: OSError, checkpoints: Path, run_id: str, epoch: int) -> RuntimeError:
+def unwritable_checkpoint(reason: str, checkpoints: Path, run_id: str, epoch: int) -> RuntimeError:
     """One line for a checkpoint that cannot be written (a full disk): what is kept, and how to go on."""
     kept = (f"epochs 1-{epoch - 1} are kept: free space (or choose another checkpoint_dir), then "
             f"`cnnexp train --resume {run_id}`" if epoch > 1 else "nothing was kept yet: free space and train again")
     return RuntimeError(f"checkpoint_dir: cannot write epoch {epoch}'s checkpoint in {checkpoints} "
-                        f"({err.strerror or err}); {kept}")
+                        f"({reason}); {kept}")
 
 
 STORE_LOST = "store-lost.txt"  # in a run's checkpoint directory: the run may be resumed though still RUNNING

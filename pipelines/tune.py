@@ -11,7 +11,10 @@ from cnnexp.tracking.runs import active_run_ids, reopen, set_tags, tracked_run
 from cnnexp.tracking.store import redact_url, tracking_uri
 from cnnexp.tuning import counts, report, study, workers
 from pipelines import status
-from pipelines.common import Made, load_or_prepare, make_parser, print_trial, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.outcomes import print_trial
+from pipelines.prepared import load_or_prepare
+from pipelines.running import Made, run_entry_point
 
 
 def main(config: TuneConfig) -> Made[dict]:

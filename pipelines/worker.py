@@ -14,7 +14,10 @@ from cnnexp.tracking.runs import run_exists, run_tags
 from cnnexp.tracking.store import tracking_uri
 from cnnexp.tuning import counts, report, study, workers
 from pipelines import status
-from pipelines.common import Made, load_or_prepare, make_parser, print_trial, run_entry_point
+from pipelines.flags import make_parser
+from pipelines.outcomes import print_trial
+from pipelines.prepared import load_or_prepare
+from pipelines.running import Made, run_entry_point
 
 
 def main(config: WorkerConfig) -> Made[dict]:

@@ -131,6 +131,12 @@ def metric_histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {m: [(x.step, x.value) for x in client.get_metric_history(run_id, m)] for m in EPOCH_METRICS}
 
 
+def model_uri(run_id: str, client: MlflowClient | None = None) -> str:
+    """models:/<id> of the model a run logged last; runs:/<run_id>/model finds only a model named `model`,
+    and models are named after their runs."""
+    return f"models:/{(client or MlflowClient()).get_run(run_id).outputs.model_outputs[-1].model_id}"
+
+
 def run_mlflow(entry: str, work: Path, **params) -> subprocess.CompletedProcess:
     """`mlflow run` of an entry point in work/, on work/'s store, as a user would type it."""
     return subprocess.run(mlflow_run_command(entry, **params), cwd=work, env=subprocess_env(work), capture_output=True,

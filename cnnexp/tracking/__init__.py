@@ -1,6 +1,7 @@
 """Everything that talks to MLflow, one idea a module; callers import the module they need.
 
 - store: the tracking URI, bounded HTTP waits, the up-front check, quiet output
+- store_errors: a store that cannot be written (full disk, read-only) as one line, and the runs it left RUNNING
 - tags: every tag name the project writes or reads
 - runs: a run's life (start, end with the status that happened, child runs, ownership)
 - log: params, per-epoch metrics, datasets, tables and figures into a run

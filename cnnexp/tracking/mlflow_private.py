@@ -6,12 +6,15 @@ can go (or be redone) in the same change that moves MLflow.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from cnnexp.processes import alive
 from cnnexp.tracking import tags
@@ -50,3 +53,32 @@ def restore_killed(run_id: str, mlflow_run_pid: int) -> None:
         if parent_gone is not None and time.monotonic() - parent_gone > GUARD_GRACE_S:
             return
         time.sleep(0.2)
+
+
+def link_version_to_logged_model(client: MlflowClient, version: ModelVersion) -> None:
+    """What mlflow.register_model does after creating a version and client.create_model_version does not
+    (mlflow.tracking._model_registry.fluent._register_model, MLflow 3.17.2): it appends {"name", "version"}
+    to the logged model's `mlflow.modelVersions` tag, a JSON list. The UI's model page reads that tag, so
+    without it the model says "Not registered" and offers to register it again.
+
+    Not mlflow.register_model itself: it also prints two lines on stderr that our one line already says.
+    """
+    model_id = version_model_id(version)
+    if not model_id:
+        return
+    linked = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    entries = (json.loads(linked) if linked else []) + [{"name": version.name, "version": version.version}]
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
+
+
+def version_model_id(version: ModelVersion) -> str | None:
+    """The id of the logged model a registered version was made from.
+
+    MLflow 3.17.2's SQL registry (sqlite, and PostgreSQL behind `mlflow server`) keeps no model_id column:
+    a version reads back with model_id None even after mlflow.register_model. Its source,
+    models:/<model_id>, is the link the registry keeps.
+    """
+    if version.model_id:
+        return version.model_id
+    model_id = (version.source or "").removeprefix("models:/")
+    return model_id if model_id != version.source and model_id.startswith("m-") and "/" not in model_id else None

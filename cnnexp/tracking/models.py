@@ -16,19 +16,27 @@ import torch
 from mlflow.entities import Run
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from cnnexp.checks import ConfigError, first_line
+from cnnexp.serving import OUTPUTS
 from cnnexp.tracking import pyfunc, tags
 from cnnexp.tracking.runs import error_text
 
+# The name models had before they took their run's, and what runs:/<run_id>/model means to resolve_model:
+# that run's model, whatever its name.
 MODEL_NAME = "model"
+UNNAMEABLE = ("/", ":", ".", "%", '"', "'")  # what MLflow 3.17 refuses in a logged model's name
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 # Outputs only: a TensorSpec input would pin one dtype, and pyfunc enforces it strictly, so it
 # would refuse either uint8 0-255 or float 0-1 images; the input example shows the uint8 form.
+# The outputs state the default form (params {"output": "class_index"}); "named" and "probabilities"
+# are asked for per call, and MLflow enforces no output schema. Without a params schema MLflow would
+# drop the `output` param with a warning.
 MODEL_SIGNATURE = ModelSignature(
-    outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name")])
+    outputs=Schema([ColSpec(DataType.long, "class_index")]),
+    params=ParamSchema([ParamSpec("output", DataType.string, OUTPUTS[0])]),
 )
 
 
@@ -71,28 +79,37 @@ class _ClassifierFlavor:
         mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
+def model_name(run_name: str | None) -> str:
+    """A logged model's name: its run's, so the Models tab tells models apart (not all `model`). The
+    characters MLflow refuses in a model name, a learning rate's decimal point among them, become `_`."""
+    return "".join("_" if c in UNNAMEABLE else c for c in run_name or "") or MODEL_NAME
+
+
 def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None,
-              step: int = 0) -> mlflow.models.model.ModelInfo:
+              step: int = 0, name: str = MODEL_NAME) -> mlflow.models.model.ModelInfo:
     """Logs the network as one MLflow model with two faces, at `step` (the epoch its weights are from).
 
     mlflow.pytorch.load_model gives back the Network (float [N, 1, 28, 28] -> logits), pickled: MLflow's
     only other format, pt2 (torch.export), loads as a GraphModule, not a Network, that refuses .eval(),
     and needs a TensorSpec input signature, which pyfunc would enforce on the uint8 form.
     mlflow.pyfunc.load_model (and `mlflow models serve`) gives cnnexp.serving.ImageClassifier:
-    28x28 images, uint8 0-255 or float 0-1 -> class_index, class_name, built from the weights alone.
+    28x28 images, uint8 0-255 or float 0-1 -> class indices (or, by the `output` param, names or
+    probabilities), built from the weights alone.
     code_paths ships cnnexp inside the model so both load where cnnexp is not installed.
+    `name` (see model_name) also addresses it as runs:/<run_id>/<name>.
     """
     model = model.cpu().eval()
     classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
     images = (example_inputs[:2, 0].cpu() * 255).round().to(torch.uint8).numpy()
     return mlflow.models.Model.log(
-        artifact_path=None, name=MODEL_NAME, flavor=_ClassifierFlavor, network=model, classes=classes,
+        artifact_path=None, name=name, flavor=_ClassifierFlavor, network=model, classes=classes,
         signature=MODEL_SIGNATURE, input_example=images, step=step,
     )
 
 
 def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str], epoch: int,
-                   summary: dict[str, float], val: mlflow.data.Dataset) -> mlflow.models.model.ModelInfo:
+                   summary: dict[str, float], val: mlflow.data.Dataset,
+                   name: str = MODEL_NAME) -> mlflow.models.model.ModelInfo:
     """Into the active run: the validation data as an input, the model at step = the epoch its weights
     are from, and the run's summary metrics (best_val_accuracy, best_epoch).
 
@@ -104,20 +121,21 @@ def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes
     """
     mlflow.flush_async_logging()  # the points MLflow links must be in the store, not in the async queue
     mlflow.log_input(val, context="val")
-    info = log_model(model, example_inputs, classes, step=epoch)
+    info = log_model(model, example_inputs, classes, step=epoch, name=name)
     mlflow.log_metrics(summary, synchronous=True)
     return info
 
 
 def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str],
-                         epoch: int, summary: dict[str, float], val: mlflow.data.Dataset) -> None:
+                         epoch: int, summary: dict[str, float], val: mlflow.data.Dataset,
+                         name: str = MODEL_NAME) -> None:
     """log_kept_model into an existing run (from any thread), then ends the run FINISHED either way.
 
     A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
     """
     try:
         with mlflow.start_run(run_id=run_id):
-            log_kept_model(model, example_inputs, classes, epoch, summary, val)
+            log_kept_model(model, example_inputs, classes, epoch, summary, val, name)
     except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
         MlflowClient().set_tag(run_id, tags.MODEL_ERROR, error_text(err))
     MlflowClient().set_terminated(run_id, "FINISHED")
@@ -134,16 +152,32 @@ def last_model_id(run: Run) -> str | None:
 
 
 def resolve_model(model_uri: str) -> tuple[str, str, str | None]:
-    """(model URI, id of the run that trained it, its LoggedModel id); a bare run id stands for that run's model."""
+    """(model URI, id of the run that trained it, its LoggedModel id).
+
+    A bare run id, or runs:/<run_id>/model, stands for that run's model whatever its name: MLflow finds
+    runs:/<run_id>/<name> by the model's name, and models are named after their runs now.
+    """
     if ":" not in model_uri and "/" not in model_uri:
         model_uri = f"runs:/{model_uri}/{MODEL_NAME}"
     try:
         info = mlflow.models.get_model_info(model_uri)
     except Exception as err:  # MLflow raises several kinds (missing run, model, artifact)
-        raise ConfigError("model_uri", f"no model at {model_uri!r}: {first_line(err)}") from None
+        model_uri, info = _run_model(model_uri, err)
     if not info.run_id:
         raise ConfigError("model_uri", f"{model_uri!r} names no training run, so its data cannot be checked")
     return model_uri, info.run_id, info.model_id
+
+
+def _run_model(model_uri: str, err: Exception) -> tuple[str, mlflow.models.model.ModelInfo]:
+    """runs:/<run_id>/model of a run whose model has the run's name: models:/<that model's id>."""
+    run_id = model_uri.removeprefix("runs:/").removesuffix(f"/{MODEL_NAME}")
+    model_id = None
+    if model_uri == f"runs:/{run_id}/{MODEL_NAME}" and "/" not in run_id:
+        with contextlib.suppress(Exception):  # no such run: the error below says so
+            model_id = model_id_of(run_id)
+    if model_id is None:
+        raise ConfigError("model_uri", f"no model at {model_uri!r}: {first_line(err)}") from None
+    return f"models:/{model_id}", mlflow.models.get_model_info(f"models:/{model_id}")
 
 
 def load_network(model_uri: str) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from cnnexp.processes import is_dead, owner
+from cnnexp.processes import is_dead
 from cnnexp.tracking import tags
 from cnnexp.tracking.runs import metric_by_step
 from cnnexp.tracking.store import writes_queued
@@ -17,12 +17,6 @@ from cnnexp.tracking.store import writes_queued
 # A heartbeat is written at the start and after every epoch. Another host's run counts as stale once it is
 # this much older than its longest epoch allows (3 epochs' time), and never sooner than STALE_AFTER_S.
 STALE_AFTER_S = 120.0
-
-
-def record_owner() -> None:
-    """Tags the active run with this process as its owner, and a first heartbeat."""
-    me = owner()
-    mlflow.set_tags({tags.OWNER_HOST: me["host"], tags.OWNER_PID: str(me["pid"]), tags.HEARTBEAT: f"{time.time():.0f}"})
 
 
 def beat() -> None:
@@ -64,11 +58,19 @@ def longest_epoch_s(run_id: str) -> float:
     return max(metric_by_step(run_id, "epoch_time_s").values(), default=0.0)
 
 
-def orphaned_train_runs() -> list[tuple[Run, Ownership]]:
-    """RUNNING train runs of every experiment whose process is gone: dead on this host, or another host's
-    silent for longer than its epochs allow (those may still be alive; only their owner's host can tell)."""
+def is_train_run(run: Run) -> bool:
+    return "train" in (run.data.tags.get(tags.ENTRY_POINT), run.data.tags.get(tags.PROJECT_ENTRY_POINT))
+
+
+def orphaned_runs() -> list[tuple[Run, Ownership]]:
+    """RUNNING runs of every experiment, started by cnnexp (they name an owner), whose process is gone: dead
+    on this host; or, for a train run, another host's silent for longer than its epochs allow (those may
+    still be alive; only their owner's host can tell). Other runs beat only once, at their start, so only
+    their own host can tell. A study's parent waiting for workers elsewhere is not an orphan."""
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
-    running = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`{tags.ENTRY_POINT}` = 'train'")
-    found = [(run, ownership(run)) for run in running]
-    return [(run, owned) for run, owned in found if owned.state in ("dead", "stale")]
+    running = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and tags.`{tags.OWNER_PID}` != ''")
+    found = [(run, ownership(run)) for run in running
+             if run.data.tags.get(tags.STUDY_STATUS) != tags.STUDY_WAITING]
+    return [(run, owned) for run, owned in found
+            if owned.state == "dead" or (owned.state == "stale" and is_train_run(run))]

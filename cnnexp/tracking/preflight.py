@@ -22,8 +22,8 @@ from pathlib import Path
 
 from mlflow.tracking.request_header.abstract_request_header_provider import RequestHeaderProvider
 
-from cnnexp.config import verbose
 from cnnexp.tracking import store
+from cnnexp.verbosity import verbose
 
 PROJECT_NAME = "cnnexp"
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130

@@ -7,15 +7,17 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from cnnexp.config import RANKING_METRIC, ConfigError
+from cnnexp.config import ConfigError
+from cnnexp.ranking import RANKING_METRIC
 from cnnexp.tracking import tags
 from cnnexp.tracking.models import last_model_id
 from cnnexp.tracking.registry import judged_value
 from cnnexp.tracking.runs import metric_by_step
 
-LEADERBOARD_COLUMNS = ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", RANKING_METRIC, "test_accuracy",
-                       "train_time_s"]
+LEADERBOARD_COLUMNS = ["run_id", "run_name", "dataset", "kind", "lr", "batch_size", "epochs", RANKING_METRIC,
+                       "test_accuracy", "train_time_s"]
 
 
 def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.DataFrame, int]:
@@ -25,7 +27,7 @@ def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.Dat
     if found is None:
         raise ConfigError("experiment", f"no experiment named {experiment!r}")
     client = MlflowClient()
-    rows, trials_left_out = [], 0
+    rows, trials_left_out, parents = [], 0, {}
     for run in client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'"):
         params, metrics = run.data.params, run.data.metrics
         if "lr" not in params or "val_accuracy" not in metrics:
@@ -37,6 +39,7 @@ def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.Dat
         rows.append({
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
+            "dataset": dataset_of(run, client, parents),
             "kind": "trial" if is_trial else "train",
             "lr": float(params["lr"]),
             "batch_size": int(params.get("batch_size", 0)),
@@ -46,6 +49,22 @@ def training_runs(experiment: str, include_trials: bool = False) -> tuple[pd.Dat
             "train_time_s": train_time_s(client, run),
         })
     return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS), trials_left_out
+
+
+def dataset_of(run: Run, client: MlflowClient, parents: dict[str, str]) -> str:
+    """The dataset a run trained on: its `dataset` tag (which names the sample where a download fell back to
+    it), else its param. A tuning trial has neither: its study's parent run has them (looked up once, in
+    `parents`). An empty name where nothing says: such runs rank among themselves."""
+    named = run.data.tags.get(tags.DATASET) or run.data.params.get("dataset")
+    parent_id = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    if named or not parent_id:
+        return named or ""
+    if parent_id not in parents:
+        try:
+            parents[parent_id] = dataset_of(client.get_run(parent_id), client, parents)
+        except mlflow.exceptions.MlflowException:  # a deleted parent
+            parents[parent_id] = ""
+    return parents[parent_id]
 
 
 def train_time_s(client: MlflowClient, run: Run) -> float:

@@ -1,13 +1,14 @@
 """Registered model versions, and the champion alias that moves only to a better-validated version."""
 from __future__ import annotations
 
-import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from cnnexp.config import JUDGED_BY
+from cnnexp.ranking import JUDGED_BY
+from cnnexp.tracking.mlflow_private import link_version_to_logged_model, version_model_id
+from cnnexp.tracking.models import resolve_model
 
 CHAMPION = "champion"
 
@@ -23,28 +24,32 @@ def register_and_promote(model_uri: str, name: str) -> tuple[int, bool]:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no champion yet
         champion = None
-    promoted = champion is None or (judged_value(version.model_id, version.run_id)
-                                    > judged_value(champion.model_id, champion.run_id))
+    promoted = champion is None or (judged_value(version_model_id(version), version.run_id)
+                                    > judged_value(version_model_id(champion), champion.run_id))
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return int(version.version), promoted
 
 
 def create_version(client: MlflowClient, model_uri: str, name: str) -> ModelVersion:
-    """A new version of the registered model `name` (created if new) from the logged model at model_uri.
+    """A new version of the registered model `name` (created if new) from the logged model at model_uri,
+    linked both ways as mlflow.register_model links them: the version's model_id and source
+    (models:/<model_id>), the model's `mlflow.modelVersions` tag.
 
     The client's calls, not mlflow.register_model, which prints "Registered model ... already exists" and
     "Created version ..." on stderr, lines our one line already says.
     """
-    info = mlflow.models.get_model_info(model_uri)
+    model_uri, run_id, model_id = resolve_model(model_uri)  # runs:/<run_id>/model too, whatever the model's name
     try:
         client.create_registered_model(name)
     except MlflowException as err:
         if err.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
             raise
     # MLflow 3 keeps models apart from run artifacts: the version's source is the LoggedModel itself.
-    source = f"models:/{info.model_id}" if info.model_id else model_uri
-    return client.create_model_version(name, source, run_id=info.run_id, model_id=info.model_id)
+    source = f"models:/{model_id}" if model_id else model_uri
+    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+    link_version_to_logged_model(client, version)
+    return version
 
 
 def judged_value(model_id: str | None, run_id: str) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
-from cnnexp.tracking import store, tags
+from cnnexp.processes import owner
+from cnnexp.tracking import store, store_errors, tags
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 _runs_started = 0
@@ -26,12 +28,17 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
 
     Inside another run (the main pipeline's steps) the new run is its child. Ending it never raises:
     when the store itself is what failed, the error that stopped the run is the one that matters.
+    A new run is created with its owner (and the caller's tags, such as the entry point) in the same
+    write, so a run that its process could not end (a full disk) is one `cnnexp orphans` finds.
     """
     global _runs_started
     kwargs.setdefault("nested", mlflow.active_run() is not None)
-    if "run_id" not in kwargs and not os.environ.get("MLFLOW_RUN_ID"):  # a run resumed has its own source
-        kwargs["tags"] = {**source_tags(), **kwargs.get("tags", {})}
-    store.open_store()
+    new = "run_id" not in kwargs and not os.environ.get("MLFLOW_RUN_ID")  # a run resumed has its own source
+    kwargs["tags"] = {**(source_tags() if new else {}), **owner_tags(), **kwargs.get("tags", {})}
+    try:
+        store.open_store()
+    except OSError as err:  # its lock file: a read-only or full directory
+        raise store_errors.unwritable_lock(err) from None
     with mlflow.start_run(**kwargs) as run:
         _runs_started += 1
         try:
@@ -47,6 +54,12 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
                     MlflowClient().set_tag(run.info.run_id, tags.ERROR, error_text(err))
             _end_quietly("FAILED")
             raise
+
+
+def owner_tags() -> dict[str, str]:
+    """This process as a run's owner (host, pid) and a first heartbeat (cnnexp.tracking.owners reads them)."""
+    me = owner()
+    return {tags.OWNER_HOST: me["host"], tags.OWNER_PID: str(me["pid"]), tags.HEARTBEAT: f"{time.time():.0f}"}
 
 
 def runs_started() -> int:
@@ -143,9 +156,10 @@ def active_run_ids() -> tuple[str, str]:
 
 
 def start_child_run(parent_run_id: str, experiment_id: str, run_name: str, params: dict, run_tags: dict) -> str:
+    """A child run (a trial) created with its owner, the worker process, as tracked_run creates runs."""
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name=run_name,
-                            tags={**source_tags(), MLFLOW_PARENT_RUN_ID: parent_run_id, **run_tags})
+                            tags={**source_tags(), **owner_tags(), MLFLOW_PARENT_RUN_ID: parent_run_id, **run_tags})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 

@@ -14,7 +14,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from cnnexp.checks import ConfigError, first_line
-from cnnexp.config import verbose
+from cnnexp.verbosity import verbose
 from cnnexp.locks import file_lock
 
 # MLflow's own defaults (a 120 s timeout, 7 retries with exponential backoff) make each call to a server
@@ -134,6 +134,9 @@ def quiet_mlflow() -> None:
     # Its ERROR per failed background batch repeats what our one line says at the end of a run whose
     # server went away (what was not logged, and how to resume).
     logging.getLogger("mlflow.utils.async_logging").setLevel(logging.CRITICAL)
+    # Its ERROR and traceback per failed SQL write (a full disk, a read-only file: dozens of lines per run)
+    # repeat what our one line says (cnnexp.tracking.store_errors).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # The pickle WARNING at every model save: the pyfunc face never unpickles (see models.py).
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")

@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
+from cnnexp import plots
 from cnnexp.config import TuneConfig
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config, log_csv, log_dict, log_figure, log_metrics, log_params
@@ -101,8 +102,31 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
             except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
                 optuna.logging.get_logger("cnnexp").warning("figure %s skipped: %s", name, err)
                 continue
-            drawn[name] = np.ravel(axes)[0].figure
+            drawn[name] = finish(name, np.ravel(axes)[0].figure, study)
     return drawn
+
+
+# PED-ANOVA compares the best 10% of complete trials with all of them: with fewer than this many, that top
+# group is one or two trials, and the bars say more about them than about the parameters.
+FEW_FOR_IMPORTANCES = 20
+WHOLE_NUMBER_AXES = {"intermediate_values.png": "epoch", "optimization_history.png": "trial"}
+
+
+def finish(name: str, fig: Figure, study: optuna.Study) -> Figure:
+    """What Optuna's figures leave out: whole-number epoch and trial axes, labels inside the figure, and on
+    the importances how many trials they rest on."""
+    ax = fig.axes[0]
+    if name in WHOLE_NUMBER_AXES:
+        plots.integer_ticks(ax)
+        ax.set_xlabel(WHOLE_NUMBER_AXES[name])
+    if name == "param_importances.png":
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        caveat = f"\n(fewer than {FEW_FOR_IMPORTANCES}: a rough guide)" if complete < FEW_FOR_IMPORTANCES else ""
+        # Optuna titles its charts on the left.
+        ax.set_title(f"{ax.get_title(loc='left')}\nPED-ANOVA over {complete} complete trials{caveat}", loc="left",
+                     fontsize=10)
+        plots.fit_labels(fig)  # only here: on the slice plot, whose colour bar Optuna places itself, it squeezes
+    return fig
 
 
 def log_study_settings(config: TuneConfig) -> None:

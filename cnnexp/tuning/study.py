@@ -14,7 +14,9 @@ import optuna
 from optuna.trial import TrialState
 
 from cnnexp.checks import first_line
-from cnnexp.config import JUDGED_BY, ConfigError, TuneConfig, WorkerConfig, verbose
+from cnnexp.config import ConfigError, TuneConfig, WorkerConfig
+from cnnexp.ranking import JUDGED_BY
+from cnnexp.verbosity import verbose
 from cnnexp.tracking.store import redact_url
 from cnnexp.tuning.recovery import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, FailStaleRunAndRetry
 from cnnexp.tuning.space import search_space

@@ -26,7 +26,7 @@ from cnnexp.model import Network, to_inputs
 from cnnexp.processes import owner
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_child_epoch, split_dataset
-from cnnexp.tracking.models import log_model_and_finish
+from cnnexp.tracking.models import log_model_and_finish, model_name
 from cnnexp.tracking.runs import end_child_run, error_text, start_child_run
 from cnnexp.train import BestEpoch, speed_options
 from cnnexp.tuning.recovery import Heartbeat, queue_retry, retry_tags
@@ -120,7 +120,8 @@ class Tracker:
     def complete(self, run: TrialRun, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
         """The trial's model (already its kept epoch's weights, a copy that no training touches), then the tell."""
         def log_and_tell() -> None:
-            log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(), self.val)
+            log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(), self.val,
+                                 name=model_name(run_name(run.trial.number, run.params)))
             report(self.study, self.callbacks, self.study.tell(run.trial, run.value))
         self.submit(log_and_tell)
 

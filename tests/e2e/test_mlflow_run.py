@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from cnnexp.data import load_prepared
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
-from helpers import run_mlflow
+from helpers import model_uri, run_mlflow
 from pipelines import train
 
 
@@ -32,7 +32,7 @@ def test_mlflow_run_prepare_then_train(dataset, tmp_path, idx_source):
     client = MlflowClient()
     assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 2
     assert train_run.data.tags["data_digest"] == prepare_run.data.tags["data_digest"]
-    model = mlflow.pytorch.load_model(f"runs:/{train_run.info.run_id}/model")
+    model = mlflow.pytorch.load_model(model_uri(train_run.info.run_id))
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
@@ -47,7 +47,7 @@ def test_mlflow_run_train_prepares_on_first_use(tmp_path, idx_source):
 def test_real_sample_trains_well_above_chance(workdir):
     assert train.cli(["--epochs", "5", "--dataset", "fashion-mnist-sample"]) == 0  # the bundled real images
     (run,) = MlflowClient().search_runs(experiment_ids=["0"])
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pytorch.load_model(model_uri(run.info.run_id))
     test = load_prepared("data", "fashion-mnist-sample").splits["test"]
     accuracy = score(predict(model, to_inputs(test.images)), test.labels)["accuracy"]
     print(f"real-data test accuracy after 5 epochs: {accuracy:.3f}")

@@ -10,7 +10,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from helpers import REPO, metric_histories, mlflow_run_command, subprocess_env, write_idx_dir
-from pipelines.common import flag
+from pipelines.flags import flag
 
 
 def _runs(work):

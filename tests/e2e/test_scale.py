@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import REPO, assert_optuna_and_mlflow_agree, subprocess_env, use_tracking_uri, write_idx_dir
+from helpers import REPO, assert_optuna_and_mlflow_agree, model_uri, subprocess_env, use_tracking_uri, write_idx_dir
 from cnnexp.tuning.study import open_storage
 from pipelines import tune, worker
 
@@ -149,7 +149,7 @@ def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, t
     settings = client.download_artifacts(parent.info.run_id, "study.json", str(tmp_path))
     assert json.loads(Path(settings).read_text())["study_name"] == "three-workers"
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{best_run}/model", dst_path=str(tmp_path / "model"),
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(best_run, client), dst_path=str(tmp_path / "model"),
                                                 tracking_uri=cluster["MLFLOW_TRACKING_URI"])
     assert (Path(local) / "MLmodel").is_file()
 
@@ -255,7 +255,7 @@ def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_jou
         assert stale.info.status == "FAILED" and "worker process died" in stale.data.tags["error"]
         run = client.get_run(retry.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["retry_of"] == str(trial.number)
-        mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+        mlflow.pytorch.load_model(model_uri(run.info.run_id, client))
 
 
 @pytest.mark.skipif(not INITDB or os.geteuid() != 0, reason="needs the PostgreSQL server binaries and root "

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnexp.data import load_prepared
-from helpers import subprocess_env, use_store, write_idx_dir
+from helpers import model_uri, subprocess_env, use_store, write_idx_dir
 from pipelines import evaluate, train
 
 
@@ -54,7 +54,7 @@ def test_served_model_answers_as_evaluate_predicted(trained):
     run_id = trained.run_id
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri(run_id), "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
         # Serving loads the weights alone: it must work with MLflow's pickle loading switched off.
         cwd=trained.work, env={**subprocess_env(trained.work), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
@@ -71,12 +71,14 @@ def test_served_model_answers_as_evaluate_predicted(trained):
             except OSError:
                 time.sleep(0.5)
         print(f"mlflow models serve answered /ping after {time.monotonic() - started:.1f} s")
-        images = load_prepared(trained.work / "data", "fashion-mnist").splits["test"].images.numpy()
+        data = load_prepared(trained.work / "data", "fashion-mnist")
+        images, classes = data.splits["test"].images.numpy(), data.classes
         expected = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(
             f"runs:/{trained.evaluation_id}/predictions.csv")))["predicted"].tolist()
         for inputs in (images.tolist(), (images / 255.0).tolist()):
-            answers = _post(port, {"inputs": inputs})
-            assert [a["class_index"] for a in answers] == expected
+            assert [a["class_index"] for a in _post(port, {"inputs": inputs})] == expected
+            named = _post(port, {"inputs": inputs, "params": {"output": "named"}})
+            assert [(a["class_index"], a["class_name"]) for a in named] == [(i, classes[i]) for i in expected]
         with pytest.raises(urllib.error.HTTPError) as refused:
             _post(port, {"inputs": (images[:1].astype(int) + 300).tolist()})
         assert refused.value.code == 400

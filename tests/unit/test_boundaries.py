@@ -9,8 +9,8 @@ import pytest
 
 from helpers import REPO
 
-CORE = ("checks", "config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "engine", "slots",
-        "schedule", "fused", "checkpoint", "processes")
+CORE = ("checks", "config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "engine",
+        "slots", "schedule", "fused", "checkpoint", "processes", "verbosity", "ranking", "errors")
 
 
 def _imported(path: Path) -> set[str]:

@@ -3,7 +3,7 @@ CLI parses from the dataclasses (bad types, abbreviations and unknown names are 
 import pytest
 
 from cnnexp.config import ConfigError, EvaluateConfig, PrepareConfig, TrainConfig, TuneConfig
-from pipelines.common import make_parser
+from pipelines.flags import make_parser
 
 # (config class, the field values, the start of the message)
 RULES = {
@@ -85,3 +85,15 @@ def test_a_bad_flag_is_refused_by_the_parser_naming_it(case):
     with pytest.raises(ConfigError) as refused:
         make_parser(prog, "", config_class).parse_args(flags)
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_config_holds_configs_not_helpers():
+    """Verbosity and the ranking rule live in their own modules (cnnexp.verbosity, cnnexp.ranking)."""
+    import inspect
+
+    from cnnexp import config
+
+    functions = [name for name, value in vars(config).items()
+                 if inspect.isfunction(value) and value.__module__ == config.__name__ and not name.startswith("_")]
+    assert functions == []
+    assert config.CompareConfig().sort_by == config.RANKING_METRIC  # the default comes from cnnexp.ranking

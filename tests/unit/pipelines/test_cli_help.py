@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from pipelines import cli
-from pipelines.common import flag
+from pipelines.flags import flag
 
 
 def _config_class(command: str) -> type:
@@ -54,7 +54,7 @@ def test_subcommand_help_shows_every_flag_with_help_default_and_choices(command,
 
 @pytest.mark.parametrize("text, value", [("true", True), ("False", False), ("1", True), ("no", False)])
 def test_bool_flags_read_what_mlflow_run_passes(text, value):
-    from pipelines.common import parse_bool
+    from pipelines.flags import parse_bool
 
     assert parse_bool(text) is value
 

@@ -8,7 +8,7 @@ import yaml
 
 from cnnexp import config as cfg
 from pipelines import cli
-from pipelines.common import flag
+from pipelines.flags import flag
 from helpers import REPO
 
 ENTRY_POINT_CONFIGS = {
@@ -90,3 +90,19 @@ def test_readme_tables_list_every_worker_parameter_with_its_default():
     for f in dataclasses.fields(cfg.WorkerConfig):
         default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default) or "(empty)"
         assert re.search(rf"\| `{f.name}` \| `?{re.escape(default)}`? \|", section), f.name
+
+
+def test_readme_states_the_python_pyproject_requires():
+    required = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    minimum = re.fullmatch(r">=\s*(\d+\.\d+)", required).group(1)
+    assert f"Python {minimum} or newer" in (REPO / "README.md").read_text()
+
+
+def test_every_test_file_the_project_files_cite_exists():
+    cited = {}
+    for path in [REPO / "MLproject", REPO / "pyproject.toml", REPO / "conda.yaml", REPO / "README.md",
+                 *REPO.glob("docs/*.md"), *REPO.glob("cnnexp/**/*.py"), *REPO.glob("pipelines/*.py")]:
+        for name in re.findall(r"\btests/[\w/]+\.py\b", path.read_text()):
+            cited.setdefault(name, path.relative_to(REPO))
+    assert cited  # MLproject and pyproject cite test_consistency.py at least
+    assert not {name: where for name, where in cited.items() if not (REPO / name).is_file()}

@@ -10,14 +10,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cnnexp import evaluate as core
-from cnnexp.config import JUDGED_BY
+from cnnexp.ranking import JUDGED_BY, RANKING_METRIC
 from cnnexp.tracking.pyfunc import ServedClassifier
 from cnnexp.tracking.registry import judged_value, register_and_promote
-from cnnexp.config import RANKING_METRIC, CompareConfig
+from cnnexp.config import CompareConfig
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
 from cnnexp.serving import as_inputs
-from helpers import use_store, write_idx_dir
+from helpers import model_uri, use_store, write_idx_dir
 from pipelines import compare, evaluate, prepare, train
 
 LRS = (0.01, 0.0003)  # in 2 epochs on the synthetic bars the first learns and the second barely starts
@@ -125,19 +125,20 @@ def test_evaluation_artifacts_agree_with_test_accuracy(trained):
 
 def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(trained, monkeypatch):
     run_id = trained.runs[LRS[0]]
-    uri = f"runs:/{run_id}/model"
+    uri = model_uri(run_id)
     assert isinstance(mlflow.pytorch.load_model(uri), Network)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     with pytest.raises(mlflow.exceptions.MlflowException, match="pickle"):
         mlflow.pytorch.load_model(uri)  # the Network face is a pickle ...
     model = mlflow.pyfunc.load_model(uri)  # ... the pyfunc face is built from the weights alone
-    assert model.metadata.signature.outputs.input_names() == ["class_index", "class_name"]
+    assert model.metadata.signature.outputs.input_names() == ["class_index"]
     assert model.metadata.saved_input_example_info["type"] == "ndarray"
     data = load_prepared("data", "fashion-mnist")
     images = data.splits["test"].images.numpy()
     expected = _csv(trained.evaluations[LRS[0]].info.run_id, "predictions.csv")["predicted"].to_numpy()
     for batch in (images, images / np.float32(255), pd.DataFrame(images.reshape(len(images), -1))):
-        answer = model.predict(batch)
+        np.testing.assert_array_equal(model.predict(batch).to_numpy(), expected)
+        answer = model.predict(batch, params={"output": "named"})
         np.testing.assert_array_equal(answer["class_index"].to_numpy(), expected)
         assert list(answer["class_name"]) == [data.classes[i] for i in expected]
 
@@ -195,8 +196,8 @@ def test_compare_ranks_runs_by_the_chosen_metric(trained, capsys):
     assert compare.cli(["--sort-by", "test_accuracy", "--output", "board.csv", "--plot", "true"]) == 0
     board = pd.read_csv("board.csv")
     assert board["lr"].iloc[0] == best and set(board["lr"]) >= set(LRS)
-    assert list(board.columns) == ["run_id", "run_name", "kind", "lr", "batch_size", "epochs", "model_val_accuracy",
-                                   "test_accuracy", "train_time_s"]
+    assert list(board.columns) == ["run_id", "run_name", "dataset", "kind", "lr", "batch_size", "epochs",
+                                   "model_val_accuracy", "test_accuracy", "train_time_s"]
     assert (trained.work / "board.png").stat().st_size > 0
     assert "model_val_accuracy" in capsys.readouterr().out
     assert compare.cli(["--sort-by", "nope"]) == 2

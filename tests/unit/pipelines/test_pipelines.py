@@ -11,7 +11,7 @@ from cnnexp.tracking.runs import run_address
 from cnnexp.data import load_prepared
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
-from helpers import worst_last_epoch, write_idx_dir
+from helpers import model_uri, worst_last_epoch, write_idx_dir
 from pipelines import cli, prepare, train
 
 
@@ -42,12 +42,13 @@ def test_train_records_params_epochs_tags_and_a_loadable_model(workdir, idx_sour
     client = MlflowClient()
     for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2]
-    uri = f"runs:/{run.info.run_id}/model"
+    uri = model_uri(run.info.run_id)
+    assert mlflow.get_logged_model(uri.removeprefix("models:/")).name == "train-lr0_01-bs50"  # the run's name
     images = torch.rand(3, 1, 28, 28)
     logits = mlflow.pytorch.load_model(uri)(images)
     assert logits.shape == (3, 10)
     answer = mlflow.pyfunc.load_model(uri).predict(images.numpy())  # the pyfunc face answers with classes
-    assert answer["class_index"].tolist() == logits.argmax(dim=1).tolist()
+    assert answer.tolist() == logits.argmax(dim=1).tolist()
     assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

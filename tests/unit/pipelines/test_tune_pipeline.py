@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cnnexp.tuning import trials
-from helpers import (assert_optuna_and_mlflow_agree, client_of, interrupted_after_epoch_1, parent_and_children, study_of,
-                     write_idx_dir)
+from helpers import (assert_optuna_and_mlflow_agree, client_of, interrupted_after_epoch_1, model_uri, parent_and_children,
+                     study_of, write_idx_dir)
 from pipelines import tune
 
 
@@ -29,7 +29,7 @@ def test_retrain_best_runs_the_train_and_evaluate_steps_under_the_study(workdir,
     assert float(trained.data.params["lr"]) == pytest.approx(float(parent.data.params["best_lr"]))
     test_accuracy = client_of(workdir).get_run(trained.info.run_id).data.metrics["test_accuracy"]
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(test_accuracy)
-    model = mlflow.pytorch.load_model(f"runs:/{trained.info.run_id}/model")
+    model = mlflow.pytorch.load_model(model_uri(trained.info.run_id))
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 

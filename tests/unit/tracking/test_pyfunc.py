@@ -22,7 +22,8 @@ import mlflow.pyfunc
 expected = torch.load(sys.argv[3], weights_only=True)
 images = (expected["inputs"][:, 0] * 255).round().to(torch.uint8).numpy()
 model = mlflow.pyfunc.load_model(sys.argv[1])
-predicted = model.predict(images)["class_index"].tolist()
+answer = model.predict(images)  # a model logged before the split answers with a frame, one logged now a Series
+predicted = (answer["class_index"] if answer.ndim == 2 else answer).tolist()
 print(json.dumps({"predicted": predicted, "loader": model.loader_module,
                   "heavy": sorted(m for m in ("matplotlib", "optuna", "cnnexp.plots") if m in sys.modules)}))
 """

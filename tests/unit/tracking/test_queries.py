@@ -7,7 +7,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from cnnexp.config import RANKING_METRIC
+from cnnexp.ranking import RANKING_METRIC
 from pipelines import compare
 
 

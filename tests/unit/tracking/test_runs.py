@@ -49,3 +49,22 @@ def test_child_runs_carry_their_parent_params_and_tags_and_end_as_told(workdir):
     assert child.info.status == "KILLED" and child.data.tags[tags.PRUNED_AT_EPOCH] == "2"
     runs.reopen(parent.info.run_id)
     assert _run(parent.info.run_id).info.status == "RUNNING"
+
+
+def test_every_run_is_created_with_its_owner_in_the_same_write(workdir, monkeypatch):
+    """A run whose end a full store could not write is then one `cnnexp orphans` finds: its owner went in
+    with the run itself, not in a later write that the full disk may refuse."""
+    created = []
+    real_create = MlflowClient.create_run
+
+    def create_run(self, experiment_id, *args, tags=None, **kwargs):
+        created.append(dict(tags or {}))
+        return real_create(self, experiment_id, *args, tags=tags, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_run)
+    with runs.tracked_run(run_name="parent", tags={tags.ENTRY_POINT: "train"}) as parent:
+        runs.start_child_run(parent.info.run_id, parent.info.experiment_id, "trial-0", {"lr": 0.1}, {})
+    me = runs.owner_tags()
+    for at_creation in created:
+        assert at_creation[tags.OWNER_PID] == me[tags.OWNER_PID] and at_creation[tags.OWNER_HOST] == me[tags.OWNER_HOST]
+    assert len(created) == 2 and created[0][tags.ENTRY_POINT] == "train"

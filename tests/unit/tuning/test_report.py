@@ -37,3 +37,43 @@ def test_a_pruned_trials_line_shows_its_last_value_and_epoch():
     study = _study()
     line = report.progress_text(study, study.trials[1])
     assert "val_acc 0.4000  PRUNED at epoch 2  best 0.9000 (trial 3)" in line
+
+
+def _two_epoch_study(complete: int):
+    """`complete` trials over lr and batch_size, each reporting 2 epochs (values spread so importances differ)."""
+    study = optuna.create_study(direction="maximize")
+    for number in range(complete):
+        trial = study.ask()
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_categorical("batch_size", [16, 64, 256])
+        trial.report(0.5, 1)
+        trial.report(0.6 + lr, 2)
+        study.tell(trial, 0.6 + lr + number * 1e-4)
+    return study
+
+
+def _inside_the_figure(fig, labels) -> bool:
+    fig.canvas.draw()
+    width = fig.bbox.width
+    return all(0 <= label.get_window_extent().x0 and label.get_window_extent().x1 <= width for label in labels)
+
+
+def test_study_figures_have_whole_epochs_and_trials_and_labels_inside():
+    figures = report.figures(_two_epoch_study(5))
+    for name in ("intermediate_values.png", "optimization_history.png"):
+        ax = figures[name].axes[0]
+        figures[name].canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(t == int(t) for t in ticks), (name, ticks)  # no epoch 1.25
+    importances = figures["param_importances.png"]
+    labels = importances.axes[0].get_yticklabels()
+    assert {label.get_text() for label in labels} == {"lr", "batch_size"}
+    assert _inside_the_figure(importances, labels)  # not clipped to "patch_size"
+
+
+def test_importances_say_how_many_trials_they_rest_on_and_when_that_is_few():
+    few = report.figures(_two_epoch_study(5))["param_importances.png"].axes[0].get_title(loc="left")
+    assert "PED-ANOVA over 5 complete trials" in few and "rough guide" in few
+    enough = report.figures(_two_epoch_study(report.FEW_FOR_IMPORTANCES))["param_importances.png"]
+    title = enough.axes[0].get_title(loc="left")
+    assert f"over {report.FEW_FOR_IMPORTANCES} complete trials" in title and "rough guide" not in title

@@ -8,7 +8,7 @@ from cnnexp.engine import NonFiniteLoss
 from cnnexp.tuning import study as study_module
 from cnnexp.tuning import trials
 from helpers import (assert_optuna_and_mlflow_agree, assert_study_table_and_figures, client_of,
-                     interrupted_after_epoch_1, parent_and_children, points_of, study_of, write_idx_dir)
+                     interrupted_after_epoch_1, model_uri, parent_and_children, points_of, study_of, write_idx_dir)
 from pipelines import tune
 
 
@@ -78,8 +78,10 @@ def test_a_cohorts_trials_are_distinct_points_trained_together_and_tagged(workdi
     cohorts = sorted((r.data.tags["cohort"], r.data.tags["cohort_size"]) for r in runs)
     assert cohorts == [("0", "3")] * 5  # the last 2 trials took the places of the first ones
     run = next(r for r in runs if r.data.tags["cohort"] == "0")
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pytorch.load_model(model_uri(run.info.run_id, client_of(workdir)))
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    name = client_of(workdir).get_logged_model(model_uri(run.info.run_id, client_of(workdir))[len("models:/"):]).name
+    assert name == run.info.run_name.replace(".", "_")  # named after its trial, not `model`
 
 
 class PruneTrialZero(optuna.pruners.BasePruner):
