@@ -11,5 +11,7 @@ if ! "$py" -c 'import mlflow, optuna' 2>/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 fi
+# MLproject's commands say `python`; a machine with only python3 gets one for mlflow run's entry points.
+if ! command -v python >/dev/null; then mkdir -p /tmp/pybin && ln -sf "$(command -v "$py")" /tmp/pybin/python && export PATH=/tmp/pybin:$PATH; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 exec "$py" benchmarks/gpu_check.py "$@"

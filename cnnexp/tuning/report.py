@@ -155,7 +155,7 @@ def log_outcome(study: optuna.Study) -> dict:
 def log_trials_table(study: optuna.Study, result: dict) -> None:
     """trials.csv: one row per trial with its MLflow run and model; the best trial's model id as a tag."""
     trials = trials_table(study)
-    trials["mlflow_model_id"] = [model_id_of(run_id) if run_id else None for run_id in trials["mlflow_run_id"]]
+    trials["mlflow_model_id"] = [model_id_of(run_id) if isinstance(run_id, str) else None for run_id in trials["mlflow_run_id"]]
     log_csv(trials, "trials.csv")
     if "best_trial" in result:
         best_model_id = trials.loc[trials["number"] == result["best_trial"], "mlflow_model_id"].iloc[0]
