@@ -113,15 +113,22 @@ class Tracker:
         """The run ends, then Optuna hears of it (after the run's id is on the trial, which a told trial
         could no longer take)."""
         def end_and_tell() -> None:
-            end_child_run(run.run_id, status, run_tags)
-            report(self.study, self.callbacks, self.study.tell(run.trial, state=state))
+            try:
+                end_child_run(run.run_id, status, run_tags)
+            finally:  # the trial's fate is decided whether or not MLflow took it
+                report(self.study, self.callbacks, self.study.tell(run.trial, state=state))
         self.submit(end_and_tell)
 
     def complete(self, run: TrialRun, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
         """The trial's model (already its kept epoch's weights, a copy that no training touches), then the tell."""
         def log_and_tell() -> None:
-            log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(), self.val,
-                                 name=model_name(run_name(run.trial.number, run.params)))
+            try:
+                log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(),
+                                     self.val, name=model_name(run_name(run.trial.number, run.params)))
+            except BaseException:
+                # Not complete without its model, and not left RUNNING for a live worker to wait on.
+                report(self.study, self.callbacks, self.study.tell(run.trial, state=TrialState.FAIL))
+                raise
             report(self.study, self.callbacks, self.study.tell(run.trial, run.value))
         self.submit(log_and_tell)
 
@@ -164,7 +171,6 @@ class CohortRunner:
                         if self._epoch_end(slot, result, engine) and slot in engine.slots:
                             engine.leave(slot)
                     self._fill(engine)
-            self.tracker.drain()
         except KeyboardInterrupt:
             with contextlib.suppress(Exception):  # the runs must exist before they can be ended
                 self.tracker.drain()
@@ -175,6 +181,7 @@ class CohortRunner:
             for run in self.active.values():
                 self._end(run, "FAILED", TrialState.FAIL, {tags.ERROR: error_text(err)})
         self.active = {}
+        self.tracker.drain()  # a tracking store that failed stops the call, with its own one line
         return self.started
 
     def close(self) -> None:

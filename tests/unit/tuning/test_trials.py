@@ -107,11 +107,11 @@ def test_a_trial_is_complete_in_optuna_only_once_its_model_is_logged(workdir, tm
     real = trials.log_model_and_finish
     states_while_logging = []
 
-    def log_model_and_finish(run_id, *args):
+    def log_model_and_finish(run_id, *args, **kwargs):
         study = study_of(workdir)
         (trial,) = [t for t in study.trials if t.user_attrs.get("mlflow_run_id") == run_id]
         states_while_logging.append(trial.state.name)
-        real(run_id, *args)
+        real(run_id, *args, **kwargs)
 
     monkeypatch.setattr(trials, "log_model_and_finish", log_model_and_finish)
     source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
@@ -147,3 +147,15 @@ def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(w
     assert retried.data.tags["retry_of_run_id"] == study.trials[0].user_attrs["mlflow_run_id"]
 
 
+
+
+def test_a_model_that_cannot_be_logged_fails_its_trial_and_stops_the_call_with_the_error(workdir, tmp_path, monkeypatch,
+                                                                                       capsys):
+    def log_model_and_finish(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trials, "log_model_and_finish", log_model_and_finish)
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    assert tune.cli(["--n-trials", "2", "--epochs", "1", "--cohort", "2", "--source", str(source)]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert {t.state.name for t in study_of(workdir).trials} == {"FAIL"}  # none left RUNNING
