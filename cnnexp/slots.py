@@ -240,10 +240,13 @@ class Table:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):  # cuDNN and cuBLAS choose and allocate before capture
+                    self.step_index.zero_()  # an epoch may be one step: never read past its schedule
                     self._graph_step(k, data, forward, bf16)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            self.step_index.zero_()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the tracking and heartbeat threads' own CUDA calls, if any, do not void the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._graph_step(k, data, forward, bf16)
             for tensor, value in zip((*self._buffers(), self.loss_sum, self.correct, self.step_index), kept):
                 tensor.copy_(value)
