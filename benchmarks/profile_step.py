@@ -1,4 +1,5 @@
-"""Where a training step's time goes: torch.profiler over batch-100 steps, tutorial setup vs fit's.
+"""Where a training step's time goes: torch.profiler over batch-100 steps, the tutorial's loop vs fit's (the
+training engine with one slot).
 
     python benchmarks/profile_step.py [--steps 60] [--threads 1]
 
@@ -15,28 +16,28 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cnnexp.model import Network  # noqa: E402
-from cnnexp.train import new_training_state  # noqa: E402
+from cnnexp.data import Split  # noqa: E402
+from cnnexp.model import Network, to_inputs  # noqa: E402
+from cnnexp.train import fit, new_training_state  # noqa: E402
 
 
-def tutorial_setup() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def tutorial_steps(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> None:
     torch.manual_seed(0)
     model = Network()
-    return model, torch.optim.Adam(model.parameters(), lr=0.01)
-
-
-def fit_setup() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    state = new_training_state(0.01, 0, torch.device("cpu"))
-    return state.model, state.optimizer
-
-
-def steps(model, optimizer, x, y, n: int, batch_size: int = 100) -> None:
-    for i in range(n):
-        rows = slice(i * batch_size, (i + 1) * batch_size)
-        loss = F.cross_entropy(model(x[rows]), y[rows])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x = to_inputs(images)
+    for start in range(0, len(labels), batch_size):
+        loss = F.cross_entropy(model(x[start : start + batch_size]), labels[start : start + batch_size])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+
+def fit_steps(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> None:
+    """One epoch of fit over the images (its one validation pass on 100 of them included)."""
+    split = Split(images, labels)
+    fit(new_training_state(0.01, 0, torch.device("cpu")), split, Split(images[:100], labels[:100]),
+        batch_size=batch_size, epochs=1)
 
 
 def main() -> None:
@@ -46,13 +47,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    x = torch.rand(args.steps * 100, 1, 28, 28)
-    y = torch.randint(0, 10, (args.steps * 100,))
-    for name, setup in (("tutorial (NCHW, for-loop Adam)", tutorial_setup), ("fit (channels_last, fused Adam)", fit_setup)):
-        model, optimizer = setup()
-        steps(model, optimizer, x, y, 10)  # warm-up: oneDNN picks and caches its kernels
+    images = torch.randint(0, 256, (args.steps * 100, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (args.steps * 100,))
+    for name, run in (("tutorial (NCHW, for-loop Adam)", tutorial_steps), ("fit (the engine, one slot)", fit_steps)):
+        run(images[:1000], labels[:1000])  # warm-up: oneDNN picks and caches its kernels
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            steps(model, optimizer, x, y, args.steps)
+            run(images, labels)
         total_ms = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000
         print(f"\n== {name}: {total_ms / args.steps:.2f} ms of CPU per step, threads {torch.get_num_threads()}")
         print(prof.key_averages(group_by_input_shape=True).table(

@@ -51,6 +51,20 @@ def tensor_split(n: int, seed: int) -> Split:
     return Split(torch.from_numpy(images), torch.from_numpy(labels).long())
 
 
+def offline_downloads(monkeypatch) -> list:
+    """FashionMNIST's download fails as without network; returns the list of attempts (their roots)."""
+    import torchvision.datasets as tvd
+
+    attempts = []
+
+    def no_network(self, *args, **kwargs):
+        attempts.append(self.root)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
+    return attempts
+
+
 def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, gz: bool = True) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):

@@ -8,7 +8,7 @@ import torch
 
 from cnnexp.config import PrepareConfig
 from cnnexp.data import SAMPLE, SAMPLE_DIR, DataError, load_prepared, prepare, stratified_split
-from helpers import BAD_FILES, REPO
+from helpers import BAD_FILES, REPO, offline_downloads
 
 
 def _prepare(source, data_dir, **kwargs):
@@ -121,25 +121,12 @@ def test_the_bundled_sample_ships_with_the_package_and_says_where_it_comes_from(
     assert "Zalando Research" in notice and "MIT License" in notice
 
 
-def _offline(monkeypatch) -> list:
-    """FashionMNIST's download fails as without network; returns the list of attempts."""
-    import torchvision.datasets as tvd
-
-    attempts = []
-
-    def no_network(self, *args, **kwargs):
-        attempts.append(self.root)
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
-
-    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
-    return attempts
-
 
 def test_a_failed_download_into_the_default_data_dir_lets_the_sample_stand_in_under_its_own_name(tmp_path, monkeypatch):
     from cnnexp.data import STAND_IN, is_prepared, naming_held, stand_in_notice
 
     monkeypatch.chdir(tmp_path)
-    attempts = _offline(monkeypatch)
+    attempts = offline_downloads(monkeypatch)
     data, _ = prepare(PrepareConfig())
     assert len(attempts) == 1 and not (tmp_path / "data" / "downloads").exists()
     assert data.path == Path("data") / SAMPLE and data.manifest["inputs"]["dataset"] == SAMPLE
@@ -164,7 +151,7 @@ def test_the_sample_count_in_messages_is_the_bundled_samples(tmp_path):
 
 
 def test_a_failed_download_into_a_named_data_dir_stops_with_one_line(tmp_path, monkeypatch):
-    _offline(monkeypatch)
+    offline_downloads(monkeypatch)
     typo = tmp_path / "dta"
     with pytest.raises(DataError) as raised:
         prepare(PrepareConfig(data_dir=str(typo)))
@@ -189,6 +176,6 @@ def test_prepared_data_is_kept_when_a_later_download_fails(tmp_path, monkeypatch
     monkeypatch.setattr(cnnexp.data, "download", lambda dataset, into: idx_source)
     first, _ = prepare(PrepareConfig(data_dir=str(tmp_path / "d")))
     monkeypatch.undo()
-    _offline(monkeypatch)
+    offline_downloads(monkeypatch)
     again, reused = prepare(PrepareConfig(data_dir=str(tmp_path / "d")))
     assert reused and again.digest == first.digest and again.manifest["inputs"]["dataset"] == "fashion-mnist"

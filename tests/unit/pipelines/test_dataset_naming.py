@@ -3,7 +3,7 @@ and its study's settings; the download line only when a download was tried; a mi
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import study_of
+from helpers import offline_downloads, study_of
 from pipelines import train, tune
 
 SAMPLE = "fashion-mnist-sample"
@@ -11,16 +11,7 @@ SAMPLE = "fashion-mnist-sample"
 
 @pytest.fixture
 def offline(monkeypatch) -> list:
-    import torchvision.datasets as tvd
-
-    attempts = []
-
-    def no_network(self, *args, **kwargs):
-        attempts.append(self.root)
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
-
-    monkeypatch.setattr(tvd.FashionMNIST, "download", no_network)
-    return attempts
+    return offline_downloads(monkeypatch)
 
 
 def _lines(out: str, text: str) -> list[str]:
