@@ -137,10 +137,10 @@ class Engine:
         started = time.perf_counter()
         tables = [t for t in self.tables.values() if t.k]
         # Every schedule is on its way before the first step, so no copy waits behind another table's steps.
-        rows = [t.load_schedule(epoch_orders([self.slots[i].generator for i in t.ids], self.n)) for t in tables]
-        for table, table_rows in zip(tables, rows):
+        plans = [t.load_schedule(epoch_orders([self.slots[i].generator for i in t.ids], self.n)) for t in tables]
+        for table, plan in zip(tables, plans):
             with self._stream(table):
-                table.train_epoch(table_rows, self.data, self.forward, self.bf16, on_step if len(tables) == 1 else None)
+                table.train_epoch(plan, self.data, self.forward, self.bf16, on_step if len(tables) == 1 else None)
         for stream in self._streams.values():
             torch.cuda.current_stream(self.device).wait_stream(stream)
         numbers = torch.cat([
