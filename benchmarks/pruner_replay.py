@@ -24,7 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cnnexp.tuning.study import OBJECTIVE, make_pruner, suggest  # noqa: E402
+from cnnexp.tuning.space import suggest  # noqa: E402
+from cnnexp.tuning.study import OBJECTIVE, make_pruner  # noqa: E402
 from cnnexp.config import PRUNERS, PrepareConfig, TuneConfig  # noqa: E402
 from cnnexp.data import SAMPLE_DIR, PreparedData, prepare  # noqa: E402
 from cnnexp.train import fit, new_training_state  # noqa: E402

@@ -24,7 +24,8 @@ from benchmarks.harness import fit_epochs, summarise, write_torchvision_root
 from cnnexp.tracking.runs import active_run_ids, tracked_run
 from cnnexp.tracking.store import tracking_uri, use_tracking_uri
 from cnnexp.tuning.report import summary
-from cnnexp.tuning.study import Parent, load_study, suggest
+from cnnexp.tuning.space import suggest
+from cnnexp.tuning.study import Parent, load_study
 from cnnexp.tuning.workers import cpu_cores, run_workers
 from cnnexp.config import PrepareConfig, TuneConfig
 from cnnexp.data import Split, prepare

@@ -153,8 +153,6 @@ class CohortRunner:
     def run(self, size: int, grant: Grant) -> int:
         """Trains a cohort of up to `size` trials, refilled as they leave while grant() gives more; returns
         how many trials it started (0: none granted)."""
-        if has_heartbeats(self.config.storage):
-            optuna.storages.fail_stale_trials(self.study)
         self.active, self.started, self.grant = {}, 0, grant
         self.cohort_tags = {}
         splits = self.data.splits
@@ -192,6 +190,10 @@ class CohortRunner:
         how many joined. Asked one after the other, each after the previous one's params: the samplers'
         constant liar (TPE, GP) then keeps the points of trials in flight apart."""
         joined = 0
+        if engine.free and has_heartbeats(self.config.storage):
+            # A dead worker's trials are failed and queued again before this one asks: between epochs, as a
+            # new cohort did before one engine refilled for the whole call.
+            optuna.storages.fail_stale_trials(self.study)
         while engine.free and self.grant(1):
             trial = self.study.ask()
             params = suggest(trial, self.config)

@@ -197,7 +197,7 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp
 # lands after training, while the trial's model is being logged (the window of a half-finished trial).
 HANG_ON_MODEL_LOGGING = """
 import time, cnnexp.tuning.trials as trials
-def log_model_and_finish(run_id, *args):
+def log_model_and_finish(run_id, *args, **kwargs):
     print("LOGGING", run_id, flush=True)
     time.sleep(600)
 trials.log_model_and_finish = log_model_and_finish
