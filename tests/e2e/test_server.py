@@ -29,7 +29,8 @@ STUDY = {"n_trials": 4, "cohort": 2, "workers": 2, "epochs": 1, "storage": "jour
 OURS = [r"epoch +\d+/\d+  loss ", r"run [0-9a-f]{32} at http://127\.0\.0\.1:\d+/#/experiments/",
         r"model: models:/m-[0-9a-f]+  epoch ", r"fashion-mnist is not prepared in .*; preparing it first",
         r"registered served-cnn version \d+", r"study 'cnnexp-tune', call 1: 0 earlier trials; running 4 more in cohorts ",
-        r"trial +\d+  lr=", r"done: \d+ complete", r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\.projects[.\w]*: === .* ===\s*$"]
+        r"trial +\d+  lr=", r"done: \d+ complete", r"tune: \d+ s, \d+( of \d+)? trials done, ",
+        r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\.projects[.\w]*: === .* ===\s*$"]
 
 
 def api(url: str, path: str, body: dict | None = None, **query) -> dict:
