@@ -29,6 +29,7 @@ from cnnexp.tracking.log import log_child_epoch, split_dataset
 from cnnexp.tracking.models import log_model_and_finish, model_name
 from cnnexp.tracking.runs import end_child_run, error_text, start_child_run
 from cnnexp.train import BestEpoch, speed_options
+from cnnexp.tuning.optuna_private import record_heartbeat
 from cnnexp.tuning.recovery import Heartbeat, queue_retry, retry_tags
 from cnnexp.tuning.space import suggest
 from cnnexp.tuning.study import OBJECTIVE, Parent, has_heartbeats
@@ -196,6 +197,10 @@ class CohortRunner:
             optuna.storages.fail_stale_trials(self.study)
         while engine.free and self.grant(1):
             trial = self.study.ask()
+            if has_heartbeats(self.config.storage):
+                # Optuna calls a trial stale only once it has beaten: one that joined between two beats and
+                # lost its worker before the next would stay RUNNING for good, and workers wait for it.
+                record_heartbeat(self.study, trial)
             params = suggest(trial, self.config)
             if not self.cohort_tags:  # the cohort is named after its first trial, and sized by its capacity
                 self.cohort_tags = {tags.COHORT: str(trial.number), tags.COHORT_SIZE: str(engine.capacity)}

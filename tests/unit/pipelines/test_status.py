@@ -3,6 +3,7 @@ import re
 import time
 
 from helpers import write_idx_dir
+from cnnexp.tuning import trials
 from pipelines import status, tune
 
 
@@ -40,6 +41,13 @@ def test_a_failing_status_skips_its_line_and_keeps_watching(capsys):
 
 def test_tune_prints_a_status_line_while_trials_train_silently(workdir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(status, "INTERVAL_S", 0.3)
+    log_epoch = trials.log_child_epoch
+
+    def slow_log_epoch(*args, **kwargs):  # a silence longer than the interval, however fast the machine
+        time.sleep(0.4)
+        return log_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trials, "log_child_epoch", slow_log_epoch)
     source = write_idx_dir(tmp_path / "idx", n_train=400, n_test=50)
     assert tune.cli(["--n-trials", "2", "--epochs", "3", "--pruner", "none", "--source", str(source)]) == 0
     lines = capsys.readouterr().out.splitlines()

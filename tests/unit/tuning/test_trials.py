@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cnnexp.engine import NonFiniteLoss
+from cnnexp.tuning import recovery
 from cnnexp.tuning import study as study_module
 from cnnexp.tuning import trials
 from helpers import (assert_optuna_and_mlflow_agree, assert_study_table_and_figures, client_of,
@@ -101,6 +102,21 @@ def test_a_pruned_trials_place_is_taken_by_a_new_trial_while_the_others_train_on
     assert runs[2].info.start_time < runs[1].info.end_time  # joined while trial 1 was still training
     assert sorted(study.trials[2].intermediate_values) == [1, 2, 3]  # its own epochs, from its first
     assert_optuna_and_mlflow_agree(study, list(runs.values()), client_of(workdir))
+
+
+def test_every_trial_beats_as_it_joins_so_a_lost_worker_s_trial_can_go_stale(workdir, tmp_path, monkeypatch):
+    # Optuna never calls a trial that has not beaten stale. sqlite stands in for a server database here,
+    # with the periodic beat (10 s) out of the way: trials that take a freed slot must beat on joining.
+    monkeypatch.setattr(trials, "has_heartbeats", lambda storage: True)
+    monkeypatch.setattr(recovery, "HEARTBEAT_INTERVAL_S", 3600)
+    beaten = set()
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", lambda self, trial_id: beaten.add(trial_id))
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert tune.cli(["--storage", storage, "--n-trials", "3", "--epochs", "1", "--cohort", "1", "--pruner", "none",
+                     "--source", str(source)]) == 0
+    study = optuna.load_study(study_name="cnnexp-tune", storage=storage)
+    assert len(study.trials) == 3 and beaten == {t._trial_id for t in study.trials}
 
 
 def test_a_trial_is_complete_in_optuna_only_once_its_model_is_logged(workdir, tmp_path, monkeypatch):
