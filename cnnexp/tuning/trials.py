@@ -73,6 +73,7 @@ class Tracker:
         self.study, self.callbacks, self.val = study, callbacks, val
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.raised: BaseException | None = None  # the last error handed over: the runner tells it from training's
         self.thread = threading.Thread(target=self._work, name="tracker", daemon=True)
         self.thread.start()
 
@@ -87,8 +88,8 @@ class Tracker:
 
     def _raise(self) -> None:
         if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+            self.raised, self.error = self.error, None
+            raise self.raised
 
     def _work(self) -> None:
         while (item := self.jobs.get()) is not None:
@@ -179,6 +180,9 @@ class CohortRunner:
         except Exception as err:  # noqa: BLE001 - the trials fail; the study goes on, as study.optimize(catch=...)
             for run in self.active.values():
                 self._end(run, "FAILED", TrialState.FAIL, {tags.ERROR: error_text(err)})
+            if err is self.tracker.raised:  # but a tracking store that failed stops the call, its trials told
+                self.tracker.drain()
+                raise
         self.active = {}
         self.tracker.drain()  # a tracking store that failed stops the call, with its own one line
         return self.started

@@ -1,4 +1,6 @@
 """cnnexp.tuning.trials through tune: cohorts, divergence, pruning, models before completion, Ctrl-C."""
+import time
+
 import mlflow
 import optuna
 import pytest
@@ -163,14 +165,18 @@ def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(w
     assert retried.data.tags["retry_of_run_id"] == study.trials[0].user_attrs["mlflow_run_id"]
 
 
-
-
-def test_a_model_that_cannot_be_logged_fails_its_trial_and_stops_the_call_with_the_error(workdir, tmp_path, monkeypatch,
-                                                                                       capsys):
+@pytest.mark.parametrize("seen", ["at the next submit", "at the end"])
+def test_a_model_that_cannot_be_logged_fails_its_trial_and_stops_the_call_with_the_error(seen, workdir, tmp_path,
+                                                                                       monkeypatch, capsys):
     def log_model_and_finish(*args, **kwargs):
+        if seen == "at the end":
+            time.sleep(0.5)  # training has finished meanwhile
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(trials, "log_model_and_finish", log_model_and_finish)
+    if seen == "at the next submit":  # every job done before the next is queued, as when tracking keeps up
+        submit = trials.Tracker.submit
+        monkeypatch.setattr(trials.Tracker, "submit", lambda self, *job: (self.jobs.join(), submit(self, *job)))
     source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
     assert tune.cli(["--n-trials", "2", "--epochs", "1", "--cohort", "2", "--source", str(source)]) != 0
     assert "No space left on device" in capsys.readouterr().err
