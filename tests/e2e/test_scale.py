@@ -65,14 +65,15 @@ def cluster_env(cluster: dict, work: Path) -> dict:
     return env
 
 
-def create_study(cluster, work, name, n_trials, epochs) -> tuple[list[str], optuna.Study]:
-    """`tune --workers 0`: the study, its settings and its parent run; returns the flags workers share."""
+def create_study(cluster, work, name, n_trials, epochs, monkeypatch) -> tuple[list[str], optuna.Study]:
+    """`tune --workers 0` (in this process: only the workers need processes of their own): the study, its
+    settings and its parent run; returns the flags workers share."""
+    monkeypatch.chdir(work)  # `runs:/` model URIs resolve through the default tracking URI too
+    use_tracking_uri(monkeypatch, cluster["MLFLOW_TRACKING_URI"])
     source = write_idx_dir(work / "idx", n_train=200, n_test=50)
     common = ["--storage", cluster["OPTUNA_STORAGE"], "--study-name", name]
-    done = subprocess.run(cnnexp("tune", *common, "--workers", "0", "--n-trials", n_trials, "--epochs", epochs,
-                                 "--batch-min", "16", "--batch-max", "64", "--source", source, "--data-dir", work / "data"),
-                          cwd=work, env=cluster_env(cluster, work), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert tune.cli([*common, "--workers", "0", "--n-trials", str(n_trials), "--epochs", str(epochs), "--batch-min", "16",
+                     "--batch-max", "64", "--source", str(source), "--data-dir", str(work / "data")]) == 0
     return [*common, "--source", str(source)], optuna.load_study(study_name=name, storage=cluster["OPTUNA_STORAGE"])
 
 
@@ -129,18 +130,16 @@ def test_a_worker_joins_the_study_tune_created_and_runs_until_its_trial_count(wo
 
 @pytest.mark.postgres
 def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # `runs:/` model URIs resolve through the default tracking URI too
-    use_tracking_uri(monkeypatch, cluster["MLFLOW_TRACKING_URI"])
-    common, study = create_study(cluster, tmp_path, "three-workers", n_trials=12, epochs=2)
+    common, study = create_study(cluster, tmp_path, "three-workers", n_trials=6, epochs=1, monkeypatch=monkeypatch)
     started = time.monotonic()
-    workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 4) for i in range(3)]
+    workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 2) for i in range(3)]
     outputs = [w.communicate(timeout=400)[0] for w in workers]
-    print(f"12 trials on 3 workers: {time.monotonic() - started:.1f} s")
+    print(f"6 trials on 3 workers: {time.monotonic() - started:.1f} s")
     assert [w.returncode for w in workers] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
-    assert all(o.count("\ntrial ") + o.startswith("trial ") == 4 for o in outputs)
+    assert all(o.count("\ntrial ") + o.startswith("trial ") == 2 for o in outputs)
 
     trials = study.get_trials()
-    assert len(trials) == 12 and all(t.state in FINISHED for t in trials)
+    assert len(trials) == 6 and all(t.state in FINISHED for t in trials)
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 3
     client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
     parent, runs = children(client, study)
@@ -165,8 +164,8 @@ def wait_for_trial_mid_training(study: optuna.Study, pid: int, timeout: float = 
 
 
 @pytest.mark.postgres
-def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp_path):
-    common, study = create_study(cluster, tmp_path, "killed-worker", n_trials=8, epochs=4)
+def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp_path, monkeypatch):
+    common, study = create_study(cluster, tmp_path, "killed-worker", n_trials=8, epochs=4, monkeypatch=monkeypatch)
     # Until the study has 8; one trial at a time each, so the victim holds exactly one when it dies.
     workers = [start_worker(cluster, tmp_path, common, i, "--cohort", "1") for i in range(3)]
     victim = workers[0]

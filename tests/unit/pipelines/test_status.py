@@ -43,11 +43,15 @@ def test_tune_prints_a_status_line_while_trials_train_silently(workdir, tmp_path
     monkeypatch.setattr(status, "INTERVAL_S", 0.3)
     log_epoch = trials.log_child_epoch
 
-    def slow_log_epoch(*args, **kwargs):  # a silence longer than the interval, however fast the machine
-        time.sleep(0.4)
+    slowed = []
+
+    def slow_first_epoch(*args, **kwargs):  # one silence longer than the interval, however fast the machine
+        if not slowed:
+            slowed.append(True)
+            time.sleep(0.4)
         return log_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(trials, "log_child_epoch", slow_log_epoch)
+    monkeypatch.setattr(trials, "log_child_epoch", slow_first_epoch)
     source = write_idx_dir(tmp_path / "idx", n_train=400, n_test=50)
     assert tune.cli(["--n-trials", "2", "--epochs", "3", "--pruner", "none", "--source", str(source)]) == 0
     lines = capsys.readouterr().out.splitlines()
