@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,7 +18,15 @@ SOURCE_PACKAGES = sorted(
 
 
 def _build_wheel(out: Path) -> Path:
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
+    """Built from a copy of what the wheel is made of: setuptools builds inside the source tree, and a build/
+    left there by an earlier build would ship modules the tree no longer has (and clutter the checkout)."""
+    source = out.parent / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for top in ("cnnexp", "pipelines"):
+        shutil.copytree(REPO / top, source / top, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = out.glob("cnnexp-*.whl")

@@ -192,55 +192,66 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp
     assert retry.user_attrs["mlflow_run_id"] != stale.info.run_id
 
 
-# Loaded through PYTHONPATH into the killed process: its first model upload then hangs, so the SIGKILL
-# lands after training, while the trial's model is being logged (the window of a half-finished trial).
-HANG_ON_MODEL_LOGGING = """
+# Loaded through PYTHONPATH into the tune to be killed: each stops it where the SIGKILL must land, once the
+# writes before it are done (a kill inside a journal write would leave Optuna's file lock, which the next
+# writer breaks only after its 30 s grace period), and says so on stdout.
+HANGS = {
+    # After epoch 1 of 2: both trials have reported it, and the tracker has written their runs and epochs.
+    "mid-training": """
+import time, cnnexp.tuning.trials as trials
+fill = trials.CohortRunner._fill
+def _fill(self, engine):
+    self.fills = getattr(self, "fills", 0) + 1
+    if self.fills == 2:
+        self.tracker.drain()
+        print("HANGING", flush=True)
+        time.sleep(600)
+    return fill(self, engine)
+trials.CohortRunner._fill = _fill
+""",
+    # The first model upload: training is over, and the trials are RUNNING until their models are in (the
+    # window of a half-finished trial). The training thread is waiting for the tracker within the second.
+    "while its model is logged": """
 import time, cnnexp.tuning.trials as trials
 def log_model_and_finish(run_id, *args, **kwargs):
-    print("LOGGING", run_id, flush=True)
+    time.sleep(1)
+    print("HANGING", flush=True)
     time.sleep(600)
 trials.log_model_and_finish = log_model_and_finish
-"""
+""",
+}
 
 
-def wait_for_model_logging(process: subprocess.Popen, timeout: float = 300) -> str:
+def wait_for_hang(process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     for line in process.stdout:
-        if line.startswith("LOGGING "):
-            return line.split()[1]
-        assert time.monotonic() < deadline, "no trial finished training"
-    raise AssertionError("the tune process ended before logging a model")
+        if line.startswith("HANGING"):
+            return
+        assert time.monotonic() < deadline, "the tune never reached the point of its kill"
+    raise AssertionError("the tune process ended before the point of its kill")
 
 
-@pytest.mark.parametrize("when", ["mid-training", "while its model is logged"])
+@pytest.mark.parametrize("when", HANGS)
 def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_journal(when, workdir, tmp_path):
     source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
-    epochs = "6" if when == "mid-training" else "1"
+    epochs = "2" if when == "mid-training" else "1"
     args = ["--epochs", epochs, "--pruner", "none", "--sampler", "random", "--cohort", "2", "--source", str(source)]
-    env = {**subprocess_env(workdir), "PYTHONPATH": str(REPO)}
-    if when != "mid-training":
-        hook = tmp_path / "hook"
-        hook.mkdir()
-        (hook / "sitecustomize.py").write_text("import cnnexp.tracking\n" + HANG_ON_MODEL_LOGGING)
-        env["PYTHONPATH"] = f"{hook}{os.pathsep}{REPO}"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import cnnexp.tracking\n" + HANGS[when])
+    env = {**subprocess_env(workdir), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
     first = subprocess.Popen(cnnexp("tune", "--n-trials", "2", *args), cwd=workdir, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    journal = str(workdir / "optuna-journal.log")
-    if when == "mid-training":
-        deadline = time.monotonic() + 120
-        while not (Path(journal).exists() and "cnnexp-tune" in optuna.get_all_study_names(open_storage(journal))):
-            assert time.monotonic() < deadline, "the first tune never created its study"
-            time.sleep(0.2)
-        study = optuna.load_study(study_name="cnnexp-tune", storage=open_storage(journal))
-        wait_for_trial_mid_training(study, first.pid)
-    else:
-        wait_for_model_logging(first)
+    wait_for_hang(first)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    journal = str(workdir / "optuna-journal.log")
     study = optuna.load_study(study_name="cnnexp-tune", storage=open_storage(journal))
     killed = study.get_trials()
     # Neither trial counts as complete: a trial is complete only once its model is in.
     assert [t.state for t in killed] == [TrialState.RUNNING] * 2
+    if when == "mid-training":
+        assert [sorted(t.intermediate_values) for t in killed] == [[1], [1]]
 
     assert tune.cli(["--n-trials", "2", *args]) == 0  # the next tune recovers both and runs them first
     study = optuna.load_study(study_name="cnnexp-tune", storage=open_storage(journal))
