@@ -21,6 +21,17 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def no_study_figures(request, monkeypatch):
+    """A study's seven figures cost about 2 s at its end (matplotlib), and most tests run several studies
+    without looking at them: only tests marked study_figures draw them (test_report.py checks each figure,
+    helpers.assert_study_table_and_figures that tune logs them all; subprocesses always draw them)."""
+    if "study_figures" not in request.keywords:
+        from cnnexp.tuning import report
+
+        monkeypatch.setattr(report, "figures", lambda study: {})
+
+
 @pytest.fixture
 def idx_source(tmp_path) -> Path:
     return write_idx_dir(tmp_path / "idx")

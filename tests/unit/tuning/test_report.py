@@ -1,5 +1,6 @@
 """cnnexp.tuning.report on a study told by hand: the summary's counts and best, the table's runs, the lines."""
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from cnnexp.tuning import report
@@ -58,6 +59,7 @@ def _inside_the_figure(fig, labels) -> bool:
     return all(0 <= label.get_window_extent().x0 and label.get_window_extent().x1 <= width for label in labels)
 
 
+@pytest.mark.study_figures
 def test_study_figures_have_whole_epochs_and_trials_and_labels_inside():
     figures = report.figures(_two_epoch_study(5))
     for name in ("intermediate_values.png", "optimization_history.png"):
@@ -71,6 +73,7 @@ def test_study_figures_have_whole_epochs_and_trials_and_labels_inside():
     assert _inside_the_figure(importances, labels)  # not clipped to "patch_size"
 
 
+@pytest.mark.study_figures
 def test_importances_say_how_many_trials_they_rest_on_and_when_that_is_few():
     few = report.figures(_two_epoch_study(5))["param_importances.png"].axes[0].get_title(loc="left")
     assert "PED-ANOVA over 5 complete trials" in few and "rough guide" in few

@@ -31,6 +31,7 @@ def _diverging_at_batch_16(monkeypatch):
     monkeypatch.setattr(trials, "Engine", Diverging)
 
 
+@pytest.mark.study_figures
 @pytest.mark.parametrize("cohort", [1, 3])
 def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(cohort, workdir, tmp_path, monkeypatch):
     _diverging_at_batch_16(monkeypatch)
