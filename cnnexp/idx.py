@@ -137,7 +137,7 @@ def check_labels(path: Path, labels: torch.Tensor) -> None:
 
 
 class DownloadFailed(DataError):
-    """A download that was tried and failed; `reason` is the network's first line."""
+    """A download that was tried and failed; `reason` says why in one line."""
 
     def __init__(self, dataset: str, reason: str):
         self.reason = reason
@@ -155,8 +155,17 @@ def download(dataset: str, into: Path) -> Path:
     except Exception as err:  # torchvision raises RuntimeError or URLError depending on the failure
         if not existed:  # half-downloaded files would only mislead the next attempt
             shutil.rmtree(into, ignore_errors=True)
-        raise DownloadFailed(dataset, first_line(err)) from None
+        raise DownloadFailed(dataset, download_reason(err)) from None
     return into / dataset_class.__name__ / "raw"
+
+
+def download_reason(err: BaseException) -> str:
+    """torchvision's download error in one line. Its first line names the file and ends with a colon; the
+    lines after it give each mirror's error, and the last one says what went wrong."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[-1]}"
+    return first_line(err)
 
 
 # --- splitting ------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ def main(config: TuneConfig) -> Made[dict]:
         # (under `mlflow run`, which ends it once this process exits, it shows study_status instead).
         reopen(run_id)
         return Made(run_id, {"target_trials": target})
-    print(f"done: {report.summary_line(result)} with {result.get('best_params')}")
+    # The counts are the study's: after a first call, say so, or they read as this call's alone.
+    over = "" if call == 1 else f", the study over its {call} calls"
+    print(f"done{over}: {report.summary_line(result)} with {result.get('best_params')}")
     return Made(run_id, result)
 
 

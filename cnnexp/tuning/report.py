@@ -1,10 +1,12 @@
 """What a study amounts to: its summary, trials table and figures, written on its parent run; progress lines."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import threading
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import optuna
@@ -21,6 +23,7 @@ from cnnexp.tracking.runs import set_tags, tracked_run
 from cnnexp.tuning.counts import state_counts
 from cnnexp.tuning.space import optuna_names, params_of
 from cnnexp.tuning.study import study_settings
+from cnnexp.verbosity import verbose
 
 
 def summary(study: optuna.Study) -> dict:
@@ -94,8 +97,10 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
         makers["param_importances.png"] = lambda: vis.plot_param_importances(
             study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     drawn = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), optuna_log_level(optuna.logging.WARNING if verbose() else optuna.logging.ERROR):
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        # Optuna's log line about a parameter with one value ("unique value length is less than 2") would
+        # be the only Optuna line of a normal run: the figure says as much.
         for name, make in makers.items():
             try:
                 axes = make()
@@ -104,6 +109,16 @@ def figures(study: optuna.Study) -> dict[str, Figure]:
                 continue
             drawn[name] = finish(name, np.ravel(axes)[0].figure, study)
     return drawn
+
+
+@contextlib.contextmanager
+def optuna_log_level(level: int) -> Iterator[None]:
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 # PED-ANOVA compares the best 10% of complete trials with all of them: with fewer than this many, that top

@@ -81,6 +81,21 @@ def test_failed_download_says_so_and_shows_source(tmp_path, monkeypatch):
     assert raised.value.reason == "Error downloading train-images-idx3-ubyte.gz"
 
 
+def test_torchvisions_download_error_is_one_line_with_the_file_and_what_went_wrong(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def no_network(self, *args, **kwargs):  # torchvision's own message: the file, then each mirror's error
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n<urlopen error "
+                           "[Errno -3] Temporary failure in name resolution>\nTried https://b/, got:\n<urlopen error "
+                           "[Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(tvd.MNIST, "download", no_network)
+    with pytest.raises(DownloadFailed) as raised:
+        download("mnist", tmp_path / "downloads")
+    assert raised.value.reason == ("Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -2] Name or "
+                                   "service not known>")
+
+
 def test_a_failed_download_removes_the_directory_it_made_and_keeps_one_that_was_there(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 

@@ -72,7 +72,8 @@ def test_a_resume_after_ctrl_c_counts_earlier_requeued_and_new_trials_apart_and_
     out = capsys.readouterr().out
     assert "study 'cnnexp-tune', call 2: 2 earlier trials (2 stopped and queued again); running 3: 2 queued again, " \
            "then 1 new in cohorts of up to 2" in out
-    assert "done: 3 complete, 0 pruned, 0 failed, 2 stopped and queued again; best val_accuracy" in out
+    assert ("done, the study over its 2 calls: 3 complete, 0 pruned, 0 failed, 2 stopped and queued again; "
+            "best val_accuracy") in out
     parents, _ = parent_and_children(workdir)
     assert [p.info.run_name for p in parents] == ["tune-cnnexp-tune", "tune-cnnexp-tune-resume-1"]
     assert [p.data.tags["study_call"] for p in parents] == ["1", "2"]

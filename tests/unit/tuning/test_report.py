@@ -80,3 +80,23 @@ def test_importances_say_how_many_trials_they_rest_on_and_when_that_is_few():
     enough = report.figures(_two_epoch_study(report.FEW_FOR_IMPORTANCES))["param_importances.png"]
     title = enough.axes[0].get_title(loc="left")
     assert f"over {report.FEW_FOR_IMPORTANCES} complete trials" in title and "rough guide" not in title
+
+
+@pytest.mark.study_figures
+def test_figures_of_a_one_valued_parameter_bring_no_optuna_log_line_unless_verbose(monkeypatch, caplog):
+    study = optuna.create_study(direction="maximize")
+    for number in range(3):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_categorical("batch_size", [64])  # one batch size in the range
+        study.tell(trial, 0.5 + number / 10)
+    optuna.logging.enable_propagation()  # Optuna's own handler writes to the stderr it found at import
+    try:
+        for verbose in ("", "1"):
+            monkeypatch.setenv("CNNEXP_VERBOSE", verbose)
+            caplog.clear()
+            report.figures(study)
+            said = [r.getMessage() for r in caplog.records if r.name.startswith("optuna")]
+            assert bool([m for m in said if "unique value length is less than 2" in m]) == bool(verbose), said
+    finally:
+        optuna.logging.disable_propagation()
