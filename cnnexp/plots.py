@@ -11,16 +11,22 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def samples_per_class(images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_class: int = 8) -> Figure:
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 0.9, len(classes) * 0.95))
-    for cls, row in enumerate(axes):
-        members = torch.nonzero(labels == cls).flatten()[:per_class]
-        for col, ax in enumerate(row):
-            ax.axis("off")
-            if col < len(members):
-                ax.imshow(images[members[col]].numpy(), cmap="gray_r", vmin=0, vmax=255)
-        row[0].text(-4, 14, classes[cls], ha="right", va="center", fontsize=8)
-    fig.suptitle("Samples per class (training split)")
-    fig.subplots_adjust(left=0.2, wspace=0.05, hspace=0.05)
+    """Up to `per_class` images of each class, a row per class, drawn as one tiled image: a subplot per
+    image (80 of them) took 1.7 s of every prepare."""
+    size, gap = images.shape[-1], 2
+    pitch = size + gap
+    grid = torch.zeros(len(classes) * pitch - gap, per_class * pitch - gap, dtype=torch.uint8)  # 0: white in gray_r
+    for cls in range(len(classes)):
+        for col, index in enumerate(torch.nonzero(labels == cls).flatten()[:per_class].tolist()):
+            grid[cls * pitch:cls * pitch + size, col * pitch:col * pitch + size] = images[index]
+    fig, ax = plt.subplots(figsize=(per_class * 0.9, len(classes) * 0.95))
+    ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([cls * pitch + size / 2 for cls in range(len(classes))], classes, fontsize=8)
+    ax.tick_params(length=0)
+    ax.spines[:].set_visible(False)
+    ax.set_title("Samples per class (training split)")
+    fig.tight_layout()
     return fig
 
 
