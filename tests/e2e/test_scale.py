@@ -58,11 +58,29 @@ def cnnexp(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
 
 
-def cluster_env(cluster: dict, work: Path) -> dict:
+def cluster_env(cluster: dict, work: Path, hook: Path | None = None) -> dict:
     env = subprocess_env(work)
     env["MLFLOW_TRACKING_URI"] = cluster["MLFLOW_TRACKING_URI"]
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join([*([str(hook)] if hook else []), str(REPO)])
     return env
+
+
+# The heartbeat's timing, shortened for the workers of a test that waits for a dead worker's trial to go
+# stale: the mechanism is the same, and the 30 s grace period would be most of the test. Beats every 2 s
+# against a 12 s grace keep the live workers' trials as safe from a busy machine as 10 s against 30 s.
+FAST_HEARTBEAT = """
+import cnnexp.tuning.recovery as recovery, cnnexp.tuning.study as study
+recovery.HEARTBEAT_INTERVAL_S = study.HEARTBEAT_INTERVAL_S = 2
+recovery.GRACE_PERIOD_S = study.GRACE_PERIOD_S = 12
+"""
+
+
+def hook_dir(work: Path, code: str) -> Path:
+    """A directory whose sitecustomize runs code in every Python process started with it on PYTHONPATH."""
+    hook = work / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(code)
+    return hook
 
 
 def create_study(cluster, work, name, n_trials, epochs, monkeypatch) -> tuple[list[str], optuna.Study]:
@@ -77,10 +95,11 @@ def create_study(cluster, work, name, n_trials, epochs, monkeypatch) -> tuple[li
     return [*common, "--source", str(source)], optuna.load_study(study_name=name, storage=cluster["OPTUNA_STORAGE"])
 
 
-def start_worker(cluster, work, common, index, *args) -> subprocess.Popen:
+def start_worker(cluster, work, common, index, *args, hook: Path | None = None) -> subprocess.Popen:
     # Each worker prepares its own copy of the data, as a separate machine would.
     return subprocess.Popen(cnnexp("worker", *common, "--data-dir", work / f"data-{index}", *args), cwd=work,
-                            env=cluster_env(cluster, work), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=cluster_env(cluster, work, hook), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def children(client: MlflowClient, study: optuna.Study):
@@ -167,7 +186,8 @@ def wait_for_trial_mid_training(study: optuna.Study, pid: int, timeout: float = 
 def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp_path, monkeypatch):
     common, study = create_study(cluster, tmp_path, "killed-worker", n_trials=8, epochs=4, monkeypatch=monkeypatch)
     # Until the study has 8; one trial at a time each, so the victim holds exactly one when it dies.
-    workers = [start_worker(cluster, tmp_path, common, i, "--cohort", "1") for i in range(3)]
+    hook = hook_dir(tmp_path, FAST_HEARTBEAT)
+    workers = [start_worker(cluster, tmp_path, common, i, "--cohort", "1", hook=hook) for i in range(3)]
     victim = workers[0]
     killed = wait_for_trial_mid_training(study, victim.pid)
     victim.send_signal(signal.SIGKILL)
@@ -236,9 +256,7 @@ def test_a_killed_tune_s_trial_is_failed_and_retried_by_the_next_tune_on_the_jou
     source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
     epochs = "2" if when == "mid-training" else "1"
     args = ["--epochs", epochs, "--pruner", "none", "--sampler", "random", "--cohort", "2", "--source", str(source)]
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text("import cnnexp.tracking\n" + HANGS[when])
+    hook = hook_dir(tmp_path, "import cnnexp.tracking\n" + HANGS[when])
     env = {**subprocess_env(workdir), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
     first = subprocess.Popen(cnnexp("tune", "--n-trials", "2", *args), cwd=workdir, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
