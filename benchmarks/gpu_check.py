@@ -10,7 +10,8 @@ In order, each under its own time limit so the figures come first and the suite 
 3. `cnnexp tune --n-trials 100 --epochs 5` at full size (60,000 images tiled from the bundled sample) with
    defaults and a fresh store, from command to exit, with the GPU's utilization sampled every 200 ms;
    the same study with per-trial tracking stubbed out (benchmarks/tune_stubbed.py), with cohort=64 and with
-   cohort=1 (each under a time limit: a study cut short says so);
+   cohort=1 (each under a time limit: a study cut short says so); before them, where the same command's time
+   before its first step goes (benchmarks/startup.py);
 4. the test suite, serially, in the time left: the fast selection first, then the slow and server tests.
 """
 from __future__ import annotations
@@ -96,6 +97,18 @@ def study(name: str, data: Path, extra: list[str], timeout: float, out: Path, gp
     return result
 
 
+def startup(data: Path, extra: list[str], timeout: float, out: Path) -> dict:
+    """The study's command up to its first step, each phase stamped from the process's start."""
+    with tempfile.TemporaryDirectory(prefix="startup-") as work:
+        stamps = Path(work) / "startup.json"
+        cmd = [sys.executable, str(REPO / "benchmarks" / "startup.py"), *STUDY, "--data-dir", str(data), *extra,
+               "--out", str(stamps)]
+        result = run(cmd, timeout, out / "startup.log", cwd=Path(work), env=study_env(Path(work)))
+        result.pop("started")
+        result["stamps"] = json.loads(stamps.read_text()) if stamps.exists() else {}
+    return result
+
+
 def study_outcome(journal: Path) -> dict:
     import optuna
     from optuna.trial import TrialState
@@ -131,6 +144,8 @@ def main() -> int:
     gpu = Utilization() if cuda else None
     with tempfile.TemporaryDirectory() as work:
         data = full_size_data(Path(work))
+        report["startup"] = startup(data, [] if cuda else ["--device", "cpu"], min(90, left() - 60), out)
+        print(f"startup: {report['startup']}", flush=True)
         tune, stubbed = ["-m", "pipelines.cli", "tune"], ["benchmarks/tune_stubbed.py"]
         studies = {"default": (tune, [], 90), "tracking_stubbed": ([str(REPO / stubbed[0])], [], 60),
                    "cohort_64": (tune, ["--cohort", "64"], 60), "cohort_1": (tune, ["--cohort", "1"], 100)}
@@ -175,6 +190,9 @@ def print_table(report: dict, out: Path) -> None:
     for row in report["engine_rows"]:
         speed = f"  x{row['speedup_second']:.2f} (epoch 1 x{row['speedup_first']:.2f})" if "speedup_second" in row else ""
         rows.append((row["contender"], f"epoch 1 {row['first_s']:.3f} s, epoch 2 {row['second_s']:.3f} s{speed}"))
+    stamps = report.get("startup", {}).get("stamps", {})
+    rows.append(("tune's first step, from its start", ", ".join(f"{what} {at:.1f} s" for what, at in stamps.items()
+                                                               if not what.endswith(": start")) or "not reached"))
     for name in ("default", "tracking_stubbed", "cohort_64", "cohort_1"):
         s = report.get(f"study_{name}", {})
         rows.append((f"tune 100x5 {name}", f"rc {s.get('rc')}, {s.get('wall_s', 0):.1f} s, best {s.get('best_val_accuracy')}, "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cnnexp.config import TuneConfig
-from helpers import REPO
+from helpers import REPO, subprocess_env, write_idx_dir
 
 
 def _load_run_module():
@@ -95,3 +95,22 @@ def test_options_benchmark_compares_bf16_and_compile_with_plain_fit(tmp_path):
     assert all(row["median"] > 0 for row in result["rows"])
     assert result["first_epoch_extra_s"]["fit compile"] > result["first_epoch_extra_s"]["fit"]  # compiling
 
+
+
+def test_startup_stamps_each_phase_of_tune_in_order_up_to_its_first_step(tmp_path):
+    """benchmarks/startup.py, which the GPU check runs to find the idle seconds before a study's first step:
+    every phase it wraps is still where it looks for it, and reached."""
+    source = write_idx_dir(tmp_path / "idx")
+    out = tmp_path / "stamps.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "startup.py"), "--n-trials", "2", "--epochs", "1",
+                           "--source", str(source), "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+                          cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stamps = json.loads(out.read_text())
+    phases = ["tracking store checked", "study opened", "data loaded", "parent run open, settings logged",
+              "data on the device"]  # a first capture only on CUDA
+    assert list(stamps) == ["interpreter up", "torch imported", "pipelines.tune imported",
+                            *(f"{phase}: {end}" for phase in phases for end in ("start", "end")),
+                            "first epoch: start", "first step: done"]
+    assert list(stamps.values()) == sorted(stamps.values())
+    assert "first step: done" in done.stderr  # the table
