@@ -96,7 +96,6 @@ def test_options_benchmark_compares_bf16_and_compile_with_plain_fit(tmp_path):
     assert result["first_epoch_extra_s"]["fit compile"] > result["first_epoch_extra_s"]["fit"]  # compiling
 
 
-
 def test_startup_stamps_each_phase_of_tune_in_order_up_to_its_first_step(tmp_path):
     """benchmarks/startup.py, which the GPU check runs to find the idle seconds before a study's first step:
     every phase it wraps is still where it looks for it, and reached."""
