@@ -5,6 +5,10 @@ synchronised, so a first capture is included).
 
     python benchmarks/startup.py --n-trials 100 --epochs 5 --data-dir data     # tune's own flags
     python benchmarks/startup.py --out startup.json ...                         # the stamps as JSON too
+
+A fresh tracking store and journal in a temporary directory, as the study on the GPU had, unless
+MLFLOW_TRACKING_URI or --storage name others: the run it stops at its first step leaves its parent run and
+first trials RUNNING where they are (its artifacts go where MLflow puts them by default: ./mlruns).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +86,10 @@ def main(argv: list[str]) -> int:
     if "--out" in argv:
         at = argv.index("--out")
         out, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+    scratch = tempfile.mkdtemp(prefix="startup-")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{scratch}/mlflow.db")
+    if "--storage" not in argv:
+        argv = [*argv, "--storage", f"{scratch}/optuna-journal.log"]
     stamp("interpreter up")
     importlib.import_module("torch")
     stamp("torch imported")
