@@ -76,9 +76,9 @@ def main(config: EvaluateConfig, data: PreparedData | None = None) -> Made[dict[
     """Scores the model on a split; returns the evaluation run's id and its metrics. `data`: already loaded."""
     config.validate()
     model_uri, training_run_id, model_id = resolve_model(config.model_uri)
+    data = load_checked_data(config, training_run_id, data)  # refused before the run starts, as bad input
     with tracked_run(run_name=f"evaluate-{training_run_id[:8]}-{config.split}") as run:
         log.log_config(config)
-        data = load_checked_data(config, training_run_id, data)
         set_tags({tags.SCORED_RUN_ID: training_run_id, tags.SCORED_MODEL_URI: model_uri, **log.data_tags(data)})
         device = resolve_device(config.device)
         split = data.splits[config.split]

@@ -40,14 +40,15 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
                   if config.resume else None)
     if checkpoint is not None:
         config = config.resumed_with(checkpoint["config"])
+    # Data that is missing or mistyped is refused before the run starts: no FAILED run is left for bad input.
+    data = data or load_or_prepare(config)
+    config = naming_held(config, data)  # params and the model's params name the sample where it stood in
     run_args = {"run_id": config.resume} if config.resume else {"run_name": f"train-lr{config.lr:g}-bs{config.batch_size}"}
     # None, not False, when off: MLflow's own MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING still applies.
     # The entry point goes in with the run itself (tracked_run adds its owner): what `cnnexp orphans` looks for.
     with tracked_run(**run_args, tags={tags.ENTRY_POINT: "train"}, log_system_metrics=config.system_metrics or None) as run:
         run_id = run.info.run_id
         checkpoints = Path(config.checkpoint_dir, run_id)
-        data = data or load_or_prepare(config)
-        config = naming_held(config, data)  # params and the model's params name the sample where it stood in
         log.log_config(config)
         log.log_environment(device, data)
         train, val = data.splits["train"], data.splits["val"]

@@ -11,8 +11,9 @@ from pipelines import compare, evaluate, main, prepare, train, tune, worker
 
 COMMANDS = {"prepare": prepare.cli, "train": train.cli, "evaluate": evaluate.cli, "tune": tune.cli, "main": main.cli,
             "worker": worker.cli, "compare": compare.cli}
-# When the input is refused: before any run starts, or once a run has started and reads it (that run ends
-# FAILED with the line as its reason). Either way the exit code is 2: bad input, not a failure.
+# When the input is refused: before any run starts (train's and evaluate's data too, which they need before
+# they begin), or once a run has started and reads it (prepare's source and data_dir are its work: that run
+# ends FAILED with the line as its reason). Either way the exit code is 2: bad input, not a failure.
 BAD, IN_RUN = "before a run", "in its run"
 
 
@@ -71,8 +72,8 @@ CASES = {
     "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "data_dir: cannot create"),
     # train
     "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
-    "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "data_dir: cannot create"),
-    "train source missing dir": ("train", lambda t: ["--source", str(t / "nowhere")], IN_RUN, "source: "),
+    "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], BAD, "data_dir: cannot create"),
+    "train source missing dir": ("train", lambda t: ["--source", str(t / "nowhere")], BAD, "source: "),
     "train resume unknown run": ("train", ["--resume", "0123abc"], BAD, "resume: no run '0123abc' in sqlite:"),
     "train resume a prepare run": ("train", lambda t: ["--resume", _run_of("prepare")(t)], BAD, "is not a train run"),
     "train resume a finished run": ("train", lambda t: ["--resume", _run_of("train", "--epochs", "1")(t)], BAD, "is FINISHED; only KILLED or FAILED"),
@@ -81,7 +82,7 @@ CASES = {
     "evaluate model_uri empty": ("evaluate", ["--model-uri", ""], BAD, "model_uri: must not be empty"),
     "evaluate model_uri unknown run": ("evaluate", ["--model-uri", "runs:/abc/model"], BAD, "model_uri: no model at 'runs:/abc/model'"),
     "evaluate bare unknown run id": ("evaluate", ["--model-uri", "abc"], BAD, "model_uri: no model at 'runs:/abc/model'"),
-    "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], IN_RUN, "data_dir: no prepared fashion-mnist data"),
+    "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], BAD, "data_dir: no prepared fashion-mnist data"),
     # tune
     "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
     # main, worker, compare: one case each (their rules are the configs', tested in tests/unit/test_config.py)

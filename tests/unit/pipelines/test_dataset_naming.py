@@ -49,3 +49,4 @@ def test_a_mistyped_data_dir_stops_with_one_line_instead_of_training_on_the_samp
                    "downloading train-images-idx3-ubyte.gz); check the path, pass source=<directory of the four IDX "
                    "files>, or choose dataset=fashion-mnist-sample (the bundled 4,443-image sample)")
     assert not (workdir / "dta").exists()
+    assert not MlflowClient().search_runs(["0"])  # refused before its run started: no FAILED run to clean up

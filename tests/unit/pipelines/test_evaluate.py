@@ -146,9 +146,11 @@ def test_logged_model_is_a_network_and_a_pyfunc_that_agrees_with_evaluate(traine
 def test_evaluate_refuses_data_the_model_was_not_trained_against(trained, capsys):
     assert prepare.cli(["--source", str(trained.source), "--data-dir", "other", "--seed", "7"]) == 0
     run_id = trained.runs[LRS[0]]
+    before = len(MlflowClient().search_runs(["0"]))
     assert evaluate.cli(["--model-uri", run_id, "--data-dir", "other"]) == 2  # bad input: other data
     err = capsys.readouterr().err.strip()
     assert err.startswith("evaluate: error: data digest mismatch") and "\n" not in err, err
+    assert len(MlflowClient().search_runs(["0"])) == before  # refused before an evaluation run started
 
 
 @pytest.mark.parametrize(
