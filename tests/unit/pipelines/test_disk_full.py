@@ -35,6 +35,20 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_resume_goes_on(wo
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
 
 
+def test_a_first_checkpoint_that_cannot_be_written_says_nothing_is_kept_and_leaves_no_directory(workdir, idx_source,
+                                                                                                 monkeypatch, capsys):
+    def full_after_mkdir(directory, payload, epoch):
+        directory.mkdir(parents=True, exist_ok=True)  # as save_checkpoint does before it writes
+        _full()
+
+    monkeypatch.setattr(train, "save_checkpoint", full_after_mkdir)
+    assert train.cli(ARGS + ["--source", str(idx_source)]) == 1
+    (run,) = MlflowClient().search_runs(["0"])
+    assert capsys.readouterr().err.strip().endswith("(No space left on device); nothing was kept yet: free space and "
+                                                    "train again")
+    assert run.info.status == "FAILED" and not (workdir / "checkpoints" / run.info.run_id).exists()
+
+
 def test_a_model_that_cannot_be_written_keeps_the_checkpoint_and_resume_logs_it(workdir, idx_source, monkeypatch, capsys):
     real_log = models.log_kept_model
     monkeypatch.setattr(models, "log_kept_model", _full)
