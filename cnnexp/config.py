@@ -52,7 +52,7 @@ class TrainConfig:
     dataset: str = field(default="fashion-mnist", metadata=_help("dataset to train on", choices=DATASETS))
     source: str = field(
         default="",
-        metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"),
+        metadata=_help("IDX directory used if the data is not prepared yet or the bundled sample stands in; empty downloads"),
     )
     register: str = field(
         default="", metadata=_help("registered model name; empty skips registration (alias champion follows the model's val_accuracy)")
@@ -222,7 +222,7 @@ class TuneConfig:
     seed: int = field(default=0, metadata=_help("weight-init and shuffling seed of every trial; sampler seed base"))
     data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
     dataset: str = field(default="fashion-mnist", metadata=_help("dataset to tune on", choices=DATASETS))
-    source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"))
+    source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet or the bundled sample stands in; empty downloads"))
     retrain_best: bool = field(default=False, metadata=_help("train the best configuration again, log it and score it on test"))
     bf16: bool = _like(TrainConfig, "bf16")
     torch_compile: bool = _like(TrainConfig, "torch_compile")
@@ -278,7 +278,7 @@ class WorkerConfig:
     cohort: int = _like(TuneConfig, "cohort")
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps; with several GPUs each worker takes one"))
     data_dir: str = field(default="data", metadata=_help("directory of prepared data"))
-    source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet; empty downloads"))
+    source: str = field(default="", metadata=_help("IDX directory used if the data is not prepared yet or the bundled sample stands in; empty downloads"))
 
     def validate(self) -> None:
         check_nonempty("storage", self.storage)

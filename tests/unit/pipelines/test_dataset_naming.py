@@ -3,7 +3,7 @@ and its study's settings; the download line only when a download was tried; a mi
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import offline_downloads, study_of
+from helpers import offline_downloads, study_of, write_idx_dir
 from pipelines import train, tune
 
 SAMPLE = "fashion-mnist-sample"
@@ -33,11 +33,28 @@ def test_a_run_on_the_stand_in_names_it_and_only_a_real_download_attempt_is_repo
         assert model.params["dataset"] == SAMPLE
 
 
+def test_a_source_named_after_the_stand_in_took_over_prepares_the_real_set_as_the_line_advises(workdir, offline,
+                                                                                               tmp_path, capsys):
+    assert train.cli(["--epochs", "1", "--batch-size", "500"]) == 0
+    assert "pass source=<directory of the four IDX files>" in capsys.readouterr().out
+    source = write_idx_dir(tmp_path / "idx")
+    assert train.cli(["--epochs", "1", "--batch-size", "500", "--source", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert f"fashion-mnist is only stood in for by the bundled sample in data; preparing it from {source} first" in out
+    assert "bundled" not in out.split("first", 1)[1]  # no stand-in line: the run trained on the source's images
+    latest = MlflowClient().search_runs(["0"], order_by=["attributes.start_time DESC"])[0]
+    assert latest.data.params["dataset"] == latest.data.tags["dataset"] == "fashion-mnist"
+    assert train.cli(["--epochs", "1", "--batch-size", "500"]) == 0  # and it stays: no source needed again
+    assert "bundled" not in capsys.readouterr().out and len(offline) == 1
+
+
 def test_a_study_on_the_stand_in_records_it_in_its_settings(workdir, offline):
     assert tune.cli(["--n-trials", "1", "--epochs", "1", "--pruner", "none"]) == 0
     assert study_of(workdir).user_attrs["settings"]["dataset"] == SAMPLE
-    (parent,) = [r for r in MlflowClient().search_runs(["0"]) if "mlflow.parentRunId" not in r.data.tags]
+    runs = MlflowClient().search_runs(["0"])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.params["dataset"] == SAMPLE
+    assert all(r.data.tags["dataset"] == SAMPLE and r.data.tags["data_digest"] for r in runs)  # parent and trials
     assert tune.cli(["--n-trials", "1", "--epochs", "1", "--pruner", "none"]) == 0  # resumes on the same data
     assert len(offline) == 1 and len(study_of(workdir).trials) == 2
 
