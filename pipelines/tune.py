@@ -6,7 +6,7 @@ import sys
 from cnnexp.config import EvaluateConfig, TrainConfig, TuneConfig
 from cnnexp.data import PreparedData, naming_held
 from cnnexp.tracking import tags
-from cnnexp.tracking.log import log_metrics
+from cnnexp.tracking.log import data_tags, log_metrics
 from cnnexp.tracking.runs import active_run_ids, reopen, set_tags, tracked_run
 from cnnexp.tracking.store import redact_url, tracking_uri
 from cnnexp.tuning import counts, report, study, workers
@@ -30,7 +30,9 @@ def main(config: TuneConfig) -> Made[dict]:
     # Each call its own parent (under `mlflow run` it must be), named and tagged as which call it is.
     with tracked_run(run_name=f"tune-{config.study_name}" + (f"-resume-{call - 1}" if call > 1 else "")):
         report.log_study_settings(named)
-        set_tags({tags.STUDY_CALL: str(call), **({tags.PREVIOUS_CALL_RUN_ID: previous} if previous else {})})
+        # The data read, as a train run says it: under `mlflow run` the param dataset keeps what -P passed.
+        set_tags({tags.STUDY_CALL: str(call), **data_tags(data),
+                  **({tags.PREVIOUS_CALL_RUN_ID: previous} if previous else {})})
         if kept:  # under `mlflow run` the params hold the defaults it passed; this says what ran
             set_tags({tags.SETTINGS_FROM_STUDY: kept})
         plan = counts.plan(found, config.n_trials)

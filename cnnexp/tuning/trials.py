@@ -25,7 +25,7 @@ from cnnexp.engine import Engine, Member, MemberResult, NonFiniteLoss
 from cnnexp.model import Network, to_inputs
 from cnnexp.processes import owner
 from cnnexp.tracking import tags
-from cnnexp.tracking.log import log_child_epoch, split_dataset
+from cnnexp.tracking.log import data_tags, log_child_epoch, split_dataset
 from cnnexp.tracking.models import log_model_and_finish, model_name
 from cnnexp.tracking.runs import end_child_run, error_text, start_child_run
 from cnnexp.train import BestEpoch, speed_options
@@ -218,7 +218,8 @@ class CohortRunner:
         run = TrialRun(trial, params)
         self.tracker.start(run, run_name(trial.number, params), {**params, "epochs": self.config.epochs, "seed": self.config.seed},
                            {tags.TRIAL_NUMBER: str(trial.number), tags.STUDY_NAME: self.config.study_name,
-                            tags.DEVICE: str(self.device), **self.cohort_tags, **retry_tags(trial)}, self.parent)
+                            tags.DEVICE: str(self.device), **data_tags(self.data), **self.cohort_tags, **retry_tags(trial)},
+                           self.parent)
         # Who runs it: a trial whose process is gone can then be told from one still running elsewhere.
         trial.set_user_attr("worker", owner())
         trial.set_user_attr("mlflow_parent_run_id", self.parent.run_id)
