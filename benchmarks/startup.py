@@ -6,9 +6,10 @@ synchronised, so a first capture is included).
     python benchmarks/startup.py --n-trials 100 --epochs 5 --data-dir data     # tune's own flags
     python benchmarks/startup.py --out startup.json ...                         # the stamps as JSON too
 
-A fresh tracking store and journal in a temporary directory, as the study on the GPU had, unless
-MLFLOW_TRACKING_URI or --storage name others: the run it stops at its first step leaves its parent run and
-first trials RUNNING where they are (its artifacts go where MLflow puts them by default: ./mlruns).
+It runs in a temporary directory of its own (paths given are taken from where it is called; the data from
+./data unless --data-dir says), with a fresh tracking store and journal as the study on the GPU had, and
+removes it on exit. Only a store named by MLFLOW_TRACKING_URI or --storage keeps what the stopped study
+left: its parent run and first trials RUNNING.
 """
 from __future__ import annotations
 
@@ -16,16 +17,29 @@ import functools
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
+PATH_FLAGS = ("--data-dir", "--source", "--storage", "--checkpoint-dir")
 
-STARTED = psutil.Process().create_time()  # the interpreter's own start, before any import
+
+def process_start() -> float:
+    """When this process started, on time.time()'s clock: the interpreter's own start, before any import.
+    Linux's /proc/self/stat counts it in clock ticks since boot; elsewhere, this script's start."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
+STARTED = process_start()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STAMPS: list[tuple[str, float]] = []
+SCRATCH = Path(tempfile.mkdtemp(prefix="startup-"))
 
 
 def stamp(what: str) -> None:
@@ -59,6 +73,7 @@ def report_and_exit(out: str | None) -> None:
     if out:
         Path(out).write_text(json.dumps(dict(STAMPS), indent=1))
     sys.stderr.flush()
+    shutil.rmtree(SCRATCH, ignore_errors=True)
     os._exit(0)  # the first step is what was asked for; the study is not run
 
 
@@ -81,15 +96,28 @@ def first_step_ends_the_run(table_class, out: str | None) -> None:
     table_class.train_epoch = train_epoch
 
 
+def in_scratch(argv: list[str]) -> list[str]:
+    """tune's flags with their paths made absolute, and this process moved into SCRATCH with a store there."""
+    argv = [*argv, *(["--data-dir", "data"] if not any(a.split("=")[0] == "--data-dir" for a in argv) else [])]
+    for i, arg in enumerate(argv):
+        flag, is_joined, value = arg.partition("=")
+        if is_joined and flag in PATH_FLAGS and value:
+            argv[i] = f"{flag}={Path(value).resolve()}"
+        elif i and argv[i - 1] in PATH_FLAGS and arg:
+            argv[i] = str(Path(arg).resolve())
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{SCRATCH / 'mlflow.db'}")
+    # os._exit leaves the resource tracker a semaphore to warn about; nothing is lost by it.
+    os.environ["PYTHONWARNINGS"] = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.chdir(SCRATCH)  # the journal, ./mlruns and any checkpoints: removed with it
+    return argv
+
+
 def main(argv: list[str]) -> int:
     out = None
     if "--out" in argv:
         at = argv.index("--out")
-        out, argv = argv[at + 1], argv[:at] + argv[at + 2:]
-    scratch = tempfile.mkdtemp(prefix="startup-")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{scratch}/mlflow.db")
-    if "--storage" not in argv:
-        argv = [*argv, "--storage", f"{scratch}/optuna-journal.log"]
+        out, argv = str(Path(argv[at + 1]).resolve()), argv[:at] + argv[at + 2:]
+    argv = in_scratch(argv)
     stamp("interpreter up")
     importlib.import_module("torch")
     stamp("torch imported")
