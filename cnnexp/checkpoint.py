@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,12 +36,19 @@ def restore(state: TrainingState, payload: dict) -> None:
 
 
 def save_checkpoint(directory: Path, payload: dict, epoch: int) -> Path:
-    """Writes epoch-N.pt, then a pointer holding its sha256: a kill at any moment leaves a consistent pair."""
+    """Writes epoch-N.pt, then a pointer holding its sha256: a kill at any moment leaves a consistent pair.
+    A first checkpoint that cannot be written (a full disk) leaves no empty directory behind."""
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"epoch-{epoch:04d}.pt"
-    _write_atomically(path, lambda f: torch.save(payload, f))
-    pointer = {"file": path.name, "sha256": sha256_file(path), "epoch": epoch}
-    _write_atomically(directory / POINTER, lambda f: f.write(json.dumps(pointer).encode()))
+    try:
+        _write_atomically(path, lambda f: torch.save(payload, f))
+        pointer = {"file": path.name, "sha256": sha256_file(path), "epoch": epoch}
+        _write_atomically(directory / POINTER, lambda f: f.write(json.dumps(pointer).encode()))
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)  # nothing in it was whole yet
+        raise
     for old in directory.glob("epoch-*.pt"):
         if old != path:
             old.unlink(missing_ok=True)

@@ -70,9 +70,6 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             except (OSError, RuntimeError) as err:  # a full disk: the previous epoch's checkpoint is still whole
                 if (reason := write_failure(err)) is None:
                     raise
-                if state.epoch == 1:  # nothing was kept: no empty directory is left to wonder about
-                    with contextlib.suppress(OSError):
-                        checkpoints.rmdir()
                 raise unwritable_checkpoint(reason, checkpoints, run_id, state.epoch) from None
             log.log_epoch(metrics)
             owners.beat()

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp.errors import write_failure
 from cnnexp.tracking import models
-from pipelines import train
+from pipelines import prepare, train
 
 ARGS = ["--epochs", "3", "--batch-size", "50"]
 
@@ -37,13 +37,10 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_resume_goes_on(wo
 
 def test_a_first_checkpoint_that_cannot_be_written_says_nothing_is_kept_and_leaves_no_directory(workdir, idx_source,
                                                                                                  monkeypatch, capsys):
-    def full_after_mkdir(directory, payload, epoch):
-        directory.mkdir(parents=True, exist_ok=True)  # as save_checkpoint does before it writes
-        _full()
-
-    monkeypatch.setattr(train, "save_checkpoint", full_after_mkdir)
-    assert train.cli(ARGS + ["--source", str(idx_source)]) == 1
-    (run,) = MlflowClient().search_runs(["0"])
+    assert prepare.cli(["--source", str(idx_source)]) == 0  # the data is written before torch.save fails
+    monkeypatch.setattr(torch, "save", _full)  # the first write of the first checkpoint: its directory is new
+    assert train.cli(ARGS) == 1
+    (run,) = [r for r in MlflowClient().search_runs(["0"]) if r.info.run_name.startswith("train-")]
     assert capsys.readouterr().err.strip().endswith("(No space left on device); nothing was kept yet: free space and "
                                                     "train again")
     assert run.info.status == "FAILED" and not (workdir / "checkpoints" / run.info.run_id).exists()
