@@ -98,7 +98,8 @@ def first_step_ends_the_run(table_class, out: str | None) -> None:
 
 def in_scratch(argv: list[str]) -> list[str]:
     """tune's flags with their paths made absolute, and this process moved into SCRATCH with a store there."""
-    argv = [*argv, *(["--data-dir", "data"] if not any(a.split("=")[0] == "--data-dir" for a in argv) else [])]
+    if not any(arg.split("=")[0] == "--data-dir" for arg in argv):
+        argv = [*argv, "--data-dir", "data"]  # tune's default, taken from where it is called
     for i, arg in enumerate(argv):
         flag, is_joined, value = arg.partition("=")
         if is_joined and flag in PATH_FLAGS and value:

@@ -13,15 +13,19 @@ def load_or_prepare(config) -> PreparedData:
     """The prepared data a train or tune config names, prepared first where it is not (said in one line)."""
     from cnnexp.data import is_prepared, load_prepared, prepare
 
+    real = is_prepared(config.data_dir, config.dataset, follow_stand_in=False)
+    standing_in = not real and is_prepared(config.data_dir, config.dataset)
     # A named source outranks the bundled sample standing in since a failed download: the stand-in line
     # tells users to pass one, so passing one prepares the real set (it replaces the note).
-    ready = is_prepared(config.data_dir, config.dataset, follow_stand_in=not config.source)
+    ready = real or (standing_in and not config.source)
     if ready:
         data = load_prepared(config.data_dir, config.dataset)
     else:
-        standing_in = is_prepared(config.data_dir, config.dataset)
-        print(f"{config.dataset} is {'only stood in for by the bundled sample' if standing_in else 'not prepared'} in "
-              f"{config.data_dir}; preparing it {f'from {config.source} ' if standing_in else ''}first")
+        if standing_in:
+            print(f"{config.dataset} is only stood in for by the bundled sample in {config.data_dir}; preparing it "
+                  f"from {config.source} first")
+        else:
+            print(f"{config.dataset} is not prepared in {config.data_dir}; preparing it first")
         data = prepare(config.prepare_config())[0]
     announce_stand_in(data, config.dataset, download_tried=not ready)
     return data
