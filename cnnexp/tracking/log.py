@@ -9,6 +9,7 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnnexp.data import PreparedData
@@ -87,9 +88,29 @@ def split_dataset(data: PreparedData, name: str) -> mlflow.data.Dataset:
     )
 
 
+# How a SQL store says another writer inserted the same row first: sqlite, PostgreSQL, MySQL; a server relays it.
+DUPLICATE_ROW = ("unique constraint failed", "duplicate key value violates unique constraint", "duplicate entry")
+
+
+def log_input(dataset: mlflow.data.Dataset, context: str) -> None:
+    """mlflow.log_input, tried once more when another run of the experiment logged the same dataset at once.
+
+    MLflow's SQL store looks the dataset up and then inserts it (SqlAlchemyStore._log_inputs_impl), so of
+    two runs logging one dataset together (workers of a study, trainings side by side on one server) one
+    fails on the table's unique key and nothing of its call is kept. The second try finds the winner's row
+    and only links it to this run.
+    """
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as err:
+        if not any(marker in str(err).lower() for marker in DUPLICATE_ROW):
+            raise
+        mlflow.log_input(dataset, context=context)
+
+
 def log_prepared_data(data: PreparedData) -> None:
     for name in data.splits:
-        mlflow.log_input(split_dataset(data, name), context=name)
+        log_input(split_dataset(data, name), context=name)
     mlflow.log_table(
         {"class": data.classes, **{name: data.manifest["splits"][name]["per_class"] for name in data.splits}},
         artifact_file="per_class_counts.json",

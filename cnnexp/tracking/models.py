@@ -21,6 +21,7 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from cnnexp.checks import ConfigError, first_line
 from cnnexp.serving import OUTPUTS
 from cnnexp.tracking import pyfunc, tags
+from cnnexp.tracking.log import log_input
 from cnnexp.tracking.runs import error_text
 
 # The name models had before they took their run's, and what runs:/<run_id>/model means to resolve_model:
@@ -120,7 +121,7 @@ def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes
     epoch's val point twice in the run's history.
     """
     mlflow.flush_async_logging()  # the points MLflow links must be in the store, not in the async queue
-    mlflow.log_input(val, context="val")
+    log_input(val, context="val")
     info = log_model(model, example_inputs, classes, step=epoch, name=name)
     mlflow.log_metrics(summary, synchronous=True)
     return info
