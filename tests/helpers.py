@@ -4,14 +4,15 @@ Test modules import from here, never from each other; fixtures live in conftest.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-
-import io
 
 import mlflow
 import numpy as np
@@ -65,6 +66,18 @@ def offline_downloads(monkeypatch) -> list:
     return attempts
 
 
+def downloads_fail_halfway(monkeypatch) -> None:
+    """MNIST's download writes part of a file, then fails as a dropped connection would."""
+    import torchvision.datasets as tvd
+
+    def half_a_download(self, *args, **kwargs):
+        os.makedirs(self.raw_folder, exist_ok=True)
+        Path(self.raw_folder, "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
+        raise RuntimeError("Error downloading train-labels-idx1-ubyte.gz")
+
+    monkeypatch.setattr(tvd.MNIST, "download", half_a_download)
+
+
 def write_idx_dir(directory: Path, n_train: int = 400, n_test: int = 100, gz: bool = True) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
@@ -109,6 +122,17 @@ EXPECTED_FILE = {
 def use_store(monkeypatch, work: Path) -> None:
     """Points MLflow at work/mlflow.db."""
     use_tracking_uri(monkeypatch, f"sqlite:///{work / 'mlflow.db'}")
+
+
+@contextlib.contextmanager
+def own_store(tmp_path_factory, name: str) -> Iterator[Path]:
+    """For a module-scoped fixture (monkeypatch is function-scoped): a new directory, the working directory and
+    the home of the tracking store while the block runs."""
+    work = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        use_store(mp, work)
+        yield work
 
 
 def use_tracking_uri(monkeypatch, uri: str) -> None:

@@ -16,17 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnexp.data import load_prepared
-from helpers import model_uri, subprocess_env, use_store, write_idx_dir
+from helpers import model_uri, own_store, subprocess_env, write_idx_dir
 from pipelines import evaluate, train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One training run, evaluated on the test split."""
-    work = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        use_store(mp, work)
+    with own_store(tmp_path_factory, "serve") as work:
         source = write_idx_dir(work / "idx")
         assert train.cli(["--lr", "0.01", "--epochs", "2", "--batch-size", "50", "--source", str(source)]) == 0
         (run,) = MlflowClient().search_runs(["0"])

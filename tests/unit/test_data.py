@@ -8,7 +8,7 @@ import torch
 
 from cnnexp.config import PrepareConfig
 from cnnexp.data import SAMPLE, SAMPLE_DIR, DataError, load_prepared, prepare, stratified_split
-from helpers import BAD_FILES, REPO, offline_downloads
+from helpers import BAD_FILES, REPO, downloads_fail_halfway, offline_downloads
 
 
 def _prepare(source, data_dir, **kwargs):
@@ -73,14 +73,7 @@ def test_altered_prepared_file_is_refused(idx_source, tmp_path):
 
 
 def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
-    import torchvision.datasets as tvd
-
-    def half_a_download(self, *args, **kwargs):
-        os.makedirs(self.raw_folder, exist_ok=True)
-        Path(self.raw_folder, "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
-        raise RuntimeError("Error downloading train-labels-idx1-ubyte.gz")
-
-    monkeypatch.setattr(tvd.MNIST, "download", half_a_download)
+    downloads_fail_halfway(monkeypatch)
     (tmp_path / "old").mkdir()
     for data_dir in (tmp_path / "new" / "dir", tmp_path / "old"):
         with pytest.raises(DataError, match="download of mnist failed"):

@@ -1,7 +1,5 @@
 """cnnexp.idx: the four IDX files found, read (gzipped or not), checked file by file, and downloaded."""
 import gzip
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 from cnnexp.checks import DataError
 from cnnexp.idx import (DownloadFailed, check_idx_header, class_names, download, find_source_files, read_idx_bytes,
                         read_source)
-from helpers import BAD_FILES, EXPECTED_FILE, idx_bytes, synthetic_split, write_idx_dir
+from helpers import BAD_FILES, EXPECTED_FILE, downloads_fail_halfway, idx_bytes, synthetic_split, write_idx_dir
 
 
 def test_read_source_gives_the_files_images_and_labels_and_their_sha256s(idx_source):
@@ -97,14 +95,7 @@ def test_torchvisions_download_error_is_one_line_with_the_file_and_what_went_wro
 
 
 def test_a_failed_download_removes_the_directory_it_made_and_keeps_one_that_was_there(tmp_path, monkeypatch):
-    import torchvision.datasets as tvd
-
-    def half_a_download(self, *args, **kwargs):
-        os.makedirs(self.raw_folder, exist_ok=True)
-        Path(self.raw_folder, "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b partial")
-        raise RuntimeError("Error downloading train-labels-idx1-ubyte.gz")
-
-    monkeypatch.setattr(tvd.MNIST, "download", half_a_download)
+    downloads_fail_halfway(monkeypatch)
     with pytest.raises(DownloadFailed):
         download("mnist", tmp_path / "new")
     assert not (tmp_path / "new").exists()  # half-downloaded files would only mislead the next attempt

@@ -17,7 +17,7 @@ from cnnexp.config import CompareConfig
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
 from cnnexp.serving import as_inputs
-from helpers import model_uri, use_store, write_idx_dir
+from helpers import model_uri, own_store, write_idx_dir
 from pipelines import compare, evaluate, prepare, train
 
 LRS = (0.01, 0.0003)  # in 2 epochs on the synthetic bars the first learns and the second barely starts
@@ -26,10 +26,7 @@ LRS = (0.01, 0.0003)  # in 2 epochs on the synthetic bars the first learns and t
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two training runs with different lr, each evaluated on the test split (shared: training costs)."""
-    work = tmp_path_factory.mktemp("eval")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        use_store(mp, work)
+    with own_store(tmp_path_factory, "eval") as work:
         source = write_idx_dir(work / "idx")
         for lr in LRS:
             assert train.cli(["--lr", str(lr), "--epochs", "2", "--batch-size", "50", "--source", str(source)]) == 0

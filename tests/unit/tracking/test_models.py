@@ -13,7 +13,7 @@ from cnnexp.evaluate import predict
 from cnnexp.model import Network, to_inputs
 from cnnexp.checks import ConfigError
 from cnnexp.tracking.models import log_model, model_name, resolve_model
-from helpers import synthetic_split, use_store
+from helpers import own_store, synthetic_split
 
 CLASSES = [f"class-{i}" for i in range(10)]
 
@@ -35,10 +35,7 @@ def _trained_network() -> Network:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    work = tmp_path_factory.mktemp("models")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        use_store(mp, work)
+    with own_store(tmp_path_factory, "models"):
         network = _trained_network()
         with mlflow.start_run(run_name="train-lr0.01-bs50") as run:
             info = log_model(network, torch.rand(2, 1, 28, 28), CLASSES, name=model_name(run.info.run_name))

@@ -12,7 +12,7 @@ from cnnexp.model import Network
 from cnnexp.tracking.mlflow_private import version_model_id
 from cnnexp.tracking.models import log_model
 from cnnexp.tracking.registry import CHAMPION, judged_value, register_and_promote
-from helpers import use_store
+from helpers import own_store
 
 
 def _logged(kept: float, last: float) -> SimpleNamespace:
@@ -27,10 +27,7 @@ def _logged(kept: float, last: float) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    work = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        use_store(mp, work)
+    with own_store(tmp_path_factory, "registry"):
         torch.manual_seed(0)
         yield SimpleNamespace(worse=_logged(0.5, last=0.95), better=_logged(0.8, last=0.1), client=MlflowClient())
 
