@@ -2,14 +2,12 @@
 per session (creating a sqlite store's tables takes seconds; copying the file, milliseconds)."""
 from __future__ import annotations
 
-import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import use_store, write_idx_dir
+from helpers import copy_store, use_store, write_idx_dir
 
 E2E = Path(__file__).resolve().parent / "e2e"
 
@@ -45,16 +43,6 @@ def migrated_store(tmp_path_factory) -> Path:
         patch.chdir(path.parent)
         MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
-
-
-def copy_store(template: Path, work: Path) -> Path:
-    """The migrated store copied into work/, its default experiment's artifacts under work/mlruns (as a
-    store made there would have them), so no two tests share an artifact directory."""
-    target = work / "mlflow.db"
-    shutil.copy(template, target)
-    with sqlite3.connect(target) as db:
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(work / "mlruns" / "0"),))
-    return target
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ import contextlib
 import gzip
 import io
 import os
+import shutil
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -124,13 +126,24 @@ def use_store(monkeypatch, work: Path) -> None:
     use_tracking_uri(monkeypatch, f"sqlite:///{work / 'mlflow.db'}")
 
 
+def copy_store(template: Path, work: Path) -> Path:
+    """The migrated store copied into work/, its default experiment's artifacts under work/mlruns (as a
+    store made there would have them), so no two tests share an artifact directory."""
+    target = work / "mlflow.db"
+    shutil.copy(template, target)
+    with sqlite3.connect(target) as db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(work / "mlruns" / "0"),))
+    return target
+
+
 @contextlib.contextmanager
-def own_store(tmp_path_factory, name: str) -> Iterator[Path]:
+def own_store(tmp_path_factory, name: str, migrated_store: Path) -> Iterator[Path]:
     """For a module-scoped fixture (monkeypatch is function-scoped): a new directory, the working directory and
-    the home of the tracking store while the block runs."""
+    the home of a copy of the migrated store while the block runs."""
     work = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
+        copy_store(migrated_store, work)
         use_store(mp, work)
         yield work
 

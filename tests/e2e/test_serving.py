@@ -21,9 +21,9 @@ from pipelines import evaluate, train
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, migrated_store):
     """One training run, evaluated on the test split."""
-    with own_store(tmp_path_factory, "serve") as work:
+    with own_store(tmp_path_factory, "serve", migrated_store) as work:
         source = write_idx_dir(work / "idx")
         assert train.cli(["--lr", "0.01", "--epochs", "2", "--batch-size", "50", "--source", str(source)]) == 0
         (run,) = MlflowClient().search_runs(["0"])

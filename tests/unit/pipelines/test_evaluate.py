@@ -24,9 +24,9 @@ LRS = (0.01, 0.0003)  # in 2 epochs on the synthetic bars the first learns and t
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, migrated_store):
     """Two training runs with different lr, each evaluated on the test split (shared: training costs)."""
-    with own_store(tmp_path_factory, "eval") as work:
+    with own_store(tmp_path_factory, "eval", migrated_store) as work:
         source = write_idx_dir(work / "idx")
         for lr in LRS:
             assert train.cli(["--lr", str(lr), "--epochs", "2", "--batch-size", "50", "--source", str(source)]) == 0

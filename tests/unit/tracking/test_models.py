@@ -34,8 +34,8 @@ def _trained_network() -> Network:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
-    with own_store(tmp_path_factory, "models"):
+def logged(tmp_path_factory, migrated_store):
+    with own_store(tmp_path_factory, "models", migrated_store):
         network = _trained_network()
         with mlflow.start_run(run_name="train-lr0.01-bs50") as run:
             info = log_model(network, torch.rand(2, 1, 28, 28), CLASSES, name=model_name(run.info.run_name))

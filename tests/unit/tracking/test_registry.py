@@ -26,8 +26,8 @@ def _logged(kept: float, last: float) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    with own_store(tmp_path_factory, "registry"):
+def models(tmp_path_factory, migrated_store):
+    with own_store(tmp_path_factory, "registry", migrated_store):
         torch.manual_seed(0)
         yield SimpleNamespace(worse=_logged(0.5, last=0.95), better=_logged(0.8, last=0.1), client=MlflowClient())
 
