@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import copy_store, use_store, write_idx_dir
+from helpers import work_in_copied_store, write_idx_dir
 
 E2E = Path(__file__).resolve().parent / "e2e"
 
@@ -50,7 +50,5 @@ def workdir(tmp_path, monkeypatch, migrated_store) -> Path:
     """A fresh working directory with its own MLflow store, as a user's checkout would have."""
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.chdir(work)
-    copy_store(migrated_store, work)
-    use_store(monkeypatch, work)
+    work_in_copied_store(monkeypatch, work, migrated_store)
     return work

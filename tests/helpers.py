@@ -142,10 +142,15 @@ def own_store(tmp_path_factory, name: str, migrated_store: Path) -> Iterator[Pat
     the home of a copy of the migrated store while the block runs."""
     work = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        copy_store(migrated_store, work)
-        use_store(mp, work)
+        work_in_copied_store(mp, work, migrated_store)
         yield work
+
+
+def work_in_copied_store(monkeypatch, work: Path, migrated_store: Path) -> None:
+    """work/ becomes the working directory and the home of a copy of the migrated store."""
+    monkeypatch.chdir(work)
+    copy_store(migrated_store, work)
+    use_store(monkeypatch, work)
 
 
 def use_tracking_uri(monkeypatch, uri: str) -> None:
