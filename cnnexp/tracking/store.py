@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,27 @@ def tracking_uri() -> str:
 
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
+
+
+# A database store's default ports (SQLAlchemy's dialects, "dialect+driver://user@host:port/db").
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
+
+
+def database_address(uri: str) -> tuple[str, int] | None:
+    """(host, port) of a database tracking store reached over TCP, else None (sqlite, files, a server, a socket)."""
+    parts = urlsplit(uri)
+    dialect = parts.scheme.split("+")[0]
+    if dialect not in DATABASE_PORTS or not parts.hostname:  # no host: a local Unix socket, which cannot hang
+        return None
+    try:
+        return parts.hostname, parts.port or DATABASE_PORTS[dialect]
+    except ValueError:  # a port that is no number: SQLAlchemy's own error says so
+        return None
+
+
+def is_file_store(uri: str) -> bool:
+    """A plain path or file: URI, which MLflow 3.x refuses as a tracking store (its "maintenance mode")."""
+    return urlsplit(uri).scheme in ("", "file")
 
 
 def writes_queued() -> bool:
@@ -83,9 +105,14 @@ def _env(**values: str) -> Iterator[None]:
 def store_problem(uri: str | None = None) -> str | None:
     """Why the tracking server does not answer one quick request (one try, STORE_CHECK_TIMEOUT_S), or None.
 
-    Only servers (http, https) are probed: a local store (sqlite, files) cannot hang on the network.
+    Servers (http, https) are asked; a database's port (postgresql, mysql, ...) is only connected to, since
+    MLflow retries building its engine for about two minutes before it says the database is down. A local
+    store (sqlite, files) cannot hang on the network.
     """
     uri = uri or tracking_uri()
+    address = database_address(uri)
+    if address is not None:
+        return _port_problem(address)
     if not is_server(uri):
         return None
     try:
@@ -93,6 +120,15 @@ def store_problem(uri: str | None = None) -> str | None:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - connection refused, timeout, HTTP errors: all mean no store
         return _network_reason(err)
+    return None
+
+
+def _port_problem(address: tuple[str, int]) -> str | None:
+    """Why nothing takes a TCP connection at host:port within STORE_CHECK_TIMEOUT_S, or None."""
+    try:
+        socket.create_connection(address, timeout=STORE_CHECK_TIMEOUT_S).close()
+    except OSError as err:  # refused, timed out, an unknown host
+        return err.strerror or str(err) or type(err).__name__
     return None
 
 
@@ -111,8 +147,16 @@ def unreachable_message(uri: str, problem: str) -> str:
             "MLFLOW_TRACKING_URI at one that runs")
 
 
+FILE_STORE_ADVICE = ("MLflow 3.x refuses file stores (./mlruns here holds this project's artifacts, not a store); "
+                     "unset MLFLOW_TRACKING_URI for the default sqlite:///mlflow.db, or point it at a database or "
+                     "an http:// server")
+
+
 def check_store() -> None:
-    """Refuses to start when the tracking server does not answer, within seconds, naming the setting."""
+    """Refuses to start when the tracking store cannot be used, within seconds, naming the setting: a server or
+    database that does not answer, or a file store MLflow would refuse with a paragraph of its own."""
+    if is_file_store(tracking_uri()) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        raise ConfigError("MLFLOW_TRACKING_URI", f"{tracking_uri()} is a file store: {FILE_STORE_ADVICE}")
     problem = store_problem()
     if problem is not None:
         raise ConfigError("MLFLOW_TRACKING_URI", unreachable_message(tracking_uri(), problem))

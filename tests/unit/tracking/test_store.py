@@ -82,3 +82,39 @@ def test_a_server_lost_after_training_keeps_the_checkpoint_says_what_is_missing_
     done = MlflowClient().get_run(run_id)
     assert done.info.status == "FINISHED" and done.outputs.model_outputs
     assert not (workdir / "checkpoints" / run_id).exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql+pymysql"])
+def test_a_database_that_is_down_is_refused_within_seconds_naming_the_variable(dialect, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    use_tracking_uri(monkeypatch, f"{dialect}://u:secret@127.0.0.1:{_closed_port()}/mlflow")
+    started = time.monotonic()
+    assert train.cli(["--epochs", "1"]) == 2
+    assert time.monotonic() - started < 10  # MLflow alone retries its engine for about two minutes
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"train: error: MLFLOW_TRACKING_URI: the tracking server {dialect}://u:***@127.0.0.1:")
+    assert "Connection refused" in line and not any(tmp_path.iterdir())
+
+
+def test_only_a_database_reached_over_tcp_is_probed():
+    assert store.database_address("postgresql://u@db.example:6000/x") == ("db.example", 6000)
+    assert store.database_address("mysql+pymysql://u@db.example/x") == ("db.example", 3306)
+    for local in ("postgresql:///x?host=/var/run/postgresql", "sqlite:///mlflow.db", "http://h:5000", "file:./mlruns"):
+        assert store.database_address(local) is None
+
+
+@pytest.mark.parametrize("uri", ["file:./mlruns", "./mlruns"])
+def test_a_file_store_is_one_line_saying_mlflow_refuses_it_and_what_to_use(uri, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    use_tracking_uri(monkeypatch, uri)
+    assert train.cli(["--epochs", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("train: error: MLFLOW_TRACKING_URI: ") and "is a file store: MLflow 3.x refuses" in line
+    assert "sqlite:///mlflow.db" in line
