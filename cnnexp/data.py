@@ -16,6 +16,7 @@ import torch
 
 from cnnexp.config import PrepareConfig
 from cnnexp.checks import DataError
+from cnnexp.errors import unwritable_dir_advice, write_failure
 from cnnexp.idx import NUM_CLASSES, SAMPLE, DownloadFailed, Split, class_names, download, read_source, sha256_file
 from cnnexp.locks import file_lock
 
@@ -101,8 +102,20 @@ def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
         return sample
 
 
+def check_data_dir(data_dir: str | Path) -> None:
+    """Refuses a data_dir that is a file, or lies under one, saying so (mkdir would only say "File exists")."""
+    data_dir = Path(data_dir)
+    existing = next((path for path in (data_dir, *data_dir.parents) if path.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    if existing == data_dir:
+        raise DataError(f"data_dir: {data_dir} is a file, not a directory; name a directory (a missing one is created)")
+    raise DataError(f"data_dir: cannot create {data_dir}: {existing} is a file, not a directory")
+
+
 def _prepare_dir(config: PrepareConfig) -> tuple[PreparedData, bool]:
     target = prepared_path(config.data_dir, config.dataset)
+    check_data_dir(target.parent)
     created = _first_missing(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +150,7 @@ def _prepare_in(config: PrepareConfig, target: Path) -> tuple[PreparedData, bool
             "source_sha256": sha256s,
             "format_version": FORMAT_VERSION,
         }
-        existing = _read_manifest(target)
+        existing = _read_manifest(target, corrupt_ok=True)  # a corrupt one is what this prepare replaces
         if existing is not None and existing.get("inputs") == inputs:
             with contextlib.suppress(DataError):
                 return load_prepared(config.data_dir, config.dataset), True
@@ -147,7 +160,13 @@ def _prepare_in(config: PrepareConfig, target: Path) -> tuple[PreparedData, bool
             "val": _take(raw_splits["train"], val_idx),
             "test": raw_splits["test"],
         }
-        _write_atomically(target, splits, inputs, source)
+        try:
+            _write_atomically(target, splits, inputs, source)
+        except (OSError, RuntimeError) as err:  # a full disk, which torch.save reports in words of its own
+            if (reason := write_failure(err)) is None:
+                raise
+            raise RuntimeError(f"data_dir: cannot write the prepared {config.dataset} in {target.parent} ({reason}); "
+                               f"{unwritable_dir_advice(err, target.parent, 'data_dir')}, then prepare again") from None
     return load_prepared(config.data_dir, config.dataset), False
 
 
@@ -255,11 +274,21 @@ def _digest(files: dict) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
-def _read_manifest(path: Path) -> dict | None:
+def _read_manifest(path: Path, corrupt_ok: bool = False) -> dict | None:
+    """The manifest of prepared data in path; None where there is none (or, if corrupt_ok, a corrupt one).
+    A corrupt one is otherwise refused as such: taking it for missing would start a download instead."""
     try:
-        return json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads((path / MANIFEST).read_text())
+    except OSError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        manifest = err
+    if isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict):
+        return manifest
+    if corrupt_ok:
+        return None
+    reason = f" ({manifest})" if isinstance(manifest, ValueError) else ""
+    raise DataError(f"data_dir: {path / MANIFEST} is corrupt{reason}; delete {path} and prepare it again")
 
 
 def is_prepared(data_dir: str | Path, dataset: str, follow_stand_in: bool = True) -> bool:

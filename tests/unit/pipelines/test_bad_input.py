@@ -22,6 +22,20 @@ def _file_under_a_regular_file(tmp):
     return str(tmp / "plain" / "data")
 
 
+def _a_regular_file(tmp):
+    (tmp / "afile").write_text("not a directory")
+    return str(tmp / "afile")
+
+
+def _corrupt_manifest(tmp):
+    """Data prepared in tmp/data whose manifest.json is then cut short; returns the args that reach it."""
+    args = ["--data-dir", str(tmp / "data"), "--source", str(write_idx_dir(tmp / "idx"))]
+    assert prepare.cli(args) == 0
+    manifest = tmp / "data" / "fashion-mnist" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    return args[:2]
+
+
 def _bad_source(case):
     def setup(tmp):
         source = write_idx_dir(tmp / f"idx-{case}")
@@ -70,9 +84,12 @@ CASES = {
     "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], IN_RUN, "missing (expected train-images-idx3-ubyte"),
     **{f"prepare source {case}": ("prepare", _bad_source(case), IN_RUN, EXPECTED_FILE[case]) for case in BAD_FILES},
     "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "data_dir: cannot create"),
+    "prepare data_dir is a file": ("prepare", lambda t: ["--data-dir", _a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "afile is a file, not a directory"),
     # train
     "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
     "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], BAD, "data_dir: cannot create"),
+    "train data_dir is a file": ("train", lambda t: ["--data-dir", _a_regular_file(t)], BAD, "afile is a file, not a directory"),
+    "train data_dir with a corrupt manifest": ("train", _corrupt_manifest, BAD, "fashion-mnist/manifest.json is corrupt"),
     "train source missing dir": ("train", lambda t: ["--source", str(t / "nowhere")], BAD, "source: "),
     "train resume unknown run": ("train", ["--resume", "0123abc"], BAD, "resume: no run '0123abc' in sqlite:"),
     "train resume a prepare run": ("train", lambda t: ["--resume", _run_of("prepare")(t)], BAD, "is not a train run"),

@@ -112,3 +112,19 @@ def test_other_runtime_errors_are_not_taken_for_a_full_disk():
             raise RuntimeError("wrapped") from None  # a context deliberately cut is not looked into
     except RuntimeError as err:
         assert write_failure(err) is None
+
+
+def test_a_full_disk_while_preparing_names_data_dir_and_its_disk_not_torchs_words(workdir, idx_source, monkeypatch,
+                                                                                  capsys):
+    def path_full(obj, path):  # given a path, torch writes from C++: no OSError comes back, only its words
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+    monkeypatch.setattr(torch, "save", path_full)
+    assert prepare.cli(["--source", str(idx_source)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("prepare: error: data_dir: cannot write the prepared fashion-mnist in data (torch could not "
+                           "write the file: [enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662); "
+                           "the disk at /")
+    assert " KB free: " in line
+    assert line.endswith("free: free space there (or choose another data_dir), then prepare again")
+    assert not (workdir / "data" / "fashion-mnist").exists()
