@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 
 
 class ConfigError(ValueError):
@@ -51,3 +53,17 @@ def check_cohort(cohort: int) -> None:
 def check_seed(seed: int) -> None:
     if not (0 <= seed < 2**32):
         raise ConfigError("seed", f"must be between 0 and 2**32 - 1, got {seed}")
+
+
+def check_writable_dir(param: str, directory: str) -> None:
+    """Refuses a directory this user cannot write (read-only, another user's, under a file) before any work is
+    done in it, by writing a file in it or in the nearest parent that exists (a missing one is made later)."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(param, f"cannot write in {existing} ({err.strerror or err}); choose a {param} you can "
+                                 "write") from None

@@ -2,6 +2,9 @@
 and no new file a later step would trust. The config rules themselves are tested in tests/unit/test_config.py
 (one CLI case per entry point here); these are the cases that need a store, files or earlier runs."""
 
+import os
+import subprocess
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -132,3 +135,31 @@ def test_bad_input_gets_one_line_a_nonzero_exit_and_leaves_nothing_half_done(cas
     else:
         assert runs[0].info.status == "FAILED" and message in runs[0].data.tags["error"]
     assert all(p.name.endswith(".lock") for p in _files(workdir) - before)  # nothing a later step would read
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this user cannot write: chmod for a user, a read-only tmpfs for root (whom modes do not stop)."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("root, but no mount: no read-only directory to be had")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_read_only_checkpoint_dir_is_refused_before_epoch_1_with_its_own_advice(read_only_dir, workdir, idx_source,
+                                                                                  capsys):
+    checkpoints = read_only_dir / "checkpoints"
+    assert train.cli(["--checkpoint-dir", str(checkpoints), "--source", str(idx_source)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"train: error: checkpoint_dir: cannot write in {read_only_dir} (")
+    assert line.endswith("; choose a checkpoint_dir you can write")
+    assert not MlflowClient().search_runs(["0"])  # refused before the run, so before its first epoch
