@@ -164,9 +164,19 @@ def resolve_model(model_uri: str) -> tuple[str, str, str | None]:
         info = mlflow.models.get_model_info(model_uri)
     except Exception as err:  # MLflow raises several kinds (missing run, model, artifact)
         model_uri, info = _run_model(model_uri, err)
+    if not is_cnnexp_model(info):
+        raise ConfigError("model_uri", f"{model_uri!r} is not a cnnexp model (flavors: {', '.join(info.flavors)}); "
+                                       "evaluate scores the models cnnexp's train and tune log")
     if not info.run_id:
         raise ConfigError("model_uri", f"{model_uri!r} names no training run, so its data cannot be checked")
     return model_uri, info.run_id, info.model_id
+
+
+def is_cnnexp_model(info: mlflow.models.model.ModelInfo) -> bool:
+    """Whether cnnexp logged the model: its pyfunc face loads through cnnexp (cnnexp.tracking.pyfunc, or
+    cnnexp.tracking in models logged before that module split off)."""
+    face = info.flavors.get(mlflow.pyfunc.FLAVOR_NAME, {})
+    return str(face.get(mlflow.pyfunc.MAIN, "")).startswith("cnnexp.")
 
 
 def _run_model(model_uri: str, err: Exception) -> tuple[str, mlflow.models.model.ModelInfo]:

@@ -5,6 +5,7 @@ and no new file a later step would trust. The config rules themselves are tested
 import os
 import subprocess
 
+import mlflow.pyfunc
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -37,6 +38,18 @@ def _corrupt_manifest(tmp):
     manifest = tmp / "data" / "fashion-mnist" / "manifest.json"
     manifest.write_text(manifest.read_text()[:40])
     return args[:2]
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str]) -> list[str]:  # hinted: MLflow warns otherwise
+        return model_input
+
+
+def _foreign_model(tmp):
+    """A run whose model is a plain pyfunc, not cnnexp's; returns its bare run id."""
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=[])
+    return run.info.run_id
 
 
 def _bad_source(case):
@@ -102,6 +115,7 @@ CASES = {
     "evaluate model_uri empty": ("evaluate", ["--model-uri", ""], BAD, "model_uri: must not be empty"),
     "evaluate model_uri unknown run": ("evaluate", ["--model-uri", "runs:/abc/model"], BAD, "model_uri: no model at 'runs:/abc/model'"),
     "evaluate bare unknown run id": ("evaluate", ["--model-uri", "abc"], BAD, "model_uri: no model at 'runs:/abc/model'"),
+    "evaluate a model not cnnexp's": ("evaluate", lambda t: ["--model-uri", _foreign_model(t)], BAD, "is not a cnnexp model (flavors: python_function)"),
     "evaluate data not prepared": ("evaluate", lambda t: ["--model-uri", _run_of("train", "--epochs", "1")(t), "--data-dir", str(t / "elsewhere")], BAD, "data_dir: no prepared fashion-mnist data"),
     # tune
     "tune n_trials zero": ("tune", ["--n-trials", "0"], BAD, "n_trials: must be at least 1"),
