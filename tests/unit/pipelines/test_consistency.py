@@ -84,6 +84,16 @@ def test_cli_only_commands_match_their_config(entry, config_class):
     assert entry not in _mlproject()["entry_points"]
 
 
+@pytest.mark.parametrize("entry", CLI_ONLY_CONFIGS)
+def test_the_docs_never_offer_a_cli_only_command_as_an_entry_point(entry):
+    for path in [REPO / "README.md", *REPO.glob("docs/*.md")]:
+        text = path.read_text()
+        assert f"-e {entry}" not in text, path.name
+        for item in re.split(r"\n\s*\n|\n- ", text):  # paragraphs and list items
+            if "entry point" in item.lower() and f"`{entry}`" in item:
+                assert re.search(r"no (MLproject )?entry point", item), (path.name, item)
+
+
 def test_readme_tables_list_every_worker_parameter_with_its_default():
     readme = PARAMETERS_DOC.read_text()
     section = readme[readme.index("### `worker`"):readme.index("### `evaluate`")]
