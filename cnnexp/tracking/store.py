@@ -8,7 +8,6 @@ import re
 import socket
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import mlflow
@@ -16,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnexp.checks import ConfigError, first_line
 from cnnexp.verbosity import verbose
-from cnnexp.locks import file_lock
+from cnnexp.locks import sqlite_creation_lock, sqlite_file
 
 # MLflow's own defaults (a 120 s timeout, 7 retries with exponential backoff) make each call to a server
 # that is gone wait about four minutes. Ours: a call gives up after at most ~35 s (3 tries of 10 s, 1 s
@@ -74,11 +73,11 @@ def open_store() -> None:
     ("table _alembic_tmp_... already exists"); once it exists, concurrent runs are fine.
     """
     uri = tracking_uri()
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_file(uri)
+    if path is None:
         return
-    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.with_name(f"{path.name}.lock")):
+    with sqlite_creation_lock(uri):
         MlflowClient().search_experiments(max_results=1)
 
 

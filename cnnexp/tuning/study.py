@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from cnnexp.checks import first_line
 from cnnexp.config import ConfigError, TuneConfig, WorkerConfig
+from cnnexp.locks import sqlite_creation_lock
 from cnnexp.ranking import JUDGED_BY
 from cnnexp.verbosity import verbose
 from cnnexp.tracking.store import redact_url
@@ -64,7 +65,7 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
         heartbeat = dict(heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
                          heartbeat_stale_trial_callback=FailStaleRunAndRetry())
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sqlite_creation_lock(storage):  # two first calls would both make its tables
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             return optuna.storages.RDBStorage(storage, **heartbeat)
     except Exception as err:  # SQLAlchemy and drivers raise many kinds; the user needs the first line
