@@ -22,6 +22,30 @@ def file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class LockHeld(RuntimeError):
+    """Another process holds the lock that held_alone asked for."""
+
+
+@contextlib.contextmanager
+def held_alone(lock_path: Path) -> Iterator[None]:
+    """Holds the lock for the block, or raises LockHeld at once when another process holds it. The system lets
+    go of it when its holder dies, even by SIGKILL: no stale lock file ever refuses anyone."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks (see file_lock)
+        yield
+        return
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(str(lock_path)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a sqlite:/// URL (SQLAlchemy's form, MLflow's and Optuna's), else None."""
     if not url.startswith("sqlite:///"):

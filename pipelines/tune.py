@@ -9,7 +9,7 @@ from cnnexp.tracking import tags
 from cnnexp.tracking.log import data_tags, log_metrics
 from cnnexp.tracking.runs import active_run_ids, reopen, set_tags, tracked_run
 from cnnexp.tracking.store import redact_url, tracking_uri
-from cnnexp.tuning import counts, report, study, workers
+from cnnexp.tuning import counts, recovery, report, study, workers
 from pipelines import status
 from pipelines.flags import make_parser
 from pipelines.outcomes import print_trial
@@ -22,7 +22,14 @@ def main(config: TuneConfig) -> Made[dict]:
     config.validate()
     workers.worker_device(config.device, 0)  # an unavailable device
     config, kept = settled(config)  # a storage that cannot be opened, a setting that differs from the study's
+    with study.one_call_at_a_time(config):  # another call extending the study on this machine
+        return extend(config, kept)
+
+
+def extend(config: TuneConfig, kept: str) -> Made[dict]:
+    """The call itself, once nothing else is extending the study: its parent run, its trials, its summary."""
     found = study.load_study(config)
+    recover_dead_call(found, config.storage)
     data = load_or_prepare(config)
     study.check_digest(found, data.digest, "data_dir")  # other data than the study's
     named = naming_held(config, data)  # the sample, where it stood in: in params and the study's settings
@@ -62,6 +69,17 @@ def main(config: TuneConfig) -> Made[dict]:
     over = "" if call == 1 else f", the study over its {call} calls"
     print(f"done{over}: {report.summary_line(result)} with {result.get('best_params')}")
     return Made(run_id, result)
+
+
+def recover_dead_call(found, storage: str) -> None:
+    """What a killed call left RUNNING on this host, ended as what it is before this call counts the study's
+    trials: its trials FAILED and queued again (not "running elsewhere"), its parent run FAILED. (Trials with
+    heartbeats are Optuna's to end, once their grace period has passed.)"""
+    if not study.has_heartbeats(storage):
+        recovery.recover_dead_trials(found)
+    ended = recovery.end_dead_parent(found)
+    if ended:
+        print(f"the study's last call (run {ended}) had died; its run is marked FAILED")
 
 
 def retrain_best(config: TuneConfig, params: dict, data: PreparedData) -> float:

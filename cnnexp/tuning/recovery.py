@@ -6,10 +6,13 @@ import threading
 from collections.abc import Callable
 
 import optuna
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp.processes import is_dead
 from cnnexp.tracking import tags
+from cnnexp.tracking.owners import ownership
 from cnnexp.tracking.runs import end_child_run
 from cnnexp.tuning.optuna_private import hand_over_user_attrs, record_heartbeat
 from cnnexp.tuning.space import optuna_params, params_of
@@ -98,3 +101,21 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         queue_retry(study, trial.number, params_of(trial), trial.user_attrs.get("mlflow_run_id", ""))
     return [t.number for t in dead]
+
+
+def end_dead_parent(study: optuna.Study) -> str | None:
+    """The parent run of the study's last `tune` call, if its process died (a SIGKILL) and left it RUNNING:
+    ended FAILED with the reason, as its dead trials are. Returns its run id, or None.
+
+    A parent waiting for workers is left alone: its process has ended on purpose.
+    """
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    try:
+        run = MlflowClient().get_run(run_id) if run_id else None
+    except MlflowException:  # another tracking store's run: not ours to end
+        return None
+    if (run is None or run.info.status != "RUNNING" or run.data.tags.get(tags.STUDY_STATUS) == tags.STUDY_WAITING
+            or ownership(run).state != "dead"):
+        return None
+    end_child_run(run_id, "FAILED", {tags.ERROR: "its process died before the tune call ended"})
+    return run_id

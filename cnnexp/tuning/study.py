@@ -1,13 +1,16 @@
 """The study: its storage, sampler and pruner, and the settings it keeps for every worker (search space: space.py)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -15,7 +18,7 @@ from optuna.trial import TrialState
 
 from cnnexp.checks import first_line
 from cnnexp.config import ConfigError, TuneConfig, WorkerConfig
-from cnnexp.locks import sqlite_creation_lock
+from cnnexp.locks import LockHeld, held_alone, sqlite_creation_lock, sqlite_file
 from cnnexp.ranking import JUDGED_BY
 from cnnexp.verbosity import verbose
 from cnnexp.tracking.store import redact_url
@@ -70,6 +73,27 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
             return optuna.storages.RDBStorage(storage, **heartbeat)
     except Exception as err:  # SQLAlchemy and drivers raise many kinds; the user needs the first line
         raise ConfigError("storage", f"cannot open {redact_url(storage)}: {first_line(err)}") from None
+
+
+@contextlib.contextmanager
+def one_call_at_a_time(config: TuneConfig) -> Iterator[None]:
+    """Refuses a second `tune` call on a study that another call on this machine is still extending.
+
+    Two calls at once would both take the next call number and parent-run name, and each summary would count
+    the other's trials. More processes for one study are what `workers` and `cnnexp worker` are for. The lock
+    lies beside a storage file (a journal, sqlite); a database server's study is not guarded this way.
+    """
+    storage = sqlite_file(config.storage) or (Path(config.storage) if "://" not in config.storage else None)
+    if storage is None:
+        yield
+        return
+    try:
+        with held_alone(storage.with_name(f"{storage.name}.{zlib.crc32(config.study_name.encode()):08x}.tune.lock")):
+            yield
+    except LockHeld:
+        raise ConfigError("study_name", f"study {config.study_name!r} is being extended by another `cnnexp tune` call "
+                                        f"on this machine; wait for it to end, or add processes to it: cnnexp worker "
+                                        f"--storage {redact_url(config.storage)} --study-name {config.study_name}") from None
 
 
 def has_heartbeats(storage: str) -> bool:

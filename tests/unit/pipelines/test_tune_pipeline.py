@@ -1,9 +1,16 @@
 """The tune entry point in-process: refusals before any run, and the best configuration retrained as steps."""
+import socket
+import subprocess
+import sys
+
 import mlflow
 import pytest
 import torch
 
-from cnnexp.tuning import trials
+from cnnexp.config import TuneConfig
+from cnnexp.tracking import tags
+from cnnexp.tracking.runs import start_child_run
+from cnnexp.tuning import study as studies, trials
 from helpers import (assert_optuna_and_mlflow_agree, client_of, interrupted_after_epoch_1, model_uri, parent_and_children,
                      study_of, write_idx_dir)
 from pipelines import tune
@@ -82,3 +89,54 @@ def test_a_resume_after_ctrl_c_counts_earlier_requeued_and_new_trials_apart_and_
     metrics = parents[1].data.metrics
     assert (metrics["trials_complete"], metrics["trials_failed"], metrics["trials_requeued"], metrics["trials_total"]) \
         == (3, 0, 2, 5)
+
+
+ONE_EPOCH = ["--epochs", "1", "--pruner", "none"]
+
+
+def test_a_second_call_while_another_extends_the_study_is_refused_pointing_to_worker(workdir, tmp_path, capsys):
+    source = ["--source", str(write_idx_dir(tmp_path / "idx", n_train=100, n_test=30))]
+    assert tune.cli(["--n-trials", "1", *ONE_EPOCH, *source]) == 0
+    with studies.one_call_at_a_time(TuneConfig()):  # what a first call holds while it runs
+        assert tune.cli(["--n-trials", "1", *source]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == ("tune: error: study_name: study 'cnnexp-tune' is being extended by another `cnnexp tune` call on "
+                    "this machine; wait for it to end, or add processes to it: cnnexp worker --storage "
+                    "optuna-journal.log --study-name cnnexp-tune")
+    assert len(parent_and_children(workdir)[0]) == 1  # no second parent, no second call number
+    assert tune.cli(["--n-trials", "1", *source]) == 0  # once that call has ended
+    assert [p.data.tags["study_call"] for p in parent_and_children(workdir)[0]] == ["1", "2"]
+
+
+def _gone_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    return gone.pid
+
+
+def _killed_call(workdir) -> str:
+    """What a SIGKILL of a call leaves: its parent run and a trial RUNNING, owned by a process that is gone.
+    Returns the parent's run id."""
+    (parent,), _ = parent_and_children(workdir)
+    run_id, pid, client = parent.info.run_id, _gone_pid(), client_of(workdir)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, tags.OWNER_PID, str(pid))
+    study = study_of(workdir)
+    trial = study.ask(fixed_distributions=study.trials[0].distributions)
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": pid})
+    trial.set_user_attr("mlflow_run_id", start_child_run(run_id, parent.info.experiment_id, "trial-1", {}, {}))
+    return run_id
+
+
+def test_after_a_killed_call_the_next_names_its_trials_dead_and_ends_its_parent(workdir, tmp_path, capsys):
+    source = ["--source", str(write_idx_dir(tmp_path / "idx", n_train=100, n_test=30))]
+    assert tune.cli(["--n-trials", "1", *ONE_EPOCH, *source]) == 0
+    killed = _killed_call(workdir)
+    capsys.readouterr()
+    assert tune.cli(["--n-trials", "1", *source]) == 0
+    out = capsys.readouterr().out
+    assert f"the study's last call (run {killed}) had died; its run is marked FAILED" in out
+    assert "call 2: 2 earlier trials (1 complete, 1 stopped and queued again); running 1: 1 queued again" in out
+    assert "running elsewhere" not in out
+    run = client_of(workdir).get_run(killed)
+    assert run.info.status == "FAILED" and "died" in run.data.tags["error"]
