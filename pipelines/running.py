@@ -42,6 +42,10 @@ def _ignore(signum, frame) -> None:
     """A stop signal after the first: the cleanup the first one started goes on."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a stop signal) in a run that can go on; its message names the run and says how to go on."""
+
+
 @dataclass(frozen=True)
 class Made(Generic[R]):
     """What a step's main made: its run, and its result (the prepared data, a history, metrics)."""
@@ -70,14 +74,15 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
         store.check_store()
         main(config_from_args(config_class, args))
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if not pending_run and runs.runs_started() == runs_before:
             print(f"{parser.prog}: interrupted before any run started", file=sys.stderr)
             return EXIT_INTERRUPTED
         runs.end_pending_run("KILLED", run_id=pending_run)
         if pending_run:
             mlflow_private.keep_killed_after_mlflow_run(pending_run)
-        print(f"{parser.prog}: interrupted; the run is marked KILLED", file=sys.stderr)
+        marked = str(stop) if isinstance(stop, Interrupted) else "the run is marked KILLED"
+        print(f"{parser.prog}: interrupted; {marked}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         runs.end_pending_run("FAILED", err, run_id=pending_run)

@@ -16,12 +16,12 @@ from cnnexp.data import PreparedData, naming_held
 from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from cnnexp.tracking import log, models, owners, resume, store, tags
-from cnnexp.tracking.runs import run_address, tracked_run
+from cnnexp.tracking.runs import full_run_id, run_address, tracked_run
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
 from pipelines.flags import make_parser
 from pipelines.outcomes import register_model
 from pipelines.prepared import load_or_prepare
-from pipelines.running import Made, run_entry_point
+from pipelines.running import Interrupted, Made, run_entry_point
 from pipelines.progress import EpochProgress
 
 
@@ -36,6 +36,8 @@ def find_checkpoint(run_id: str, directory: Path, take_over: bool) -> dict:
 def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dict]]:
     """Trains and logs one run; returns its run id and per-epoch history. `data`: already loaded by the caller."""
     config.validate()
+    if config.resume:  # a unique prefix, as lines and the UI show ids, names the run
+        config = dataclasses.replace(config, resume=full_run_id("resume", config.resume))
     device = resolve_device(config.device)
     checkpoint = (find_checkpoint(config.resume, Path(config.checkpoint_dir, config.resume), config.take_over)
                   if config.resume else None)
@@ -82,10 +84,12 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
                 state, train, val, batch_size=config.batch_size, epochs=config.epochs,
                 on_epoch_end=on_epoch_end, on_batch_end=progress.batch_callback, **speed_options(config),
             )
-        except BaseException:
+        except BaseException as stop:
             # Into the run's artifacts too, so it can be resumed wherever the tracking store is reachable.
             with contextlib.suppress(Exception):  # never hide why training stopped
                 resume.log_checkpoint(checkpoints)
+            if isinstance(stop, KeyboardInterrupt) and not isinstance(stop, Interrupted):
+                raise Interrupted(interrupted_line(run_id, checkpoints, state.epoch)) from None
             raise
         try:
             model, kept = log_results(state, best, history, data, config.keep, run.info.run_name)
@@ -119,6 +123,13 @@ def kept_epoch(history: list[dict], best: BestEpoch, keep: str) -> dict:
     """The metrics of the epoch whose weights become the model: the best one, or the last."""
     epoch = best.epoch if keep == "best" else history[-1]["epoch"]
     return next(m for m in history if m["epoch"] == epoch)
+
+
+def interrupted_line(run_id: str, checkpoints: Path, epoch: int) -> str:
+    """What a stopped run says: its id, what is kept, and the command that goes on."""
+    if not has_checkpoint(checkpoints):
+        return f"the run is marked KILLED (run {run_id}, before its first epoch ended: nothing to resume)"
+    return f"the run is marked KILLED (run {run_id}, after epoch {epoch}); `cnnexp train --resume {run_id}` goes on"
 
 
 def unwritable_checkpoint(reason: str, checkpoints: Path, run_id: str, epoch: int) -> RuntimeError:

@@ -22,7 +22,7 @@ from cnnexp.checks import ConfigError, first_line
 from cnnexp.serving import OUTPUTS
 from cnnexp.tracking import pyfunc, tags
 from cnnexp.tracking.log import log_input
-from cnnexp.tracking.runs import error_text
+from cnnexp.tracking.runs import error_text, full_run_id
 
 # The name models had before they took their run's, and what runs:/<run_id>/model means to resolve_model:
 # that run's model, whatever its name.
@@ -159,7 +159,7 @@ def resolve_model(model_uri: str) -> tuple[str, str, str | None]:
     runs:/<run_id>/<name> by the model's name, and models are named after their runs now.
     """
     if ":" not in model_uri and "/" not in model_uri:
-        model_uri = f"runs:/{model_uri}/{MODEL_NAME}"
+        model_uri = f"runs:/{full_run_id('model_uri', model_uri)}/{MODEL_NAME}"
     try:
         info = mlflow.models.get_model_info(model_uri)
     except Exception as err:  # MLflow raises several kinds (missing run, model, artifact)

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
+from cnnexp.checks import ConfigError
 from cnnexp.processes import owner
 from cnnexp.tracking import store, store_errors, tags
 
@@ -137,6 +138,25 @@ def run_exists(run_id: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+RUN_ID_LENGTH = 32  # MLflow's run ids: 32 hex digits; the UI and our lines often show the first 8
+SHOWN_MATCHES = 3
+
+
+def full_run_id(param: str, given: str) -> str:
+    """The run id a unique prefix (as `git` takes a commit's) stands for, in any experiment; given unchanged
+    where it is a whole id or matches no run (the caller says there is no such run). Refuses an ambiguous one."""
+    if len(given) >= RUN_ID_LENGTH or not given.isalnum():
+        return given
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = [r.info.run_id for r in client.search_runs(experiments, f"attributes.run_id LIKE '{given.lower()}%'",
+                                                       max_results=SHOWN_MATCHES + 1)] if experiments else []
+    if len(found) > 1:
+        shown = ", ".join(found[:SHOWN_MATCHES]) + (" and more" if len(found) > SHOWN_MATCHES else "")
+        raise ConfigError(param, f"{given!r} is the start of several run ids ({shown}); give more of it")
+    return found[0] if found else given
 
 
 def run_address(run: mlflow.ActiveRun) -> str:

@@ -6,13 +6,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnexp.tracking import store
+from cnnexp.tracking import log, store
 from cnnexp.tracking.runs import run_address
 from cnnexp.data import load_prepared
 from cnnexp.evaluate import predict, score
 from cnnexp.model import to_inputs
 from helpers import model_uri, worst_last_epoch, write_idx_dir
-from pipelines import cli, prepare, train
+from pipelines import cli, evaluate, prepare, train
 
 
 def _runs():
@@ -122,3 +122,26 @@ def test_offline_prepare_falls_back_to_the_sample_and_its_run_names_it(workdir, 
     (run,) = MlflowClient().search_runs(["0"])
     assert run.data.tags["dataset"] == "fashion-mnist-sample"
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {f"fashion-mnist-sample-{s}" for s in ("train", "val", "test")}
+
+
+def _stop_at_epoch_2(real_log_epoch):
+    def log_epoch(metrics):
+        if metrics["epoch"] == 2:
+            raise KeyboardInterrupt
+        real_log_epoch(metrics)
+    return log_epoch
+
+
+def test_an_interrupted_run_names_itself_and_its_resume_and_a_short_id_resumes_and_evaluates_it(
+        workdir, idx_source, monkeypatch, capsys):
+    real_log_epoch = log.log_epoch
+    monkeypatch.setattr(log, "log_epoch", _stop_at_epoch_2(real_log_epoch))
+    assert train.cli(["--epochs", "2", "--batch-size", "100", "--source", str(idx_source)]) == 130
+    (run,) = _runs()
+    run_id = run.info.run_id
+    assert capsys.readouterr().err.strip() == (f"train: interrupted; the run is marked KILLED (run {run_id}, after "
+                                               f"epoch 2); `cnnexp train --resume {run_id}` goes on")
+    monkeypatch.setattr(log, "log_epoch", real_log_epoch)
+    assert train.cli(["--resume", run_id[:8]]) == 0  # as the UI and the runs table show it
+    assert evaluate.cli(["--model-uri", run_id[:8]]) == 0
+    assert MlflowClient().get_run(run_id).data.metrics["test_accuracy"] >= 0

@@ -68,3 +68,14 @@ def test_every_run_is_created_with_its_owner_in_the_same_write(workdir, monkeypa
     for at_creation in created:
         assert at_creation[tags.OWNER_PID] == me[tags.OWNER_PID] and at_creation[tags.OWNER_HOST] == me[tags.OWNER_HOST]
     assert len(created) == 2 and created[0][tags.ENTRY_POINT] == "train"
+
+
+def test_a_unique_prefix_of_a_run_id_names_the_run_and_an_ambiguous_one_is_refused(workdir):
+    client = MlflowClient()
+    ids = [client.create_run("0").info.run_id for _ in range(17)]  # 17 ids over 16 hex digits: two share the first
+    assert runs.full_run_id("resume", ids[0][:12]) == ids[0]
+    assert runs.full_run_id("resume", ids[0].upper()[:12]) == ids[0]
+    assert runs.full_run_id("resume", "0123abcd") == "0123abcd"  # no such run: the caller says so
+    shared = next(i[0] for i in ids if sum(j[0] == i[0] for j in ids) > 1)
+    with pytest.raises(runs.ConfigError, match=rf"resume: '{shared}' is the start of several run ids .*; give more of it"):
+        runs.full_run_id("resume", shared)
