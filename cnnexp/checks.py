@@ -40,9 +40,15 @@ def check_nonempty(param: str, value: str) -> None:
         raise ConfigError(param, "must not be empty")
 
 
+def check_positive(param: str, value: float) -> None:
+    # "finite": inf is positive, and a line refusing it as not positive reads as wrong
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(param, f"must be a finite positive number, got {value}")
+
+
 def check_timeout(timeout: float) -> None:
     if not (math.isfinite(timeout) and timeout >= 0):
-        raise ConfigError("timeout", f"must be 0 (no limit) or a positive number of seconds, got {timeout}")
+        raise ConfigError("timeout", f"must be 0 (no limit) or a finite positive number of seconds, got {timeout}")
 
 
 def check_cohort(cohort: int) -> None:

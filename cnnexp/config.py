@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field, replace
 
-from cnnexp.checks import (ConfigError, check_choice, check_cohort, check_device, check_nonempty, check_seed,
-                           check_timeout)
+from cnnexp.checks import (ConfigError, check_choice, check_cohort, check_device, check_nonempty, check_positive,
+                           check_seed, check_timeout)
 from cnnexp.ranking import RANKING_METRIC
 # fashion-mnist-sample: 4,443 real Fashion-MNIST images shipped inside the package (cnnexp/sample_data),
 # so the main job runs offline too; prepare falls back to it when the fashion-mnist download fails.
@@ -75,8 +74,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("lr", f"must be a positive number, got {self.lr}")
+        check_positive("lr", self.lr)
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
         if self.epochs < 1:
@@ -234,9 +232,7 @@ class TuneConfig:
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")
         for name in ("lr_min", "lr_max"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(name, f"must be a positive number, got {value}")
+            check_positive(name, getattr(self, name))
         if self.lr_min >= self.lr_max:
             raise ConfigError("lr_min", f"must be below lr_max ({self.lr_max}), got {self.lr_min}")
         for name in ("batch_min", "batch_max"):

@@ -102,7 +102,7 @@ CASES = {
     "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "data_dir: cannot create"),
     "prepare data_dir is a file": ("prepare", lambda t: ["--data-dir", _a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "afile is a file, not a directory"),
     # train
-    "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a positive number"),
+    "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a finite positive number"),
     "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], BAD, "data_dir: cannot create"),
     "train data_dir is a file": ("train", lambda t: ["--data-dir", _a_regular_file(t)], BAD, "afile is a file, not a directory"),
     "train data_dir with a corrupt manifest": ("train", _corrupt_manifest, BAD, "fashion-mnist/manifest.json is corrupt"),
