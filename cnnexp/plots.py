@@ -78,16 +78,21 @@ def misclassified_grid(images: torch.Tensor, true: list[str], predicted: list[st
     return fig
 
 
-def accuracy_vs_lr(lr: list[float], accuracy: list[float], batch_size: list[int]) -> Figure:
-    """One colour per batch size (a handful of discrete values, so a legend rather than a colour bar)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for size in sorted(set(batch_size)):
-        chosen = [i for i, b in enumerate(batch_size) if b == size]
-        ax.scatter([lr[i] for i in chosen], [accuracy[i] for i in chosen], label=f"batch_size {size}")
-    ax.legend()
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel="val_accuracy of the logged model", title="Validation accuracy vs learning rate")
-    ax.grid(alpha=0.3)
+def accuracy_vs_lr(lr: list[float], accuracy: list[float], batch_size: list[int], dataset: list[str]) -> Figure:
+    """One panel per dataset, titled with its name (an accuracy on one dataset is no measure on another, as
+    compare ranks them); one colour per batch size (a handful of discrete values: a legend, not a colour bar)."""
+    names = sorted(set(dataset))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [i for i, d in enumerate(dataset) if d == name]
+        for size in sorted({batch_size[i] for i in rows}):
+            chosen = [i for i in rows if batch_size[i] == size]
+            ax.scatter([lr[i] for i in chosen], [accuracy[i] for i in chosen], label=f"batch_size {size}")
+        ax.legend()
+        ax.set_xscale("log")
+        ax.set(xlabel="learning rate", ylabel="val_accuracy of the logged model",
+               title=f"{name or 'unknown dataset'}: validation accuracy vs learning rate")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -67,7 +67,8 @@ def write_files(config: CompareConfig, table: pd.DataFrame) -> None:
     print(f"leaderboard of {len(table)} runs written to {output}")
     if config.plot:
         figure_path = output.with_suffix(".png")
-        figure = plots.accuracy_vs_lr(table["lr"].tolist(), table[RANKING_METRIC].tolist(), table["batch_size"].tolist())
+        figure = plots.accuracy_vs_lr(table["lr"].tolist(), table[RANKING_METRIC].tolist(), table["batch_size"].tolist(),
+                                      table["dataset"].tolist())
         plots.save(figure, figure_path)
         print(f"{RANKING_METRIC} vs lr saved to {figure_path}")
 

@@ -24,3 +24,11 @@ def test_samples_per_class_is_one_tiled_image_a_row_per_class_and_a_missing_clas
     assert (grid[:28, :28] == 200).all() and (grid[30:58, 30:] == 200).all() and (grid[60:] == 0).all()
     assert [label.get_text() for label in fig.axes[0].get_yticklabels()] == ["a", "b", "c"]
     plots.close(fig)
+
+
+def test_accuracy_vs_lr_has_a_panel_per_dataset_named_after_it():
+    fig = plots.accuracy_vs_lr([0.01, 0.1, 0.01], [0.8, 0.7, 0.98], [32, 64, 32], ["fashion-mnist", "fashion-mnist", "mnist"])
+    assert [ax.get_title() for ax in fig.axes] == ["fashion-mnist: validation accuracy vs learning rate",
+                                                   "mnist: validation accuracy vs learning rate"]
+    assert [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes] == [2, 1]
+    plots.close(fig)
