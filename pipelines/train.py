@@ -100,6 +100,8 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             raise store_lost_error(err, checkpoints, run_id, state.epoch) from None
         if config.register:
             register_model(model.model_uri, config.register)
+        if config.resume:
+            resume.clear_stale_error(run_id)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run is not resumed; its model is logged
     print(f"run {run_id}{run_address(run)}")
     print(f"model: {model.model_uri}  epoch {kept['epoch']} ({config.keep}), val_accuracy {kept['val_accuracy']:.4f}")

@@ -88,3 +88,11 @@ def link_resumed_run(run_id: str, epoch: int) -> None:
 
 def logged_steps(run_id: str, metric: str) -> set[int]:
     return set(metric_by_step(run_id, metric))
+
+
+def clear_stale_error(run_id: str) -> None:
+    """A resumed run that has now finished did not fail: the error tag its earlier stop left (a full disk, a
+    lost server) would say it did, in the runs table and to `compare`."""
+    client = MlflowClient()
+    if tags.ERROR in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, tags.ERROR)

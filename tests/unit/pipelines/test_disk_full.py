@@ -30,9 +30,11 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_resume_goes_on(wo
                     f"(No space left on device); epochs 1-1 are kept: free space (or choose another checkpoint_dir), "
                     f"then `cnnexp train --resume {run_id}`")
     assert run.info.status == "FAILED"
+    assert "No space left on device" in run.data.tags["error"]
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     assert train.cli(["--resume", run_id]) == 0
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
+    assert "error" not in MlflowClient().get_run(run_id).data.tags  # FINISHED: the full disk is no longer its story
 
 
 def test_a_first_checkpoint_that_cannot_be_written_says_nothing_is_kept_and_leaves_no_directory(workdir, idx_source,
