@@ -141,8 +141,9 @@ class DownloadFailed(DataError):
 
     def __init__(self, dataset: str, reason: str):
         self.reason = reason
+        # The same code runs under both front ends, so the line gives the flag in both forms.
         super().__init__(f"download of {dataset} failed ({reason}); without network, pass a directory of the four "
-                         f"IDX files: mlflow run . -e prepare --env-manager local -P source=/path/to/idx-dir")
+                         f"IDX files as source: `cnnexp prepare --source DIR` (`-P source=DIR` under `mlflow run`)")
 
 
 def download(dataset: str, into: Path) -> Path:

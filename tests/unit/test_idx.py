@@ -74,7 +74,7 @@ def test_failed_download_says_so_and_shows_source(tmp_path, monkeypatch):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(tvd.MNIST, "download", no_network)
-    with pytest.raises(DownloadFailed, match="download of mnist failed.*--env-manager local -P source=") as raised:
+    with pytest.raises(DownloadFailed, match=r"download of mnist failed.*as source: `cnnexp prepare --source DIR` \(`-P source=DIR` under `mlflow run`\)") as raised:
         download("mnist", tmp_path / "downloads")
     assert raised.value.reason == "Error downloading train-images-idx3-ubyte.gz"
 
