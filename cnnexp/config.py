@@ -226,8 +226,9 @@ class TuneConfig:
     torch_compile: bool = _like(TrainConfig, "torch_compile")
 
     def validate(self) -> None:
-        if self.n_trials < 1:
-            raise ConfigError("n_trials", f"must be at least 1, got {self.n_trials}")
+        if self.n_trials < 1 and not (self.n_trials == 0 and self.retrain_best):
+            raise ConfigError("n_trials", f"must be at least 1 (or 0 with retrain_best true, to retrain an existing "
+                                          f"study's best), got {self.n_trials}")
         check_timeout(self.timeout)
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be at least 1, got {self.epochs}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from cnnexp.config import EvaluateConfig, TrainConfig, TuneConfig
+from cnnexp.config import ConfigError, EvaluateConfig, TrainConfig, TuneConfig
 from cnnexp.data import PreparedData, naming_held
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import data_tags, log_metrics
@@ -23,7 +23,7 @@ def main(config: TuneConfig) -> Made[dict]:
     workers.worker_device(config.device, 0)  # an unavailable device
     config, kept = settled(config)  # a storage that cannot be opened, a setting that differs from the study's
     with study.one_call_at_a_time(config):  # another call extending the study on this machine
-        return extend(config, kept)
+        return retrain_only(config) if config.n_trials == 0 else extend(config, kept)
 
 
 def extend(config: TuneConfig, kept: str) -> Made[dict]:
@@ -69,6 +69,23 @@ def extend(config: TuneConfig, kept: str) -> Made[dict]:
     over = "" if call == 1 else f", the study over its {call} calls"
     print(f"done{over}: {report.summary_line(result)} with {result.get('best_params')}")
     return Made(run_id, result)
+
+
+def retrain_only(config: TuneConfig) -> Made[dict]:
+    """n_trials 0 with retrain_best: the existing study's best trained again and scored, under a parent run of its
+    own; no trial runs, and the study's calls are not counted on."""
+    found = study.existing_study(config)
+    result = report.summary(found)
+    if "best_params" not in result:
+        raise ConfigError("n_trials", f"study {config.study_name!r} has no complete trial to retrain; run some first")
+    data = load_or_prepare(config)
+    study.check_digest(found, data.digest, "data_dir")
+    with tracked_run(run_name=f"tune-{config.study_name}-retrain-best") as run:
+        report.log_study_settings(naming_held(config, data))
+        set_tags(data_tags(data))
+        result["best_test_accuracy"] = retrain_best(config, result["best_params"], data)
+        log_metrics({"best_test_accuracy": result["best_test_accuracy"]})
+    return Made(run.info.run_id, result)
 
 
 def recover_dead_call(found, storage: str) -> None:

@@ -188,13 +188,18 @@ def check_digest(study: optuna.Study, data_digest: str, param: str) -> None:
                                  f"{study.study_name!r}'s (digest {expected[:12]}); prepare the same source")
 
 
-def joined(config: WorkerConfig) -> tuple[optuna.Study, TuneConfig]:
-    """The study a worker joins, and the tune settings it runs with (the study's, plus this machine's own)."""
+def existing_study(config: TuneConfig | WorkerConfig) -> optuna.Study:
+    """The study config names, refused where there is none yet (load_study would create it)."""
     try:
-        study = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage))
+        return optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage))
     except KeyError:
         raise ConfigError("study_name", f"no study {config.study_name!r} in {redact_url(config.storage)}; "
                                         "create it with `cnnexp tune`") from None
+
+
+def joined(config: WorkerConfig) -> tuple[optuna.Study, TuneConfig]:
+    """The study a worker joins, and the tune settings it runs with (the study's, plus this machine's own)."""
+    study = existing_study(config)
     if "settings" not in study.user_attrs:
         raise ConfigError("study_name", f"study {config.study_name!r} was not created by `cnnexp tune`")
     local = {name: getattr(config, name) for name in ("storage", "study_name", "timeout", "workers", "cohort", "device", "data_dir", "source")}

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import mlflow
+import optuna
 import pytest
 import torch
 
@@ -140,3 +141,17 @@ def test_after_a_killed_call_the_next_names_its_trials_dead_and_ends_its_parent(
     assert "running elsewhere" not in out
     run = client_of(workdir).get_run(killed)
     assert run.info.status == "FAILED" and "died" in run.data.tags["error"]
+
+
+def test_n_trials_0_retrains_an_existing_studys_best_without_another_trial(workdir, tmp_path, capsys):
+    source = ["--source", str(write_idx_dir(tmp_path / "idx", n_train=100, n_test=30))]
+    assert tune.cli(["--n-trials", "0", "--retrain-best", "true", *source]) == 2  # no study yet: none is made
+    assert "study_name: no study 'cnnexp-tune'" in capsys.readouterr().err
+    assert not optuna.get_all_study_names(studies.open_storage(str(workdir / "optuna-journal.log")))
+    assert tune.cli(["--n-trials", "1", *ONE_EPOCH, *source]) == 0
+    assert tune.cli(["--n-trials", "0", "--retrain-best", "true", *source]) == 0
+    assert len(study_of(workdir).trials) == 1
+    parents, children = parent_and_children(workdir)
+    assert [p.info.run_name for p in parents] == ["tune-cnnexp-tune", "tune-cnnexp-tune-retrain-best"]
+    steps = sorted(r.info.run_name.split("-")[0] for r in children[parents[1].info.run_id])
+    assert steps == ["evaluate", "train"] and "best_test_accuracy" in parents[1].data.metrics
