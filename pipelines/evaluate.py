@@ -14,9 +14,9 @@ from cnnexp.model import to_inputs
 from cnnexp.tracking import log, tags
 from cnnexp.tracking.models import load_network, resolve_model
 from cnnexp.tracking.runs import run_tags, set_tags, tracked_run
-from pipelines.flags import make_parser
+from pipelines import cli as commands
 from pipelines.outcomes import register_model
-from pipelines.running import Made, run_entry_point
+from pipelines.running import Made
 
 MISTAKES_SHOWN = 24
 
@@ -97,7 +97,7 @@ def main(config: EvaluateConfig, data: PreparedData | None = None) -> Made[dict[
 
 
 def cli(argv: list[str] | None = None, prog: str = "evaluate") -> int:
-    return run_entry_point(make_parser(prog, __doc__, EvaluateConfig), EvaluateConfig, main, argv)
+    return commands.run("evaluate", argv, prog)
 
 
 if __name__ == "__main__":

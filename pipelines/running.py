@@ -42,6 +42,13 @@ def _ignore(signum, frame) -> None:
     """A stop signal after the first: the cleanup the first one started goes on."""
 
 
+def checked_config(parser: argparse.ArgumentParser, config_class: type[C], argv: list[str] | None) -> C:
+    """The config the flags give, validated; argparse's own refusals come as ConfigError too (flags.py)."""
+    config = config_from_args(config_class, parser.parse_args(argv))
+    config.validate()
+    return config
+
+
 @dataclass(frozen=True)
 class Made(Generic[R]):
     """What a step's main made: its run, and its result (the prepared data, a history, metrics)."""
@@ -50,13 +57,26 @@ class Made(Generic[R]):
     result: R
 
 
-def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main: Callable[[C], Any],
+def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], load_main: Callable[[], Callable[[C], Any]],
                     argv: list[str] | None = None) -> int:
-    """Parses, runs main, and turns every failure into one line on stderr and a non-zero exit code."""
+    """Checks the flags, then loads and runs main; every failure becomes one line on stderr and a non-zero exit.
+
+    load_main is called only once the flags are accepted: a refusal never waits for torch or MLflow to load.
+    """
+    pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
+    try:
+        config = checked_config(parser, config_class, argv)
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        if pending_run:  # after the line: the run `mlflow run` made says why it failed, as any failed run does
+            from cnnexp.tracking import runs, store
+
+            store.quiet_mlflow()
+            runs.end_pending_run("FAILED", err, run_id=pending_run)
+        return EXIT_BAD_INPUT
     from cnnexp.tracking import mlflow_private, runs, store, store_errors
 
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
-    pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
     calm_bars_off_terminal()
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     previous_verbose = os.environ.get(VERBOSE_ENV)
@@ -66,9 +86,8 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     store.bound_http_waits()
     runs_before = runs.runs_started()
     try:
-        args = parser.parse_args(argv)
         store.check_store()
-        main(config_from_args(config_class, args))
+        load_main()(config)
         return 0
     except KeyboardInterrupt:
         if not pending_run and runs.runs_started() == runs_before:

@@ -17,10 +17,10 @@ from cnnexp.model import to_inputs
 from cnnexp.tracking import log, models, owners, resume, store, tags
 from cnnexp.tracking.runs import run_address, tracked_run
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
-from pipelines.flags import make_parser
+from pipelines import cli as commands
 from pipelines.outcomes import register_model
 from pipelines.prepared import load_or_prepare
-from pipelines.running import Made, run_entry_point
+from pipelines.running import Made
 from pipelines.progress import EpochProgress
 
 
@@ -169,7 +169,7 @@ def resume_into(state, best: BestEpoch, checkpoint: dict, run_id: str, data_dige
 
 
 def cli(argv: list[str] | None = None, prog: str = "train") -> int:
-    return run_entry_point(make_parser(prog, __doc__, TrainConfig), TrainConfig, main, argv)
+    return commands.run("train", argv, prog)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import yaml
 
 from cnnexp import config as cfg
 from pipelines import cli
-from pipelines.flags import flag
+from pipelines.flags import flag, make_parser
 from helpers import REPO
 
 ENTRY_POINT_CONFIGS = {
@@ -35,9 +35,8 @@ def test_mlproject_parameters_match_the_config(entry, config_class):
 
 @pytest.mark.parametrize("entry, config_class", ENTRY_POINT_CONFIGS.items())
 def test_cli_flags_and_defaults_match_the_config(entry, config_class):
-    assert entry in cli.COMMANDS
-    module = __import__(cli.COMMANDS[entry][0], fromlist=["cli"])
-    parser = module.make_parser(entry, "", config_class)
+    assert cli.COMMANDS[entry].config is config_class
+    parser = make_parser(entry, "", config_class)
     defaults = vars(parser.parse_args([]))
     for f in dataclasses.fields(config_class):
         assert defaults[f.name] == f.default
