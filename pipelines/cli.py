@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cnnexp import config
 from pipelines.flags import make_parser
-from pipelines.running import run_entry_point
+from pipelines.running import exit_at_once, run_entry_point
 
 
 @dataclass(frozen=True)
@@ -64,5 +64,10 @@ def main(argv: list[str] | None = None, prefix: str = "cnnexp ") -> int:
     return run(argv[0], argv[1:], prog=prefix + argv[0])
 
 
+def entry() -> None:
+    """The `cnnexp` command."""
+    exit_at_once(main())
+
+
 if __name__ == "__main__":  # MLproject's entry points: their lines start with the entry point's own name
-    sys.exit(main(prefix=""))
+    exit_at_once(main(prefix=""))
