@@ -20,7 +20,7 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from cnnexp.checks import ConfigError, first_line
 from cnnexp.serving import OUTPUTS
-from cnnexp.tracking import pyfunc, tags
+from cnnexp.tracking import mlflow_private, pyfunc, tags
 from cnnexp.tracking.log import log_input
 from cnnexp.tracking.runs import error_text
 
@@ -102,10 +102,11 @@ def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: lis
     model = model.cpu().eval()
     classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
     images = (example_inputs[:2, 0].cpu() * 255).round().to(torch.uint8).numpy()
-    return mlflow.models.Model.log(
-        artifact_path=None, name=name, flavor=_ClassifierFlavor, network=model, classes=classes,
-        signature=MODEL_SIGNATURE, input_example=images, step=step,
-    )
+    with mlflow_private.requirements_as_stated():
+        return mlflow.models.Model.log(
+            artifact_path=None, name=name, flavor=_ClassifierFlavor, network=model, classes=classes,
+            signature=MODEL_SIGNATURE, input_example=images, step=step,
+        )
 
 
 def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str], epoch: int,
