@@ -7,14 +7,13 @@ import importlib
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 import pandas as pd
-from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnexp import plots
 from cnnexp.config import TuneConfig
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config, log_csv, log_dict, log_figure, log_metrics, log_params
@@ -24,6 +23,9 @@ from cnnexp.tuning.counts import state_counts
 from cnnexp.tuning.space import optuna_names, params_of
 from cnnexp.tuning.study import study_settings
 from cnnexp.verbosity import verbose
+
+if TYPE_CHECKING:  # matplotlib loads on a thread while trials train (import_figures_in_background)
+    from matplotlib.figure import Figure
 
 
 def summary(study: optuna.Study) -> dict:
@@ -130,6 +132,8 @@ WHOLE_NUMBER_AXES = {"intermediate_values.png": "epoch", "optimization_history.p
 def finish(name: str, fig: Figure, study: optuna.Study) -> Figure:
     """What Optuna's figures leave out: whole-number epoch and trial axes, labels inside the figure, and on
     the importances how many trials they rest on."""
+    from cnnexp import plots
+
     ax = fig.axes[0]
     if name in WHOLE_NUMBER_AXES:
         plots.integer_ticks(ax)
