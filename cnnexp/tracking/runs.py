@@ -41,6 +41,8 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
         raise store_errors.unwritable_lock(err) from None
     with mlflow.start_run(**kwargs) as run:
         _runs_started += 1
+        if not kwargs["nested"]:  # a nested run's experiment is its parent's, already marked
+            mark_model_training(run.info.experiment_id)
         try:
             yield run
         except KeyboardInterrupt:
@@ -54,6 +56,16 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
                     MlflowClient().set_tag(run.info.run_id, tags.ERROR, error_text(err))
             _end_quietly("FAILED")
             raise
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tags the experiment as model training (tags.EXPERIMENT_KIND) unless it has a kind already."""
+    client = MlflowClient()
+    if tags.EXPERIMENT_KIND in client.get_experiment(experiment_id).tags:
+        return
+    # Best effort: a shared server may let this user log runs but not edit the experiment.
+    with contextlib.suppress(MlflowException):
+        client.set_experiment_tag(experiment_id, tags.EXPERIMENT_KIND, tags.MODEL_TRAINING)
 
 
 def owner_tags() -> dict[str, str]:
