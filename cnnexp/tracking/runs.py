@@ -151,12 +151,18 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+# MLflow 3.18's UI takes its GenAI / model-training view from this URL parameter (else the browser's last
+# choice, GenAI at first) and no longer from the experiment's kind tag, which 3.17 read.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
 def run_address(run: mlflow.ActiveRun) -> str:
-    """' at <its page in the UI>' when the tracking URI is a server, else nothing."""
+    """' at <its page in the UI, in the model-training view>' when the tracking URI is a server, else nothing."""
     uri = store.tracking_uri()
     if not store.is_server(uri):
         return ""
-    return f" at {store.redact_url(uri.rstrip('/'))}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    page = f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{MODEL_TRAINING_VIEW}"
+    return f" at {store.redact_url(uri.rstrip('/'))}{page}"
 
 
 # --- child runs written with the client, so several processes can log under one parent ----------

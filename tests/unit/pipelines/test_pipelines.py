@@ -105,7 +105,7 @@ def test_a_batch_larger_than_the_training_split_says_so_and_trains(workdir, tmp_
 def test_a_runs_address_is_its_ui_page_on_a_server_and_nothing_on_a_local_store(monkeypatch):
     run = SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_id="abc"))
     monkeypatch.setattr(store, "tracking_uri", lambda: "http://tuner:pw@host:5000/")
-    assert run_address(run) == " at http://tuner:***@host:5000/#/experiments/3/runs/abc"
+    assert run_address(run) == " at http://tuner:***@host:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     monkeypatch.setattr(store, "tracking_uri", lambda: "sqlite:///mlflow.db")
     assert run_address(run) == ""
 
