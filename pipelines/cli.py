@@ -13,6 +13,7 @@ COMMANDS = {
     "compare": ("pipelines.compare", "leaderboard of an experiment's training runs (CSV, optional plot)"),
     "worker": ("pipelines.worker", "join a study `tune` created (any machine) and run its trials"),
     "orphans": ("pipelines.orphans", "list RUNNING train runs whose process is gone (SIGKILL, a lost machine); --end ends them"),
+    "export": ("pipelines.export", "write a logged model as ONNX, checked against its pyfunc on real images"),
 }
 
 

@@ -74,8 +74,8 @@ def test_readme_leads_with_install_main_job_and_tests():
 
 
 # `worker` has no MLproject entry point: `mlflow run` would open a run of its own, and a worker's
-# trials belong to the study's parent run.
-CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig, "orphans": cfg.OrphansConfig}
+# trials belong to the study's parent run. `orphans` and `export` make no run to track.
+CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig, "orphans": cfg.OrphansConfig, "export": cfg.ExportConfig}
 
 
 @pytest.mark.parametrize("entry, config_class", CLI_ONLY_CONFIGS.items())
