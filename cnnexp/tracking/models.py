@@ -186,3 +186,9 @@ def _run_model(model_uri: str, err: Exception) -> tuple[str, mlflow.models.model
 
 def load_network(model_uri: str) -> torch.nn.Module:
     return mlflow.pytorch.load_model(model_uri)
+
+
+def load_faces(model_uri: str) -> tuple[torch.nn.Module, mlflow.pyfunc.PyFuncModel, str, str]:
+    """The model as mlflow.pytorch (the network) and as pyfunc, with its resolved URI and training run's id."""
+    model_uri, run_id, _ = resolve_model(model_uri)
+    return load_network(model_uri), mlflow.pyfunc.load_model(model_uri), model_uri, run_id
