@@ -36,6 +36,8 @@ COMMANDS = {
                       "join a study `tune` created (any machine) and run its trials"),
     "orphans": Command("pipelines.orphans", config.OrphansConfig,
                        "list RUNNING train runs whose process is gone (SIGKILL, a lost machine); --end ends them"),
+    "export": Command("pipelines.export", config.ExportConfig,
+                      "write a logged model as ONNX, checked against its pyfunc on real images"),
 }
 
 

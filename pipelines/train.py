@@ -86,7 +86,7 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
                 resume.log_checkpoint(checkpoints)
             raise
         try:
-            model, kept = log_results(state, best, history, data, config.keep, run.info.run_name)
+            model, kept = log_results(state, best, history, data, config.keep)
         except Exception as err:
             if (reason := write_failure(err)) is not None:
                 raise RuntimeError(f"cannot write the model ({reason}); {checkpoints} keeps all {state.epoch} "
@@ -100,15 +100,14 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
     return Made(run_id, history)
 
 
-def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str, run_name: str):
-    """Learning curves and the kept epoch's model, named after the run; returns the ModelInfo and that
-    epoch's metrics."""
+def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
+    """Learning curves and the kept epoch's model; returns the ModelInfo and that epoch's metrics."""
     log.log_learning_curves(history)
     kept = kept_epoch(history, best, keep)
     if keep == "best":
         best.restore(state.model)
     model = models.log_kept_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
-                                  best.summary(), log.split_dataset(data, "val"), models.model_name(run_name))
+                                  best.summary(), log.split_dataset(data, "val"))
     log.flush()
     return model, kept
 

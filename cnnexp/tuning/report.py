@@ -61,9 +61,14 @@ def progress_text(study: optuna.Study, trial: FrozenTrial) -> str:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Optuna's trials_dataframe() plus each trial's MLflow run id, and its cohort where trials ran in cohorts."""
+    """Optuna's trials_dataframe() plus each trial's batch size (Optuna's params hold its exponent), MLflow
+    run id, and its cohort where trials ran in cohorts."""
     frame = study.trials_dataframe()
-    attrs = [trial.user_attrs for trial in study.get_trials(deepcopy=False)]  # the frame's rows, in order
+    trials = study.get_trials(deepcopy=False)  # the frame's rows, in order
+    attrs = [trial.user_attrs for trial in trials]
+    if "params_lr" in frame:  # beside lr, where a person reads the point
+        frame.insert(frame.columns.get_loc("params_lr") + 1, "batch_size",
+                     [params_of(trial).get("batch_size") for trial in trials])
     frame["mlflow_run_id"] = [a.get("mlflow_run_id") for a in attrs]
     if any("cohort" in a for a in attrs):
         frame["cohort"] = [a.get("cohort") for a in attrs]

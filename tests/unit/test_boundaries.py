@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO
 
 CORE = ("checks", "config", "data", "idx", "locks", "model", "train", "evaluate", "plots", "serving", "devices", "engine",
-        "slots", "schedule", "fused", "checkpoint", "processes", "verbosity", "ranking", "errors")
+        "slots", "schedule", "fused", "checkpoint", "processes", "verbosity", "ranking", "errors", "onnx_export")
 
 
 def _imported(path: Path) -> set[str]:

@@ -50,6 +50,22 @@ def test_conda_env_lists_the_same_requirements_as_pyproject():
     assert "python=3.11" in conda["dependencies"]
 
 
+EXTRAS = {"plots": {"plotly"}, "export": {"onnx", "onnxscript", "onnxruntime"}}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.match(r"[\w-]+", requirement).group(0) for requirement in requirements}
+
+
+def test_the_plots_and_export_extras_exist_and_readme_names_them_while_dev_stays_light():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    readme = (REPO / "README.md").read_text()
+    for name, packages in EXTRAS.items():
+        assert _requirement_names(extras[name]) == packages, name
+        assert f'pip install -e ".[{name}]"' in readme, name
+    assert not _requirement_names(extras["dev"]) & set().union(*EXTRAS.values())  # dev installs as before
+
+
 PARAMETERS_DOC = REPO / "docs" / "parameters.md"  # the full parameter reference, linked from README
 
 
@@ -73,8 +89,8 @@ def test_readme_leads_with_install_main_job_and_tests():
 
 
 # `worker` has no MLproject entry point: `mlflow run` would open a run of its own, and a worker's
-# trials belong to the study's parent run.
-CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig, "orphans": cfg.OrphansConfig}
+# trials belong to the study's parent run. `orphans` and `export` make no run to track.
+CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig, "orphans": cfg.OrphansConfig, "export": cfg.ExportConfig}
 
 
 @pytest.mark.parametrize("entry, config_class", CLI_ONLY_CONFIGS.items())

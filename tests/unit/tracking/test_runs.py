@@ -68,3 +68,15 @@ def test_every_run_is_created_with_its_owner_in_the_same_write(workdir, monkeypa
     for at_creation in created:
         assert at_creation[tags.OWNER_PID] == me[tags.OWNER_PID] and at_creation[tags.OWNER_HOST] == me[tags.OWNER_HOST]
     assert len(created) == 2 and created[0][tags.ENTRY_POINT] == "train"
+
+
+def test_a_run_marks_its_experiment_as_model_training_unless_the_user_chose_a_kind(workdir):
+    """MLflow's UI opens an experiment without mlflow.experimentKind in its GenAI view."""
+    client = MlflowClient()
+    chosen = client.create_experiment("genai", tags={tags.EXPERIMENT_KIND: "genai_development"})
+    with runs.tracked_run(run_name="default") as run:
+        pass
+    with runs.tracked_run(run_name="chosen", experiment_id=chosen):
+        pass
+    assert client.get_experiment(run.info.experiment_id).tags[tags.EXPERIMENT_KIND] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[tags.EXPERIMENT_KIND] == "genai_development"
