@@ -1,9 +1,11 @@
 """Where `cnnexp tune` spends the time before its first training step: the GPU sat idle for the first 21 s
 of the H200 study (docs/performance.md), and this says which phase took them. It runs the real command,
 stamps each phase from the process's start, and exits once the first step is done (on CUDA: replayed and
-synchronised, so a first capture is included).
+synchronised, so a first capture is included). With `train` first, it stamps a whole `cnnexp train` instead,
+to the end of its work (the process's own exit is benchmarks/fixed_cost.py's).
 
     python benchmarks/startup.py --n-trials 100 --epochs 5 --data-dir data     # tune's own flags
+    python benchmarks/startup.py train --epochs 1 --dataset fashion-mnist-sample  # train's own flags
     python benchmarks/startup.py --out startup.json ...                         # the stamps as JSON too
 
 It runs in a temporary directory of its own (paths given are taken from where it is called; the data from
@@ -77,19 +79,26 @@ def report_and_exit(out: str | None) -> None:
     os._exit(0)  # the first step is what was asked for; the study is not run
 
 
-def first_step_ends_the_run(table_class, out: str | None) -> None:
+def stamp_first_step(table_class, then=None) -> None:
+    """Stamps the first epoch's start and its first step's end (then calls `then`)."""
     import torch
 
     original = table_class.train_epoch
 
     def train_epoch(self, plan, data, forward, bf16, on_step):
-        stamp("first epoch: start")
+        first = not any(what == "first step: done" for what, _ in STAMPS)
+        if first:
+            stamp("first epoch: start")
 
         def after(step, losses):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            stamp("first step: done")
-            report_and_exit(out)
+            if first and not any(what == "first step: done" for what, _ in STAMPS):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                stamp("first step: done")
+                if then is not None:
+                    then()
+            if on_step is not None:
+                on_step(step, losses)
 
         return original(self, plan, data, forward, bf16, after)
 
@@ -113,19 +122,11 @@ def in_scratch(argv: list[str]) -> list[str]:
     return argv
 
 
-def main(argv: list[str]) -> int:
-    out = None
-    if "--out" in argv:
-        at = argv.index("--out")
-        out, argv = str(Path(argv[at + 1]).resolve()), argv[:at] + argv[at + 2:]
-    argv = in_scratch(argv)
-    stamp("interpreter up")
-    importlib.import_module("torch")
-    stamp("torch imported")
+def stamp_tune(out: str | None) -> None:
     from cnnexp import slots
     from cnnexp.tracking import store
     from cnnexp.tuning import report, study
-    from pipelines import cli, tune
+    from pipelines import tune
 
     stamp("pipelines.tune imported")
     timed(store, "check_store", "tracking store checked")
@@ -134,8 +135,46 @@ def main(argv: list[str]) -> int:
     timed(report, "log_study_settings", "parent run open, settings logged")
     timed(slots.Resident, "of", "data on the device")
     timed(slots.Table, "_graph", "first step captured")
-    first_step_ends_the_run(slots.Table, out)
-    return cli.main(["tune", *argv])
+    stamp_first_step(slots.Table, then=lambda: report_and_exit(out))
+
+
+def stamp_train() -> None:
+    from cnnexp import slots
+    from cnnexp.tracking import log, store
+    from pipelines import train
+
+    stamp("pipelines.train imported")
+    timed(store, "check_store", "tracking store checked")
+    timed(train, "load_or_prepare", "data loaded")
+    timed(store, "open_store", "store opened")
+    timed(log, "log_config", "run started, params logged")
+    timed(slots.Resident, "of", "data on the device")
+    stamp_first_step(slots.Table)
+    timed(log, "log_epoch", "epoch 1 logged")
+    timed(log, "log_learning_curves", "learning curves")
+    timed(train, "log_results", "model and curves logged")
+
+
+def main(argv: list[str]) -> int:
+    out = None
+    if "--out" in argv:
+        at = argv.index("--out")
+        out, argv = str(Path(argv[at + 1]).resolve()), argv[:at] + argv[at + 2:]
+    command = argv.pop(0) if argv and argv[0] in ("train", "tune") else "tune"
+    argv = in_scratch(argv)
+    stamp("interpreter up")
+    importlib.import_module("torch")
+    stamp("torch imported")
+    from pipelines import cli
+
+    if command == "tune":
+        stamp_tune(out)
+        return cli.main(["tune", *argv])
+    stamp_train()
+    code = cli.main(["train", *argv])
+    stamp("train done")
+    report_and_exit(out)
+    return code
 
 
 if __name__ == "__main__":

@@ -291,6 +291,24 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    model_uri: str = _like(EvaluateConfig, "model_uri")
+    output: str = field(default="model.onnx", metadata=_help(
+        "ONNX file to write: input float32 [N, 1, 28, 28] in 0-1 (pixels / 255), output logits [N, classes]"))
+    check_images: int = field(default=100, metadata=_help(
+        "real images (the bundled Fashion-MNIST test split) on which the export must agree with the model's pyfunc"))
+
+    def validate(self) -> None:
+        check_nonempty("model_uri", self.model_uri)
+        check_nonempty("output", self.output)
+        if not 1 <= self.check_images <= CHECKABLE_IMAGES:
+            raise ConfigError("check_images", f"must be from 1 to {CHECKABLE_IMAGES}, got {self.check_images}")
+
+
+CHECKABLE_IMAGES = 1_000  # the bundled sample's test split
+
+
+@dataclass(frozen=True)
 class OrphansConfig:
     end: bool = field(default=False, metadata=_help(
         "mark the orphaned runs FAILED (tag error says why), so the UI no longer shows them running; "

@@ -10,8 +10,7 @@ from cnnexp import plots
 from cnnexp.config import CompareConfig, ConfigError
 from cnnexp.ranking import RANKING_METRIC
 from cnnexp.tracking.queries import training_runs
-from pipelines.flags import make_parser
-from pipelines.running import run_entry_point
+from pipelines import cli as commands
 
 ASCENDING = ("train_time_s", "run_name", "run_id", "kind")  # smaller is better (or just alphabetical)
 # The same figure the registry's champion rule and tune's best trial use.
@@ -74,7 +73,7 @@ def write_files(config: CompareConfig, table: pd.DataFrame) -> None:
 
 
 def cli(argv: list[str] | None = None, prog: str = "compare") -> int:
-    return run_entry_point(make_parser(prog, __doc__, CompareConfig), CompareConfig, main, argv)
+    return commands.run("compare", argv, prog)
 
 
 if __name__ == "__main__":

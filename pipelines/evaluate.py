@@ -6,7 +6,8 @@ import sys
 import pandas as pd
 import torch
 
-from cnnexp import evaluate, plots
+from cnnexp import plots
+from cnnexp.evaluate import confident_mistakes, confusion_matrix, per_class_metrics, predict, score
 from cnnexp.config import EvaluateConfig
 from cnnexp.data import DataError, PreparedData, load_prepared
 from cnnexp.devices import resolve_device
@@ -14,9 +15,9 @@ from cnnexp.model import to_inputs
 from cnnexp.tracking import log, tags
 from cnnexp.tracking.models import load_network, resolve_model
 from cnnexp.tracking.runs import run_tags, set_tags, tracked_run
-from pipelines.flags import make_parser
+from pipelines import cli as commands
 from pipelines.outcomes import register_model
-from pipelines.running import Made, run_entry_point
+from pipelines.running import Made
 
 MISTAKES_SHOWN = 24
 
@@ -37,8 +38,8 @@ def load_checked_data(config: EvaluateConfig, training_run_id: str, data: Prepar
 
 def report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
     """Every number and table of an evaluation, all from the same logits."""
-    confusion = evaluate.confusion_matrix(logits, labels, len(classes))
-    per_class = pd.DataFrame({"class": classes, **evaluate.per_class_metrics(confusion)})
+    confusion = confusion_matrix(logits, labels, len(classes))
+    per_class = pd.DataFrame({"class": classes, **per_class_metrics(confusion)})
     probabilities = logits.softmax(dim=1)
     predictions = pd.DataFrame({
         "label": labels.numpy(),
@@ -46,11 +47,11 @@ def report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> di
         "confidence": probabilities.max(dim=1).values.numpy(),
     })
     return {
-        "scores": evaluate.score(logits, labels),
+        "scores": score(logits, labels),
         "confusion": pd.DataFrame(confusion.numpy(), index=classes, columns=classes),
         "per_class": per_class,
         "predictions": predictions,
-        "mistakes": evaluate.confident_mistakes(logits, labels, MISTAKES_SHOWN),
+        "mistakes": confident_mistakes(logits, labels, MISTAKES_SHOWN),
     }
 
 
@@ -82,7 +83,7 @@ def main(config: EvaluateConfig, data: PreparedData | None = None) -> Made[dict[
         set_tags({tags.SCORED_RUN_ID: training_run_id, tags.SCORED_MODEL_URI: model_uri, **log.data_tags(data)})
         device = resolve_device(config.device)
         split = data.splits[config.split]
-        logits = evaluate.predict(load_network(model_uri).to(device), to_inputs(split.images).to(device)).cpu()
+        logits = predict(load_network(model_uri).to(device), to_inputs(split.images).to(device)).cpu()
         result = report(logits, split.labels, data.classes)
         metrics = {f"{config.split}_{name}": value for name, value in result["scores"].items()}
         # Linked to the scored model and the split, so the model's record holds its test score.
@@ -97,7 +98,7 @@ def main(config: EvaluateConfig, data: PreparedData | None = None) -> Made[dict[
 
 
 def cli(argv: list[str] | None = None, prog: str = "evaluate") -> int:
-    return run_entry_point(make_parser(prog, __doc__, EvaluateConfig), EvaluateConfig, main, argv)
+    return commands.run("evaluate", argv, prog)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ from cnnexp.tracking.log import log_config
 from cnnexp.tracking.models import MODEL_NAME
 from cnnexp.tracking.queries import find_step_run, mark_step
 from cnnexp.tracking.runs import set_tags, tracked_run
+from pipelines import cli as commands
 from pipelines import evaluate, prepare, train
-from pipelines.flags import make_parser
-from pipelines.running import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("cnnexp/**/*.py", "pipelines/**/*.py")  # the code that computes results, subpackages included
@@ -74,7 +73,7 @@ def main(config: MainConfig) -> dict[str, str]:
 
 
 def cli(argv: list[str] | None = None, prog: str = "main") -> int:
-    return run_entry_point(make_parser(prog, __doc__, MainConfig), MainConfig, main, argv)
+    return commands.run("main", argv, prog)
 
 
 if __name__ == "__main__":

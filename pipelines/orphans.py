@@ -14,8 +14,8 @@ from cnnexp.config import OrphansConfig
 from cnnexp.tracking import tags
 from cnnexp.tracking.owners import is_train_run, orphaned_runs
 from cnnexp.tracking.runs import end_child_run
-from pipelines.flags import make_parser
-from pipelines.running import Made, run_entry_point
+from pipelines import cli as commands
+from pipelines.running import Made
 
 
 def main(config: OrphansConfig) -> Made[list[str]]:
@@ -34,7 +34,7 @@ def main(config: OrphansConfig) -> Made[list[str]]:
 
 
 def cli(argv: list[str] | None = None, prog: str = "orphans") -> int:
-    return run_entry_point(make_parser(prog, __doc__, OrphansConfig), OrphansConfig, main, argv)
+    return commands.run("orphans", argv, prog)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from cnnexp.data import PreparedData, prepare
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config, log_prepared_data
 from cnnexp.tracking.runs import set_tags, tracked_run
-from pipelines.flags import make_parser
+from pipelines import cli as commands
 from pipelines.prepared import announce_stand_in
-from pipelines.running import Made, run_entry_point
+from pipelines.running import Made
 
 
 def main(config: PrepareConfig) -> Made[PreparedData]:
@@ -28,7 +28,7 @@ def main(config: PrepareConfig) -> Made[PreparedData]:
 
 
 def cli(argv: list[str] | None = None, prog: str = "prepare") -> int:
-    return run_entry_point(make_parser(prog, __doc__, PrepareConfig), PrepareConfig, main, argv)
+    return commands.run("prepare", argv, prog)
 
 
 if __name__ == "__main__":

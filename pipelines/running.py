@@ -3,13 +3,16 @@ as one line on stderr with an exit code (2 bad input, 1 a failure while working,
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from cnnexp.checks import ConfigError, DataError, first_line
 from cnnexp.verbosity import VERBOSE_ENV
@@ -46,6 +49,13 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or a stop signal) in a run that can go on; its message names the run and says how to go on."""
 
 
+def checked_config(parser: argparse.ArgumentParser, config_class: type[C], argv: list[str] | None) -> C:
+    """The config the flags give, validated; argparse's own refusals come as ConfigError too (flags.py)."""
+    config = config_from_args(config_class, parser.parse_args(argv))
+    config.validate()
+    return config
+
+
 @dataclass(frozen=True)
 class Made(Generic[R]):
     """What a step's main made: its run, and its result (the prepared data, a history, metrics)."""
@@ -54,13 +64,26 @@ class Made(Generic[R]):
     result: R
 
 
-def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main: Callable[[C], Any],
+def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], load_main: Callable[[], Callable[[C], Any]],
                     argv: list[str] | None = None) -> int:
-    """Parses, runs main, and turns every failure into one line on stderr and a non-zero exit code."""
+    """Checks the flags, then loads and runs main; every failure becomes one line on stderr and a non-zero exit.
+
+    load_main is called only once the flags are accepted: a refusal never waits for torch or MLflow to load.
+    """
+    pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
+    try:
+        config = checked_config(parser, config_class, argv)
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        if pending_run:  # after the line: the run `mlflow run` made says why it failed, as any failed run does
+            from cnnexp.tracking import runs, store
+
+            store.quiet_mlflow()
+            runs.end_pending_run("FAILED", err, run_id=pending_run)
+        return EXIT_BAD_INPUT
     from cnnexp.tracking import mlflow_private, runs, store, store_errors
 
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
-    pending_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`; mlflow.start_run removes it
     calm_bars_off_terminal()
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     previous_verbose = os.environ.get(VERBOSE_ENV)
@@ -70,9 +93,8 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
     store.bound_http_waits()
     runs_before = runs.runs_started()
     try:
-        args = parser.parse_args(argv)
         store.check_store()
-        main(config_from_args(config_class, args))
+        load_main()(config)
         return 0
     except KeyboardInterrupt as stop:
         if not pending_run and runs.runs_started() == runs_before:
@@ -100,3 +122,21 @@ def run_entry_point(parser: argparse.ArgumentParser, config_class: type[C], main
             os.environ.pop(VERBOSE_ENV, None)
         else:
             os.environ[VERBOSE_ENV] = previous_verbose
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """Ends a command's process as soon as its work is written, skipping the interpreter's teardown.
+
+    That teardown frees every module and object torch and MLflow made, one by one: seconds after a run's last
+    line on a loaded 2-core machine, for nothing (benchmarks/startup.py). What a normal exit does that matters
+    still happens, in its order: other threads finish, atexit handlers run (temporary directories,
+    multiprocessing's children, MLflow's queues), and the output is flushed.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # noqa: SLF001 - the handlers os._exit would skip
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone (a closed pipe) loses nothing of ours
+            stream.flush()
+    os._exit(code)

@@ -18,10 +18,10 @@ from cnnexp.model import to_inputs
 from cnnexp.tracking import log, models, owners, resume, store, tags
 from cnnexp.tracking.runs import full_run_id, run_address, tracked_run
 from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
-from pipelines.flags import make_parser
+from pipelines import cli as commands
 from pipelines.outcomes import register_model
 from pipelines.prepared import load_or_prepare
-from pipelines.running import Interrupted, Made, run_entry_point
+from pipelines.running import Interrupted, Made
 from pipelines.progress import EpochProgress
 
 
@@ -92,7 +92,7 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
                 raise Interrupted(interrupted_line(run_id, checkpoints, state.epoch)) from None
             raise
         try:
-            model, kept = log_results(state, best, history, data, config.keep, run.info.run_name)
+            model, kept = log_results(state, best, history, data, config.keep)
         except Exception as err:
             if (reason := write_failure(err)) is not None:
                 raise RuntimeError(f"cannot write the model ({reason}); {checkpoints} keeps all {state.epoch} "
@@ -108,15 +108,14 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
     return Made(run_id, history)
 
 
-def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str, run_name: str):
-    """Learning curves and the kept epoch's model, named after the run; returns the ModelInfo and that
-    epoch's metrics."""
+def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
+    """Learning curves and the kept epoch's model; returns the ModelInfo and that epoch's metrics."""
     log.log_learning_curves(history)
     kept = kept_epoch(history, best, keep)
     if keep == "best":
         best.restore(state.model)
     model = models.log_kept_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
-                                  best.summary(), log.split_dataset(data, "val"), models.model_name(run_name))
+                                  best.summary(), log.split_dataset(data, "val"))
     log.flush()
     return model, kept
 
@@ -184,7 +183,7 @@ def resume_into(state, best: BestEpoch, checkpoint: dict, run_id: str, data_dige
 
 
 def cli(argv: list[str] | None = None, prog: str = "train") -> int:
-    return run_entry_point(make_parser(prog, __doc__, TrainConfig), TrainConfig, main, argv)
+    return commands.run("train", argv, prog)
 
 
 if __name__ == "__main__":

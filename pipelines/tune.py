@@ -10,11 +10,11 @@ from cnnexp.tracking.log import data_tags, log_metrics
 from cnnexp.tracking.runs import active_run_ids, reopen, set_tags, tracked_run
 from cnnexp.tracking.store import redact_url, tracking_uri
 from cnnexp.tuning import counts, recovery, report, study, workers
+from pipelines import cli as commands
 from pipelines import status
-from pipelines.flags import make_parser
 from pipelines.outcomes import print_trial
 from pipelines.prepared import load_or_prepare
-from pipelines.running import Made, run_entry_point
+from pipelines.running import Made
 
 
 def main(config: TuneConfig) -> Made[dict]:
@@ -126,7 +126,7 @@ def settled(config: TuneConfig) -> tuple[TuneConfig, str]:
 
 
 def cli(argv: list[str] | None = None, prog: str = "tune") -> int:
-    return run_entry_point(make_parser(prog, __doc__, TuneConfig), TuneConfig, main, argv)
+    return commands.run("tune", argv, prog)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from cnnexp.tracking import tags
 from cnnexp.tracking.runs import run_exists, run_tags
 from cnnexp.tracking.store import tracking_uri
 from cnnexp.tuning import counts, report, study, workers
+from pipelines import cli as commands
 from pipelines import status
-from pipelines.flags import make_parser
 from pipelines.outcomes import print_trial
 from pipelines.prepared import load_or_prepare
-from pipelines.running import Made, run_entry_point
+from pipelines.running import Made
 
 
 def main(config: WorkerConfig) -> Made[dict]:
@@ -46,7 +46,7 @@ def main(config: WorkerConfig) -> Made[dict]:
 
 
 def cli(argv: list[str] | None = None, prog: str = "worker") -> int:
-    return run_entry_point(make_parser(prog, __doc__, WorkerConfig), WorkerConfig, main, argv)
+    return commands.run("worker", argv, prog)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ def no_study_figures(request, monkeypatch):
         monkeypatch.setattr(report, "figures", lambda study: {})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """The cache a new store is copied from (cnnexp.tracking.empty_store) is the session's, not the user's;
+    subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture
 def idx_source(tmp_path) -> Path:
     return write_idx_dir(tmp_path / "idx")

@@ -188,8 +188,7 @@ def metric_histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def model_uri(run_id: str, client: MlflowClient | None = None) -> str:
-    """models:/<id> of the model a run logged last; runs:/<run_id>/model finds only a model named `model`,
-    and models are named after their runs."""
+    """models:/<id> of the model a run logged last (a run that logged several: runs:/<run_id>/model is ambiguous)."""
     return f"models:/{(client or MlflowClient()).get_run(run_id).outputs.model_outputs[-1].model_id}"
 
 

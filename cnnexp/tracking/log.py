@@ -13,7 +13,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cnnexp.data import PreparedData
-from cnnexp import plots
 from cnnexp.tracking import tags
 from cnnexp.tracking.store import writes_queued
 
@@ -116,17 +115,23 @@ def log_prepared_data(data: PreparedData) -> None:
         artifact_file="per_class_counts.json",
     )
     mlflow.log_dict(data.manifest, "manifest.json")
+    from cnnexp import plots  # matplotlib (half a second): loaded where a figure is drawn, not before training
+
     train = data.splits["train"]
     log_figure(plots.samples_per_class(train.images, train.labels, data.classes), "samples_per_class.png")
     mlflow.set_tags(data_tags(data))
 
 
 def log_figure(fig, artifact_file: str) -> None:
+    from cnnexp import plots
+
     mlflow.log_figure(fig, artifact_file)
     plots.close(fig)
 
 
 def log_learning_curves(history: list[dict]) -> None:
+    from cnnexp import plots
+
     log_figure(plots.learning_curves(history), "learning_curves.png")
 
 

@@ -6,11 +6,17 @@ can go (or be redone) in the same change that moves MLflow.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+
+import mlflow.pyfunc
+import mlflow.utils.environment
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
@@ -82,3 +88,42 @@ def version_model_id(version: ModelVersion) -> str | None:
         return version.model_id
     model_id = (version.source or "").removeprefix("models:/")
     return model_id if model_id != version.source and model_id.startswith("m-") and "/" not in model_id else None
+
+
+_stated = threading.local()
+
+
+def _unless_stated(check):
+    @functools.wraps(check)
+    def check_unless_stated(requirements):
+        if not getattr(_stated, "active", False):
+            check(requirements)
+
+    check_unless_stated.cnnexp = True
+    return check_unless_stated
+
+
+# Where MLflow calls its requirement check by this name: saving a model, and pyfunc's load, which
+# Model.log runs to validate the input example.
+CHECKING_MODULES = (mlflow.utils.environment, mlflow.pyfunc)
+
+
+@contextlib.contextmanager
+def requirements_as_stated() -> Iterator[None]:
+    """Logs a model (in this thread) without MLflow checking its pip requirements against this environment.
+
+    MLflow 3.17-3.18 warns where a model's requirement is not what is installed, as it saves the model and as
+    Model.log loads it back to validate the input example; to know which module is which package it first
+    maps every installed distribution (importlib.metadata.packages_distributions): half a second of CPU once
+    per process, well over a second of a short train's end on a loaded machine. cnnexp states the installed
+    versions themselves (models.model_requirements), so there is nothing for that check to find. Other
+    threads, and models that are not cnnexp's, are checked as before.
+    """
+    for module in CHECKING_MODULES:
+        if not getattr(module.warn_dependency_requirement_mismatches, "cnnexp", False):
+            module.warn_dependency_requirement_mismatches = _unless_stated(module.warn_dependency_requirement_mismatches)
+    _stated.active = True
+    try:
+        yield
+    finally:
+        _stated.active = False

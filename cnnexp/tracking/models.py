@@ -20,14 +20,16 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from cnnexp.checks import ConfigError, first_line
 from cnnexp.serving import OUTPUTS
-from cnnexp.tracking import pyfunc, tags
+from cnnexp.tracking import mlflow_private, pyfunc, tags
 from cnnexp.tracking.log import log_input
 from cnnexp.tracking.runs import error_text, full_run_id
 
-# The name models had before they took their run's, and what runs:/<run_id>/model means to resolve_model:
-# that run's model, whatever its name.
+# Every logged model's name: MLflow 3 resolves runs:/<run_id>/<path> by searching the run's experiment for a
+# logged model *named* <path> whose source run is <run_id> (RunsArtifactRepository._get_logged_model_artifact_repo),
+# so only a model named `model` loads as runs:/<run_id>/model in pyfunc, serve and evaluate. The UI tells models
+# apart by the run they were logged from (its "Source run" column) and the RUN_NAME_TAG tag.
 MODEL_NAME = "model"
-UNNAMEABLE = ("/", ":", ".", "%", '"', "'")  # what MLflow 3.17 refuses in a logged model's name
+RUN_NAME_TAG = "cnnexp.run_name"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 # Outputs only: a TensorSpec input would pin one dtype, and pyfunc enforces it strictly, so it
@@ -80,14 +82,8 @@ class _ClassifierFlavor:
         mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
-def model_name(run_name: str | None) -> str:
-    """A logged model's name: its run's, so the Models tab tells models apart (not all `model`). The
-    characters MLflow refuses in a model name, a learning rate's decimal point among them, become `_`."""
-    return "".join("_" if c in UNNAMEABLE else c for c in run_name or "") or MODEL_NAME
-
-
 def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str] | None = None,
-              step: int = 0, name: str = MODEL_NAME) -> mlflow.models.model.ModelInfo:
+              step: int = 0) -> mlflow.models.model.ModelInfo:
     """Logs the network as one MLflow model with two faces, at `step` (the epoch its weights are from).
 
     mlflow.pytorch.load_model gives back the Network (float [N, 1, 28, 28] -> logits), pickled: MLflow's
@@ -97,20 +93,27 @@ def log_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: lis
     28x28 images, uint8 0-255 or float 0-1 -> class indices (or, by the `output` param, names or
     probabilities), built from the weights alone.
     code_paths ships cnnexp inside the model so both load where cnnexp is not installed.
-    `name` (see model_name) also addresses it as runs:/<run_id>/<name>.
+    Named MODEL_NAME, it loads as runs:/<run_id>/model; its run's name goes on it as a tag.
     """
     model = model.cpu().eval()
     classes = list(classes) if classes is not None else [str(i) for i in range(model.out.out_features)]
     images = (example_inputs[:2, 0].cpu() * 255).round().to(torch.uint8).numpy()
-    return mlflow.models.Model.log(
-        artifact_path=None, name=name, flavor=_ClassifierFlavor, network=model, classes=classes,
-        signature=MODEL_SIGNATURE, input_example=images, step=step,
-    )
+    with mlflow_private.requirements_as_stated():
+        return mlflow.models.Model.log(
+            artifact_path=None, name=MODEL_NAME, flavor=_ClassifierFlavor, network=model, classes=classes,
+            signature=MODEL_SIGNATURE, input_example=images, step=step, tags=run_name_tag(),
+        )
+
+
+def run_name_tag() -> dict[str, str]:
+    """The active run's name, for the model's tags: what tells models apart once all are named `model`."""
+    run = mlflow.active_run()
+    name = run.info.run_name if run else None
+    return {RUN_NAME_TAG: name} if name else {}
 
 
 def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str], epoch: int,
-                   summary: dict[str, float], val: mlflow.data.Dataset,
-                   name: str = MODEL_NAME) -> mlflow.models.model.ModelInfo:
+                   summary: dict[str, float], val: mlflow.data.Dataset) -> mlflow.models.model.ModelInfo:
     """Into the active run: the validation data as an input, the model at step = the epoch its weights
     are from, and the run's summary metrics (best_val_accuracy, best_epoch).
 
@@ -122,21 +125,20 @@ def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes
     """
     mlflow.flush_async_logging()  # the points MLflow links must be in the store, not in the async queue
     log_input(val, context="val")
-    info = log_model(model, example_inputs, classes, step=epoch, name=name)
+    info = log_model(model, example_inputs, classes, step=epoch)
     mlflow.log_metrics(summary, synchronous=True)
     return info
 
 
 def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str],
-                         epoch: int, summary: dict[str, float], val: mlflow.data.Dataset,
-                         name: str = MODEL_NAME) -> None:
+                         epoch: int, summary: dict[str, float], val: mlflow.data.Dataset) -> None:
     """log_kept_model into an existing run (from any thread), then ends the run FINISHED either way.
 
     A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
     """
     try:
         with mlflow.start_run(run_id=run_id):
-            log_kept_model(model, example_inputs, classes, epoch, summary, val, name)
+            log_kept_model(model, example_inputs, classes, epoch, summary, val)
     except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
         MlflowClient().set_tag(run_id, tags.MODEL_ERROR, error_text(err))
     MlflowClient().set_terminated(run_id, "FINISHED")
@@ -155,8 +157,9 @@ def last_model_id(run: Run) -> str | None:
 def resolve_model(model_uri: str) -> tuple[str, str, str | None]:
     """(model URI, id of the run that trained it, its LoggedModel id).
 
-    A bare run id, or runs:/<run_id>/model, stands for that run's model whatever its name: MLflow finds
-    runs:/<run_id>/<name> by the model's name, and models are named after their runs now.
+    A bare run id stands for runs:/<run_id>/model. Models logged while they were named after their run
+    (train-lr0_01-bs100) are found that way too, through the run's last model (MLflow finds them only by
+    their old name).
     """
     if ":" not in model_uri and "/" not in model_uri:
         model_uri = f"runs:/{full_run_id('model_uri', model_uri)}/{MODEL_NAME}"
@@ -180,7 +183,8 @@ def is_cnnexp_model(info: mlflow.models.model.ModelInfo) -> bool:
 
 
 def _run_model(model_uri: str, err: Exception) -> tuple[str, mlflow.models.model.ModelInfo]:
-    """runs:/<run_id>/model of a run whose model has the run's name: models:/<that model's id>."""
+    """runs:/<run_id>/model of a run whose model kept its run's name (logged before MODEL_NAME was the
+    rule): models:/<that model's id>."""
     run_id = model_uri.removeprefix("runs:/").removesuffix(f"/{MODEL_NAME}")
     model_id = None
     if model_uri == f"runs:/{run_id}/{MODEL_NAME}" and "/" not in run_id:
@@ -193,3 +197,9 @@ def _run_model(model_uri: str, err: Exception) -> tuple[str, mlflow.models.model
 
 def load_network(model_uri: str) -> torch.nn.Module:
     return mlflow.pytorch.load_model(model_uri)
+
+
+def load_faces(model_uri: str) -> tuple[torch.nn.Module, mlflow.pyfunc.PyFuncModel, str, str]:
+    """The model as mlflow.pytorch (the network) and as pyfunc, with its resolved URI and training run's id."""
+    model_uri, run_id, _ = resolve_model(model_uri)
+    return load_network(model_uri), mlflow.pyfunc.load_model(model_uri), model_uri, run_id

@@ -42,6 +42,8 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
         raise store_errors.unwritable_lock(err) from None
     with mlflow.start_run(**kwargs) as run:
         _runs_started += 1
+        if not kwargs["nested"]:  # a nested run's experiment is its parent's, already marked
+            mark_model_training(run.info.experiment_id)
         try:
             yield run
         except KeyboardInterrupt:
@@ -55,6 +57,16 @@ def tracked_run(**kwargs) -> Iterator[mlflow.ActiveRun]:
                     MlflowClient().set_tag(run.info.run_id, tags.ERROR, error_text(err))
             _end_quietly("FAILED")
             raise
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tags the experiment as model training (tags.EXPERIMENT_KIND) unless it has a kind already."""
+    client = MlflowClient()
+    if tags.EXPERIMENT_KIND in client.get_experiment(experiment_id).tags:
+        return
+    # Best effort: a shared server may let this user log runs but not edit the experiment.
+    with contextlib.suppress(MlflowException):
+        client.set_experiment_tag(experiment_id, tags.EXPERIMENT_KIND, tags.MODEL_TRAINING)
 
 
 def owner_tags() -> dict[str, str]:
@@ -159,12 +171,18 @@ def full_run_id(param: str, given: str) -> str:
     return found[0] if found else given
 
 
+# MLflow 3.18's UI takes its GenAI / model-training view from this URL parameter (else the browser's last
+# choice, GenAI at first) and no longer from the experiment's kind tag, which 3.17 read.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
 def run_address(run: mlflow.ActiveRun) -> str:
-    """' at <its page in the UI>' when the tracking URI is a server, else nothing."""
+    """' at <its page in the UI, in the model-training view>' when the tracking URI is a server, else nothing."""
     uri = store.tracking_uri()
     if not store.is_server(uri):
         return ""
-    return f" at {store.redact_url(uri.rstrip('/'))}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    page = f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{MODEL_TRAINING_VIEW}"
+    return f" at {store.redact_url(uri.rstrip('/'))}{page}"
 
 
 # --- child runs written with the client, so several processes can log under one parent ----------

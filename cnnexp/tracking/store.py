@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from cnnexp.checks import ConfigError, first_line
 from cnnexp.verbosity import verbose
 from cnnexp.locks import sqlite_creation_lock, sqlite_file
+from cnnexp.tracking import empty_store
 
 # MLflow's own defaults (a 120 s timeout, 7 retries with exponential backoff) make each call to a server
 # that is gone wait about four minutes. Ours: a call gives up after at most ~35 s (3 tries of 10 s, 1 s
@@ -67,7 +68,8 @@ def use_tracking_uri(uri: str) -> None:
 
 
 def open_store() -> None:
-    """Creates a new sqlite store under a file lock.
+    """Opens the store, creating a new sqlite one under a file lock (from this MLflow's empty store, where
+    one is cached: cnnexp.tracking.empty_store).
 
     Several processes creating one store at once race through MLflow's table migrations and fail
     ("table _alembic_tmp_... already exists"); once it exists, concurrent runs are fine.
@@ -78,6 +80,8 @@ def open_store() -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite_creation_lock(uri):
+        if not path.exists():
+            empty_store.copy_empty_store(path)
         MlflowClient().search_experiments(max_results=1)
 
 

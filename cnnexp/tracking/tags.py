@@ -14,6 +14,11 @@ DATA_DIGEST = "data_digest"  # the prepared data a run read (evaluate checks it 
 DATASET = "dataset"  # the dataset it holds (fashion-mnist-sample when a download fell back to the sample)
 REUSED_DATA = "reused"  # prepare: an earlier identical preparation was reused
 
+# On the experiment: MLflow's UI (3.17+) opens an experiment of this kind in its model-training view,
+# not its GenAI one (traces, agent versions). Set only where the user has set no kind.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
 # Who runs it (train): a RUNNING run whose owner is gone can be resumed.
 OWNER_HOST = "cnnexp.owner.host"
 OWNER_PID = "cnnexp.owner.pid"

@@ -7,14 +7,13 @@ import importlib
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
 import pandas as pd
-from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from cnnexp import plots
 from cnnexp.config import TuneConfig
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import log_config, log_csv, log_dict, log_figure, log_metrics, log_params
@@ -24,6 +23,9 @@ from cnnexp.tuning.counts import state_counts
 from cnnexp.tuning.space import optuna_names, params_of
 from cnnexp.tuning.study import study_settings
 from cnnexp.verbosity import verbose
+
+if TYPE_CHECKING:  # matplotlib loads on a thread while trials train (import_figures_in_background)
+    from matplotlib.figure import Figure
 
 
 def summary(study: optuna.Study) -> dict:
@@ -59,9 +61,14 @@ def progress_text(study: optuna.Study, trial: FrozenTrial) -> str:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Optuna's trials_dataframe() plus each trial's MLflow run id, and its cohort where trials ran in cohorts."""
+    """Optuna's trials_dataframe() plus each trial's batch size (Optuna's params hold its exponent), MLflow
+    run id, and its cohort where trials ran in cohorts."""
     frame = study.trials_dataframe()
-    attrs = [trial.user_attrs for trial in study.get_trials(deepcopy=False)]  # the frame's rows, in order
+    trials = study.get_trials(deepcopy=False)  # the frame's rows, in order
+    attrs = [trial.user_attrs for trial in trials]
+    if "params_lr" in frame:  # beside lr, where a person reads the point
+        frame.insert(frame.columns.get_loc("params_lr") + 1, "batch_size",
+                     [params_of(trial).get("batch_size") for trial in trials])
     frame["mlflow_run_id"] = [a.get("mlflow_run_id") for a in attrs]
     if any("cohort" in a for a in attrs):
         frame["cohort"] = [a.get("cohort") for a in attrs]
@@ -130,6 +137,8 @@ WHOLE_NUMBER_AXES = {"intermediate_values.png": "epoch", "optimization_history.p
 def finish(name: str, fig: Figure, study: optuna.Study) -> Figure:
     """What Optuna's figures leave out: whole-number epoch and trial axes, labels inside the figure, and on
     the importances how many trials they rest on."""
+    from cnnexp import plots
+
     ax = fig.axes[0]
     if name in WHOLE_NUMBER_AXES:
         plots.integer_ticks(ax)

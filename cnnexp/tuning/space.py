@@ -45,6 +45,12 @@ def params_of(trial: FrozenTrial) -> dict:
     return params
 
 
+def best_params(study: optuna.Study) -> dict:
+    """The best trial's point as {"lr": ..., "batch_size": ...}: Optuna's study.best_params holds the
+    searched exponent, log2_batch_size, not the size. Raises ValueError while no trial is complete."""
+    return params_of(study.best_trial)
+
+
 def optuna_params(study: optuna.Study, params: dict) -> dict:
     """The inverse of params_of for this study: what enqueue_trial must fix so that suggest() repeats the point."""
     if "batch_size" not in params or searches_categorical(study):

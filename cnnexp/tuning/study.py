@@ -141,7 +141,17 @@ def load_study(config: TuneConfig, worker: int = 0) -> optuna.Study:
         sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(config), load_if_exists=True,
     )
     study.sampler = make_sampler(config, sampler_seed(config.seed, worker, len(study.get_trials(deepcopy=False))))
+    name_objective(study)
     return study
+
+
+OBJECTIVE_NAME = "val_accuracy"  # what a trial's value is (its best or last epoch's: the setting `objective`)
+
+
+def name_objective(study: optuna.Study) -> None:
+    """Names the value in Optuna's tools (optuna-dashboard, figures), which otherwise say "Objective 0"."""
+    if study.metric_names != [OBJECTIVE_NAME]:  # one write, on the study's first load
+        study.set_metric_names([OBJECTIVE_NAME])
 
 
 def with_study_settings(config: TuneConfig) -> TuneConfig:

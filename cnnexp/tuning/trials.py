@@ -26,7 +26,7 @@ from cnnexp.model import Network, to_inputs
 from cnnexp.processes import owner
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import data_tags, log_child_epoch, split_dataset
-from cnnexp.tracking.models import log_model_and_finish, model_name
+from cnnexp.tracking.models import log_model_and_finish
 from cnnexp.tracking.runs import end_child_run, error_text, start_child_run
 from cnnexp.train import BestEpoch, speed_options
 from cnnexp.tuning.optuna_private import record_heartbeat
@@ -126,7 +126,7 @@ class Tracker:
         def log_and_tell() -> None:
             try:
                 log_model_and_finish(run.run_id, model, example, classes, run.best.epoch, run.best.summary(),
-                                     self.val, name=model_name(run_name(run.trial.number, run.params)))
+                                     self.val)
             except BaseException:
                 # Not complete without its model, and not left RUNNING for a live worker to wait on.
                 report(self.study, self.callbacks, self.study.tell(run.trial, state=TrialState.FAIL))

@@ -104,8 +104,9 @@ def test_each_run_has_its_model_and_learning_curves(trained):
     for run in runs.values():
         run_id = run["info"]["run_id"]
         model = by_run[run_id]
-        # Named after its run (MLflow refuses a model name's point: lr0.01 -> lr0_01).
-        assert model["name"] == run["info"]["run_name"].replace(".", "_") and model["status"] == "LOGGED_MODEL_READY"
+        # Named `model`, so runs:/<run_id>/model finds it; its run's name, as a tag, tells it apart.
+        assert model["name"] == "model" and model["status"] == "LOGGED_MODEL_READY"
+        assert {"key": "cnnexp.run_name", "value": run["info"]["run_name"]} in model["tags"]
         files = f"{url}/ajax-api/2.0/mlflow/logged-models/{model['model_id']}/artifacts/files?artifact_file_path=MLmodel"
         with urllib.request.urlopen(files, timeout=30) as response:
             assert b"pytorch" in response.read()

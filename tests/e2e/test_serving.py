@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnexp.data import load_prepared
-from helpers import model_uri, own_store, subprocess_env, write_idx_dir
+from helpers import own_store, subprocess_env, write_idx_dir
 from pipelines import evaluate, train
 
 
@@ -51,7 +51,7 @@ def test_served_model_answers_as_evaluate_predicted(trained):
     run_id = trained.run_id
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri(run_id), "--env-manager", "local",
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
         # Serving loads the weights alone: it must work with MLflow's pickle loading switched off.
         cwd=trained.work, env={**subprocess_env(trained.work), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},

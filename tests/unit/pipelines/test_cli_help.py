@@ -2,6 +2,8 @@
 import dataclasses
 import importlib
 import re
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -12,8 +14,10 @@ from pipelines.flags import flag
 
 def _config_class(command: str) -> type:
     # Every entry point is main(config: SomeConfig); the hint says which dataclass its flags come from.
-    module = importlib.import_module(cli.COMMANDS[command][0])
-    return typing.get_type_hints(module.main)["config"]
+    module = importlib.import_module(cli.COMMANDS[command].module)
+    config_class = typing.get_type_hints(module.main)["config"]
+    assert cli.COMMANDS[command].config is config_class  # the flags checked first are main's own
+    return config_class
 
 
 def _help_text(command: str, capsys, monkeypatch) -> str:
@@ -33,7 +37,7 @@ def _option_entries(text: str) -> list[str]:
 def test_cnnexp_help_lists_every_command_with_a_summary(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command, (_, summary) in cli.COMMANDS.items():
+    for command, summary in ((name, c.summary) for name, c in cli.COMMANDS.items()):
         assert re.search(rf"^\s+{command}\s+{re.escape(summary)}$", out, re.M), command
 
 
@@ -73,3 +77,17 @@ def test_an_abbreviated_or_unknown_flag_is_refused_naming_it(command, capsys, mo
         assert cli.main([command, typo, "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert f"unknown parameter {typo} " in err and "\n" not in err, err
+
+
+HEAVY = ("torch", "mlflow", "optuna")
+
+
+@pytest.mark.parametrize("args", [["train", "--lr", "-1"], ["tune", "--n-trials", "0"], ["train", "--epoch", "1"],
+                                  ["train", "--help"], ["evaluate", "--model-uri", " "]])
+def test_a_refusal_or_help_is_answered_before_torch_mlflow_or_optuna_load(args):
+    # In a fresh interpreter: this process has them loaded already. Seconds of imports on a small machine.
+    code = ("import sys; from pipelines import cli\n"
+            f"try:\n    code = cli.main({args!r})\nexcept SystemExit as done:\n    code = done.code\n"
+            f"print(code, *sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split()[-1] == ("0" if "--help" in args else "2"), done.stdout + done.stderr

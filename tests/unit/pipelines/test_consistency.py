@@ -8,7 +8,7 @@ import yaml
 
 from cnnexp import config as cfg
 from pipelines import cli
-from pipelines.flags import flag
+from pipelines.flags import flag, make_parser
 from helpers import REPO
 
 ENTRY_POINT_CONFIGS = {
@@ -35,9 +35,8 @@ def test_mlproject_parameters_match_the_config(entry, config_class):
 
 @pytest.mark.parametrize("entry, config_class", ENTRY_POINT_CONFIGS.items())
 def test_cli_flags_and_defaults_match_the_config(entry, config_class):
-    assert entry in cli.COMMANDS
-    module = __import__(cli.COMMANDS[entry][0], fromlist=["cli"])
-    parser = module.make_parser(entry, "", config_class)
+    assert cli.COMMANDS[entry].config is config_class
+    parser = make_parser(entry, "", config_class)
     defaults = vars(parser.parse_args([]))
     for f in dataclasses.fields(config_class):
         assert defaults[f.name] == f.default
@@ -49,6 +48,22 @@ def test_conda_env_lists_the_same_requirements_as_pyproject():
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert sorted(pip_section) == sorted(pyproject["project"]["dependencies"])
     assert "python=3.11" in conda["dependencies"]
+
+
+EXTRAS = {"plots": {"plotly"}, "export": {"onnx", "onnxscript", "onnxruntime"}}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.match(r"[\w-]+", requirement).group(0) for requirement in requirements}
+
+
+def test_the_plots_and_export_extras_exist_and_readme_names_them_while_dev_stays_light():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    readme = (REPO / "README.md").read_text()
+    for name, packages in EXTRAS.items():
+        assert _requirement_names(extras[name]) == packages, name
+        assert f'pip install -e ".[{name}]"' in readme, name
+    assert not _requirement_names(extras["dev"]) & set().union(*EXTRAS.values())  # dev installs as before
 
 
 PARAMETERS_DOC = REPO / "docs" / "parameters.md"  # the full parameter reference, linked from README
@@ -74,8 +89,8 @@ def test_readme_leads_with_install_main_job_and_tests():
 
 
 # `worker` has no MLproject entry point: `mlflow run` would open a run of its own, and a worker's
-# trials belong to the study's parent run.
-CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig, "orphans": cfg.OrphansConfig}
+# trials belong to the study's parent run. `orphans` and `export` make no run to track.
+CLI_ONLY_CONFIGS = {"worker": cfg.WorkerConfig, "orphans": cfg.OrphansConfig, "export": cfg.ExportConfig}
 
 
 @pytest.mark.parametrize("entry, config_class", CLI_ONLY_CONFIGS.items())

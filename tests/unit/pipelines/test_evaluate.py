@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cnnexp import evaluate as core
+from cnnexp.evaluate import confident_mistakes
 from cnnexp.ranking import JUDGED_BY, RANKING_METRIC
 from cnnexp.tracking.pyfunc import ServedClassifier
 from cnnexp.tracking.registry import judged_value, register_and_promote
@@ -46,7 +46,7 @@ def _csv(run_id: str, path: str, **kwargs) -> pd.DataFrame:
 def test_confident_mistakes_are_wrong_and_most_confident_first():
     logits = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, 9.0], [2.0, 0.0]])
     labels = torch.tensor([0, 0, 0, 1])
-    assert core.confident_mistakes(logits, labels, k=5).tolist() == [2, 3, 1]
+    assert confident_mistakes(logits, labels, k=5).tolist() == [2, 3, 1]
 
 
 def test_model_inputs_read_dtype_as_scale():

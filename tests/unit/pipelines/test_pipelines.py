@@ -42,8 +42,9 @@ def test_train_records_params_epochs_tags_and_a_loadable_model(workdir, idx_sour
     client = MlflowClient()
     for metric in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2]
-    uri = model_uri(run.info.run_id)
-    assert mlflow.get_logged_model(uri.removeprefix("models:/")).name == "train-lr0_01-bs50"  # the run's name
+    uri = f"runs:/{run.info.run_id}/model"  # MLflow's own address of a run's model loads it
+    assert mlflow.get_logged_model(model_uri(run.info.run_id).removeprefix("models:/")).tags["cnnexp.run_name"] == \
+        "train-lr0.01-bs50"  # the run's name tells models apart
     images = torch.rand(3, 1, 28, 28)
     logits = mlflow.pytorch.load_model(uri)(images)
     assert logits.shape == (3, 10)
@@ -104,7 +105,7 @@ def test_a_batch_larger_than_the_training_split_says_so_and_trains(workdir, tmp_
 def test_a_runs_address_is_its_ui_page_on_a_server_and_nothing_on_a_local_store(monkeypatch):
     run = SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_id="abc"))
     monkeypatch.setattr(store, "tracking_uri", lambda: "http://tuner:pw@host:5000/")
-    assert run_address(run) == " at http://tuner:***@host:5000/#/experiments/3/runs/abc"
+    assert run_address(run) == " at http://tuner:***@host:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     monkeypatch.setattr(store, "tracking_uri", lambda: "sqlite:///mlflow.db")
     assert run_address(run) == ""
 

@@ -36,3 +36,27 @@ def test_a_version_links_its_logged_model_as_mlflow_register_model_does(workdir)
     tags = {info.model_id: client.get_logged_model(info.model_id).tags for info in (ours, theirs)}
     assert (json.loads(tags[ours.model_id]["mlflow.modelVersions"])
             == [{**entry, "name": "ours"} for entry in json.loads(tags[theirs.model_id]["mlflow.modelVersions"])])
+
+
+def test_our_models_skip_mlflows_requirement_check_and_every_other_save_keeps_it(workdir, monkeypatch):
+    """requirements_as_stated: MLflow still checks requirements through the module-level function it replaces,
+    our model's save does not map the installed distributions, and any other caller's check still runs."""
+    import mlflow
+    import mlflow.utils.environment as environment
+    import mlflow.utils.requirements_utils as requirements_utils
+    import torch
+
+    from cnnexp.model import Network
+    from cnnexp.tracking.models import log_model
+
+    for checking in (environment._process_pip_requirements, environment._process_conda_env, mlflow.pyfunc.load_model):
+        assert "warn_dependency_requirement_mismatches(" in inspect.getsource(checking)
+    mapped = []
+    monkeypatch.setattr(requirements_utils, "_init_modules_to_packages_map", lambda: mapped.append(1))
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", {})
+    with mlflow.start_run():
+        log_model(Network(), torch.rand(2, 1, 28, 28))
+    assert mapped == []
+    environment.warn_dependency_requirement_mismatches(["torch==0.0.1"])
+    mlflow.pyfunc.warn_dependency_requirement_mismatches(["torch==0.0.1"])
+    assert mapped == [1, 1]

@@ -12,7 +12,8 @@ import torch
 from cnnexp.evaluate import predict
 from cnnexp.model import Network, to_inputs
 from cnnexp.checks import ConfigError
-from cnnexp.tracking.models import log_model, model_name, resolve_model
+from cnnexp.tracking import models
+from cnnexp.tracking.models import log_model, resolve_model
 from helpers import own_store, synthetic_split
 
 CLASSES = [f"class-{i}" for i in range(10)]
@@ -38,7 +39,7 @@ def logged(tmp_path_factory, migrated_store):
     with own_store(tmp_path_factory, "models", migrated_store):
         network = _trained_network()
         with mlflow.start_run(run_name="train-lr0.01-bs50") as run:
-            info = log_model(network, torch.rand(2, 1, 28, 28), CLASSES, name=model_name(run.info.run_name))
+            info = log_model(network, torch.rand(2, 1, 28, 28), CLASSES)
         images, labels = synthetic_split(120, seed=9)
         logits = predict(network, to_inputs(torch.from_numpy(images)))
         yield SimpleNamespace(info=info, run_id=run.info.run_id, images=images, labels=labels.astype(np.int64),
@@ -49,7 +50,7 @@ def test_mlflow_evaluate_scores_the_logged_model_as_a_classifier_with_no_wrapper
     data = pd.DataFrame(logged.images.reshape(len(logged.images), -1)).add_prefix("pixel")
     data["label"] = logged.labels
     with mlflow.start_run():
-        result = mlflow.models.evaluate(logged.info.model_uri, data, targets="label", model_type="classifier")
+        result = mlflow.models.evaluate(f"runs:/{logged.run_id}/model", data, targets="label", model_type="classifier")
     predicted = logged.logits.argmax(dim=1).numpy()
     assert 0.3 < result.metrics["accuracy_score"] < 1  # the network learned something, and not everything
     assert result.metrics["accuracy_score"] == pytest.approx((predicted == logged.labels).mean())
@@ -83,22 +84,33 @@ def test_an_unknown_output_is_the_callers_error_naming_the_choices(logged):
     assert refused.value.get_http_status_code() == 400
 
 
-def test_a_model_name_is_its_runs_with_what_mlflow_refuses_replaced():
-    assert model_name("train-lr0.01-bs100") == "train-lr0_01-bs100"
-    assert model_name("trial-3-lr0.00123-bs64") == "trial-3-lr0_00123-bs64"
-    assert model_name('a/b:c%d"e\'f') == "a_b_c_d_e_f"
-    assert model_name("") == model_name(None) == "model"
+def test_mlflows_own_loaders_take_runs_model_and_the_run_name_tells_models_apart(logged):
+    """runs:/<run_id>/model is every MLflow tutorial's address: MLflow resolves it by the model's name."""
+    uri = f"runs:/{logged.run_id}/model"
+    model = mlflow.get_logged_model(logged.info.model_id)
+    assert model.name == "model" and model.tags["cnnexp.run_name"] == "train-lr0.01-bs50"
+    assert mlflow.models.get_model_info(uri).model_id == logged.info.model_id
+    expected = logged.logits.argmax(dim=1).numpy()
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(uri).predict(logged.images).to_numpy(), expected)
+    network = mlflow.pytorch.load_model(uri)
+    assert torch.equal(predict(network, to_inputs(torch.from_numpy(logged.images))).argmax(dim=1),
+                       torch.from_numpy(expected))
 
 
-def test_a_model_is_found_by_its_name_and_as_its_runs_model(logged):
+def test_a_model_is_found_as_its_runs_model(logged):
     model_id, run_id = logged.info.model_id, logged.run_id
-    assert mlflow.get_logged_model(model_id).name == "train-lr0_01-bs50"
-    assert mlflow.models.get_model_info(f"runs:/{run_id}/train-lr0_01-bs50").model_id == model_id
-    with pytest.raises(mlflow.exceptions.MlflowException):  # MLflow looks runs:/ models up by name ...
-        mlflow.models.get_model_info(f"runs:/{run_id}/model")
-    for uri in (f"runs:/{run_id}/model", run_id):  # ... cnnexp's commands take them as "the run's model"
-        assert resolve_model(uri) == (f"models:/{model_id}", run_id, model_id)
+    for uri in (f"runs:/{run_id}/model", run_id):  # cnnexp's commands also take a bare run id
+        assert resolve_model(uri) == (f"runs:/{run_id}/model", run_id, model_id)
     assert resolve_model(f"models:/{model_id}") == (f"models:/{model_id}", run_id, model_id)
+
+
+def test_a_model_logged_under_its_runs_name_is_still_its_runs_model(logged, monkeypatch):
+    """Models logged while they took their run's name (train-lr0_01-bs100) stay reachable by cnnexp's commands."""
+    monkeypatch.setattr(models, "MODEL_NAME", "train-lr0_01-bs50")
+    with mlflow.start_run() as run:
+        info = log_model(_trained_network(), torch.rand(2, 1, 28, 28), CLASSES)
+    monkeypatch.undo()
+    assert resolve_model(run.info.run_id) == (f"models:/{info.model_id}", run.info.run_id, info.model_id)
 
 
 @pytest.mark.parametrize("uri", ["runs:/0123456789abcdef/model", "0123456789abcdef", "runs:/RUN/other-name"])

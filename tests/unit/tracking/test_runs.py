@@ -79,3 +79,15 @@ def test_a_unique_prefix_of_a_run_id_names_the_run_and_an_ambiguous_one_is_refus
     shared = next(i[0] for i in ids if sum(j[0] == i[0] for j in ids) > 1)
     with pytest.raises(runs.ConfigError, match=rf"resume: '{shared}' is the start of several run ids .*; give more of it"):
         runs.full_run_id("resume", shared)
+
+
+def test_a_run_marks_its_experiment_as_model_training_unless_the_user_chose_a_kind(workdir):
+    """MLflow's UI opens an experiment without mlflow.experimentKind in its GenAI view."""
+    client = MlflowClient()
+    chosen = client.create_experiment("genai", tags={tags.EXPERIMENT_KIND: "genai_development"})
+    with runs.tracked_run(run_name="default") as run:
+        pass
+    with runs.tracked_run(run_name="chosen", experiment_id=chosen):
+        pass
+    assert client.get_experiment(run.info.experiment_id).tags[tags.EXPERIMENT_KIND] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[tags.EXPERIMENT_KIND] == "genai_development"

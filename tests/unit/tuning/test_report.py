@@ -12,6 +12,7 @@ def _study():
                                                       (TrialState.FAIL, None, 2), (TrialState.COMPLETE, 0.9, 2)]):
         trial = study.ask()
         trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_int("log2_batch_size", number + 4, number + 4)  # as cnnexp searches it: 16, 32, 64, 128
         trial.set_user_attr("mlflow_run_id", f"run-{number}")
         trial.set_user_attr("cohort", cohort)
         if state == TrialState.PRUNED:
@@ -32,6 +33,14 @@ def test_the_trials_table_names_each_trials_run_and_cohort():
     table = report.trials_table(_study())
     assert list(table["mlflow_run_id"]) == ["run-0", "run-1", "run-2", "run-3"]
     assert list(table["cohort"]) == [0, 0, 2, 2]
+
+
+def test_the_trials_table_and_summary_give_batch_size_itself_not_its_exponent():
+    study = _study()
+    table = report.trials_table(study)
+    assert list(table["batch_size"]) == [16, 32, 64, 128]
+    assert list(table.columns).index("batch_size") == list(table.columns).index("params_lr") + 1
+    assert report.summary(study)["best_params"]["batch_size"] == 128
 
 
 def test_a_pruned_trials_line_shows_its_last_value_and_epoch():

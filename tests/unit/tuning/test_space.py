@@ -6,7 +6,7 @@ from optuna.trial import TrialState
 
 from cnnexp.config import TuneConfig
 from cnnexp.tuning.recovery import queue_retry
-from cnnexp.tuning.space import LOG2_BATCH, optuna_names, params_of, suggest
+from cnnexp.tuning.space import LOG2_BATCH, best_params, optuna_names, params_of, suggest
 from helpers import study_of, write_idx_dir
 from pipelines import tune
 
@@ -38,6 +38,18 @@ def test_a_new_study_searches_the_exponent_as_an_ordered_int_and_reads_back_a_po
         sizes.add(point["batch_size"])
     assert sizes <= set(CONFIG.batch_sizes) and len(sizes) > 1
     assert optuna_names(study) == ["lr", LOG2_BATCH]
+
+
+def test_a_studys_best_reads_as_lr_and_batch_size_in_either_kind_of_study():
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    for value in (0.5, 0.9, 0.7):
+        trial = study.ask()
+        point = suggest(trial, CONFIG)
+        study.tell(trial, value)
+        if value == 0.9:
+            best = point
+    assert best_params(study) == best and set(best) == {"lr", "batch_size"}
+    assert best_params(_old_study()) == {"lr": 0.01, "batch_size": 64}
 
 
 def test_an_old_study_keeps_its_categorical_batch_size():

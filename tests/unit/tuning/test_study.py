@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from cnnexp.config import TuneConfig
-from cnnexp.tuning.study import open_storage, study_settings
+from cnnexp.tuning.study import load_study, open_storage, study_settings
 from helpers import parent_and_children, points_of, study_of, write_idx_dir
 from pipelines import tune
 
@@ -26,6 +26,14 @@ def test_a_study_is_extended_with_its_own_settings_and_a_differing_one_is_refuse
     assert tune.cli(["--workers", "0", "--n-trials", "1", "--epochs", "3", *source]) == 2
     assert "epochs: study 'cnnexp-tune' was created with epochs=2, got 3 (leave it out" in capsys.readouterr().err
     assert len(parent_and_children(workdir)[0]) == 2  # the refused call made no run
+
+
+def test_a_studys_objective_is_named_for_optunas_tools(tmp_path):
+    """optuna-dashboard and Optuna's figures say "Objective 0" for a study with no metric names."""
+    config = TuneConfig(storage=str(tmp_path / "journal.log"))
+    load_study(config)
+    stored = optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage))
+    assert stored.metric_names == ["val_accuracy"]
 
 
 def test_batch_sizes_are_the_powers_of_two_in_range():

@@ -82,10 +82,10 @@ def test_a_cohorts_trials_are_distinct_points_trained_together_and_tagged(workdi
     cohorts = sorted((r.data.tags["cohort"], r.data.tags["cohort_size"]) for r in runs)
     assert cohorts == [("0", "3")] * 5  # the last 2 trials took the places of the first ones
     run = next(r for r in runs if r.data.tags["cohort"] == "0")
-    model = mlflow.pytorch.load_model(model_uri(run.info.run_id, client_of(workdir)))
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # MLflow's own address of a run's model
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    name = client_of(workdir).get_logged_model(model_uri(run.info.run_id, client_of(workdir))[len("models:/"):]).name
-    assert name == run.info.run_name.replace(".", "_")  # named after its trial, not `model`
+    logged = client_of(workdir).get_logged_model(model_uri(run.info.run_id, client_of(workdir))[len("models:/"):])
+    assert logged.tags["cnnexp.run_name"] == run.info.run_name  # what tells the trials' models apart
 
 
 class PruneTrialZero(optuna.pruners.BasePruner):
