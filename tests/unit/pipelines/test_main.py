@@ -70,7 +70,7 @@ def _interrupt(*args, **kwargs):
 def test_main_interrupted_at_a_step_ends_it_and_main_killed_and_the_next_main_goes_on(step, workdir, idx_source,
                                                                                        monkeypatch, capsys):
     # prepare: while reading the data; train: at its first epoch's metrics; evaluate: while scoring.
-    target = {"prepare": (prepare_module, "prepare"), "train": (log, "log_epoch"), "evaluate": (evaluate_module.evaluate, "predict")}
+    target = {"prepare": (prepare_module, "prepare"), "train": (log, "log_epoch"), "evaluate": (evaluate_module, "predict")}
     monkeypatch.setattr(*target[step], _interrupt)
     args = ["--source", str(idx_source), "--epochs", "1", "--batch-size", "50"]
     assert main.cli(args) == 130
