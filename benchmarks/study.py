@@ -56,10 +56,10 @@ def images(size: str, source: Path) -> tuple[Split, Split]:
     return (train if n_train is None else tile(train.images, train.labels, n_train)), splits["test"]
 
 
-def cnnexp_study(work: Path, raw: Path, trials: int, epochs: int, seed: int, extra: list[str]) -> dict:
+def cnnexp_study(work: Path, raw: Path, trials: int, epochs: int, seed: int, extra: list[str], repo: Path) -> dict:
     params = {"n_trials": trials, "epochs": epochs, "seed": seed, "source": raw, "data_dir": work / "data",
               "storage": work / "journal.log", "study_name": f"bench-{seed}"}
-    command = ["mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local",
+    command = ["mlflow", "run", str(repo), "-e", "tune", "--env-manager", "local",
                *[arg for k, v in params.items() for arg in ("-P", f"{k}={v}")], *extra]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     started = time.perf_counter()
@@ -107,7 +107,7 @@ def cache_key(size: str, source: Path, seed: int) -> str:
     return f"{size}:{trials}x{epochs}:seed{seed}:{source.resolve().name}"
 
 
-def one_seed(size: str, source: Path, seed: int, extra: list[str], cached: dict | None) -> dict:
+def one_seed(size: str, source: Path, seed: int, extra: list[str], cached: dict | None, repo: Path = REPO) -> dict:
     """Both sides on one seed; the hand-written side's cached result where there is one."""
     _, trials, epochs = SIZES[size]
     train, test = images(size, source)
@@ -115,7 +115,7 @@ def one_seed(size: str, source: Path, seed: int, extra: list[str], cached: dict 
         work = Path(tmp)
         root = write_torchvision_root(work / "tv", train, test)
         raw = root / "FashionMNIST" / "raw"
-        sides = {"cnnexp": lambda: cnnexp_study(work, raw, trials, epochs, seed, extra),
+        sides = {"cnnexp": lambda: cnnexp_study(work, raw, trials, epochs, seed, extra, repo),
                  "hand-written": lambda: handwritten_study(work, root, trials, epochs, seed)}
         if cached is not None:
             del sides["hand-written"]
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "(OMP_NUM_THREADS); 0 leaves them alone. 1 on a shared machine: two threads there wait at "
                         "barriers for descheduled ones (benchmarks/README.md, Threads)")
     parser.add_argument("-P", dest="params", action="append", default=[], help="extra `mlflow run` -P for cnnexp's side")
+    parser.add_argument("--repo", type=Path, default=REPO, help="the cnnexp checkout whose `mlflow run` is cnnexp's side "
+                        "(another one, e.g. the landed main, for a before/after in turns with this one)")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.table))
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache = json.loads(args.cache.read_text()) if args.cache.exists() else {}
     for seed in seeds_of(args.seeds):
         key = cache_key(args.size, args.source, seed)
-        row = one_seed(args.size, args.source, seed, extra, None if args.no_cache else cache.get(key))
+        row = one_seed(args.size, args.source, seed, extra, None if args.no_cache else cache.get(key), args.repo.resolve())
         row["cnnexp"]["threads"] = torch.get_num_threads()
         row["hand-written"].setdefault("threads", torch.get_num_threads())
         per_seed[str(seed)] = row
