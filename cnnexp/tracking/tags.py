@@ -49,4 +49,3 @@ PRUNED_AT_EPOCH = "pruned_at_epoch"
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
 RETRY_OF_RUN_ID = "retry_of_run_id"
-MODEL_ERROR = "model_error"  # a complete trial whose model failed to log

@@ -11,5 +11,6 @@
 
 Every trial is an MLflow child run of the study's run; the run's final status is set before Optuna
 records the trial's state, from the same outcome: complete -> FINISHED (once its model is logged),
-pruned -> KILLED (tag pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
+pruned -> KILLED (tag pruned_at_epoch), exception, non-finite loss or a model that failed to log -> FAILED
+(tag error). A trial asked is told, whatever fails or interrupts the runner (Ctrl-C: FAIL, queued again).
 """
