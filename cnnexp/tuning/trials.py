@@ -147,8 +147,10 @@ class CohortRunner:
     every trial, and prunes, fails or completes each on its own, freeing its slot for the next."""
 
     def __init__(self, study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device,
-                 parent: Parent, callbacks: list[TrialCallback]):
+                 parent: Parent, callbacks: list[TrialCallback], make_engine: Callable[..., Engine] = Engine):
+        """make_engine: Engine, or a stand-in with its interface (tests of the runner alone)."""
         self.study, self.config, self.data, self.device, self.parent = study, config, data, device, parent
+        self.make_engine = make_engine
         self.callbacks = callbacks
         self.tracker = Tracker(study, callbacks, split_dataset(data, "val"))
         self.active: dict[int, TrialRun] = {}
@@ -162,7 +164,7 @@ class CohortRunner:
         splits = self.data.splits
         # Batch-size tables on CUDA streams of their own ran side by side 1.3-1.5x faster than one after the
         # other (benchmarks/engine.md).
-        engine = Engine(size, splits["train"], splits["val"], self.device, streams=True, **speed_options(self.config))
+        engine = self.make_engine(size, splits["train"], splits["val"], self.device, streams=True, **speed_options(self.config))
         try:  # from the first ask on: every trial asked is told, whatever fails or interrupts
             with Heartbeat(self.study, lambda: [r.trial for r in self._unfinished()]) \
                     if has_heartbeats(self.config.storage) else contextlib.nullcontext():
