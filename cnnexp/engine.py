@@ -66,12 +66,12 @@ class Engine:
         self.tables: dict[int, Table] = {}
         self.slots: dict[int, Slot] = {}
         self._next_id = 0
-        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._streams: dict[int, torch.cuda.Stream] = {}  # by table key, made with the table, kept for the engine's life
 
-    def _stream(self, table: Table) -> contextlib.AbstractContextManager:
+    def _stream(self, key: int) -> contextlib.AbstractContextManager:
         if not self.streams:
             return contextlib.nullcontext()
-        stream = self._streams.setdefault(id(table), torch.cuda.Stream(self.device))
+        stream = self._streams[key]
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the schedule and any joins first
         return torch.cuda.stream(stream)
 
@@ -95,6 +95,8 @@ class Engine:
         key = self._table_key(member)
         if key not in self.tables:
             self.tables[key] = Table(self.capacity, self.n, self.device, key if self.graphs else None)
+            if self.streams:
+                self._streams[key] = torch.cuda.Stream(self.device)
         slot_id, self._next_id = self._next_id, self._next_id + 1
         self.tables[key].add(slot_id, member.batch_size, weights, exp_avg, exp_avg_sq, member.lr, steps)
         self.slots[slot_id] = Slot(member, generator, epoch)
@@ -135,11 +137,12 @@ class Engine:
 
     def epoch(self, on_step: StepCallback | None = None) -> dict[int, MemberResult]:
         started = time.perf_counter()
-        tables = [t for t in self.tables.values() if t.k]
+        keys = [key for key, t in self.tables.items() if t.k]
+        tables = [self.tables[key] for key in keys]
         # Every schedule is on its way before the first step, so no copy waits behind another table's steps.
         plans = [t.load_schedule(epoch_orders([self.slots[i].generator for i in t.ids], self.n)) for t in tables]
-        for table, plan in zip(tables, plans):
-            with self._stream(table):
+        for key, table, plan in zip(keys, tables, plans):
+            with self._stream(key):
                 table.train_epoch(plan, self.data, self.forward, self.bf16, on_step if len(tables) == 1 else None)
         for stream in self._streams.values():
             torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -7,7 +7,7 @@ update of each row whose batch is complete. On CUDA a table holds one batch size
 every step, and the step over the first k rows (k rounded up to a power of two; rows past the members
 step by 0) is captured once as a graph and replayed. On the CPU one table holds every batch size and
 steps eagerly over exactly the members: all K share each micro-batch's convolutions, which measured
-faster there than a table per batch size (benchmarks/engine.md), and one input serves them when their
+faster there than a table per batch size (docs/performance.md, the engine's table), and one input serves them when their
 orders are the same.
 """
 from __future__ import annotations
@@ -244,6 +244,10 @@ class Table:
                     self._graph_step(k, data, forward, bf16)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.step_index.zero_()
+            # Its own memory pool. One table's graphs (a few k, replayed one after another on its stream,
+            # keeping nothing in the pool between replays) could share one; graphs of different tables, replayed
+            # at once on their streams, must not. Sharing within a table is left until a GPU measures the memory
+            # at --cohort 64 and checks the replays.
             graph = torch.cuda.CUDAGraph()
             # thread_local: the tracking and heartbeat threads' own CUDA calls, if any, do not void the capture.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):

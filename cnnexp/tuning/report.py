@@ -59,7 +59,7 @@ def progress_text(study: optuna.Study, trial: FrozenTrial) -> str:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Optuna's trials_dataframe() plus each trial's MLflow run id, and its cohort where trials ran in cohorts."""
+    """Optuna's trials_dataframe() plus each trial's MLflow run id, and its cohort where an earlier version recorded one."""
     frame = study.trials_dataframe()
     attrs = [trial.user_attrs for trial in study.get_trials(deepcopy=False)]  # the frame's rows, in order
     frame["mlflow_run_id"] = [a.get("mlflow_run_id") for a in attrs]

@@ -1,11 +1,10 @@
-"""Trials run a cohort at a time: asked from Optuna, trained together in the engine's slots, each reported,
-pruned or completed alone, and a trial that leaves is replaced by a new one while the call has trials to
-give, so the cohort stays full.
+"""A worker's trials: asked from Optuna one at a time into the free slots of one engine, trained side by side,
+each reported, pruned or completed alone; a trial that leaves frees its slot for the next one granted.
 
-Each trial is its own MLflow child run, tagged with its cohort (the first trial's number) and size. Every
-MLflow call (creating the run, its epochs, its end, its model) goes to one background queue, so the device
-never waits for the tracking store, and a trial's end is told to Optuna there, after its run's. Asking,
-reporting and pruning, which decide who trains next, stay on the training path.
+Each trial is its own MLflow child run. Every MLflow call (creating the run, its epochs, its end, its model)
+goes to one background queue, so the device never waits for the tracking store, and a trial's end is told
+to Optuna there, after its run's. Asking, reporting and pruning, which decide who trains next, stay on the
+training path.
 """
 from __future__ import annotations
 
@@ -142,28 +141,30 @@ class Tracker:
         self.check()
 
 
-class CohortRunner:
-    """Runs trials K at a time in one engine: asks Optuna for a trial per free slot, reports every epoch to
-    every trial, and prunes, fails or completes each on its own, freeing its slot for the next."""
+class TrialRunner:
+    """Runs up to `size` trials at once in one engine: asks Optuna for a trial per free slot, reports every
+    epoch to every trial, and prunes, fails or completes each on its own, freeing its slot for the next."""
 
     def __init__(self, study: optuna.Study, config: TuneConfig, data: PreparedData, device: torch.device,
-                 parent: Parent, callbacks: list[TrialCallback], make_engine: Callable[..., Engine] = Engine):
-        """make_engine: Engine, or a stand-in with its interface (tests of the runner alone)."""
+                 parent: Parent, callbacks: list[TrialCallback], make_engine: Callable[..., Engine] | None = None):
+        """make_engine: Engine (the default), or a stand-in with its interface (tests of the runner alone)."""
         self.study, self.config, self.data, self.device, self.parent = study, config, data, device, parent
-        self.make_engine = make_engine
+        self.make_engine = make_engine or Engine
         self.callbacks = callbacks
         self.tracker = Tracker(study, callbacks, split_dataset(data, "val"))
         self.active: dict[int, TrialRun] = {}
         self.started = 0
 
     def run(self, size: int, grant: Grant) -> int:
-        """Trains a cohort of up to `size` trials, refilled as they leave while grant() gives more; returns
-        how many trials it started (0: none granted)."""
-        self.active, self.asked, self.started, self.grant = {}, None, 0, grant
-        self.cohort_tags = {}
+        """Trains up to `size` trials at once, a trial that leaves replaced while grant() gives more; returns
+        how many trials it started. The grant is asked before the engine is built: none granted, no engine."""
+        if not grant(1):
+            return 0
+        self.active, self.asked, self.started = {}, None, 0
+        self.grant, self.granted = grant, 1
         splits = self.data.splits
         # Batch-size tables on CUDA streams of their own ran side by side 1.3-1.5x faster than one after the
-        # other (benchmarks/engine.md).
+        # other (docs/performance.md).
         engine = self.make_engine(size, splits["train"], splits["val"], self.device, streams=True, **speed_options(self.config))
         try:  # from the first ask on: every trial asked is told, whatever fails or interrupts
             with Heartbeat(self.study, lambda: [r.trial for r in self._unfinished()]) \
@@ -198,16 +199,15 @@ class CohortRunner:
     def close(self) -> None:
         self.tracker.close()
 
-    def _fill(self, engine: Engine) -> int:
-        """Asks a trial for each free slot (as grant allows, counted again before each) and starts it; returns
-        how many joined. Asked one after the other, each after the previous one's params: the samplers'
-        constant liar (TPE, GP) then keeps the points of trials in flight apart."""
-        joined = 0
+    def _fill(self, engine: Engine) -> None:
+        """Asks a trial for each free slot (as grant allows, counted again before each) and starts it. Asked
+        one after the other, each after the previous one's params: the samplers' constant liar (TPE, GP)
+        then keeps the points of trials in flight apart."""
         if engine.free and has_heartbeats(self.config.storage):
-            # A dead worker's trials are failed and queued again before this one asks: between epochs, as a
-            # new cohort did before one engine refilled for the whole call.
+            # A dead worker's trials are failed and queued again before this one asks, so their retries
+            # are among what it may take.
             optuna.storages.fail_stale_trials(self.study)
-        while engine.free and self.grant(1):
+        while engine.free and self._may_start():
             run = self.asked = TrialRun(self.study.ask())
             self.started += 1
             if has_heartbeats(self.config.storage):
@@ -215,24 +215,26 @@ class CohortRunner:
                 # lost its worker before the next would stay RUNNING for good, and workers wait for it.
                 record_heartbeat(self.study, run.trial)
             run.params = suggest(run.trial, self.config)
-            if not self.cohort_tags:  # the cohort is named after its first trial, and sized by its capacity
-                self.cohort_tags = {tags.COHORT: str(run.trial.number), tags.COHORT_SIZE: str(engine.capacity)}
             slot = engine.join(Member(run.params["lr"], run.params["batch_size"]), self.config.seed)
             self.active[slot], self.asked = run, None
             self._start(run)
-            joined += 1
-        return joined
+
+    def _may_start(self) -> bool:
+        """One more trial granted: the one run() was granted before building the engine first."""
+        if self.granted:
+            self.granted = 0
+            return True
+        return bool(self.grant(1))
 
     def _start(self, run: TrialRun) -> None:
         trial, params = run.trial, run.params
         self.tracker.start(run, run_name(trial.number, params), {**params, "epochs": self.config.epochs, "seed": self.config.seed},
                            {tags.TRIAL_NUMBER: str(trial.number), tags.STUDY_NAME: self.config.study_name,
-                            tags.DEVICE: str(self.device), **data_tags(self.data), **self.cohort_tags, **retry_tags(trial)},
+                            tags.DEVICE: str(self.device), **data_tags(self.data), **retry_tags(trial)},
                            self.parent)
         # Who runs it: a trial whose process is gone can then be told from one still running elsewhere.
         trial.set_user_attr("worker", owner())
         trial.set_user_attr("mlflow_parent_run_id", self.parent.run_id)
-        trial.set_user_attr("cohort", int(self.cohort_tags[tags.COHORT]))
 
     def _epoch_end(self, slot: int, result: MemberResult, engine: Engine) -> bool:
         """A member's epoch, in both stores; True when it leaves (pruned, diverged, complete).

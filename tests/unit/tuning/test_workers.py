@@ -11,7 +11,7 @@ from cnnexp.data import prepare
 from cnnexp.model import Network
 from cnnexp.tuning import workers
 from cnnexp.tuning.study import Parent, load_study
-from cnnexp.tuning.trials import CohortRunner
+from cnnexp.tuning.trials import TrialRunner
 from cnnexp.tuning.workers import TrialBudget, first_cohorts, wanted_for_target
 
 
@@ -65,7 +65,7 @@ def test_a_worker_started_late_still_gets_its_first_cohort():
     assert first_cohorts(5, 2, 3) == [2, 2, 1]
 
 
-def test_a_worker_asks_no_more_trials_than_the_target_lacks(workdir, idx_source):
+def test_a_worker_asks_no_more_trials_than_the_target_lacks_and_builds_no_engine_for_none(workdir, idx_source):
     config = TuneConfig(storage=str(workdir / "journal.log"), cohort=8, epochs=1)
     study = load_study(config)
     for _ in range(3):
@@ -74,11 +74,14 @@ def test_a_worker_asks_no_more_trials_than_the_target_lacks(workdir, idx_source)
     data, _ = prepare(PrepareConfig(source=str(idx_source), data_dir=str(workdir / "data")))
     with mlflow.start_run() as parent:
         # What is tested is how many trials it asks for: members finish their one epoch at once.
-        runner = CohortRunner(study, config, data, torch.device("cpu"),
-                              Parent(parent.info.run_id, parent.info.experiment_id, mlflow.get_tracking_uri()), [],
-                              make_engine=InstantEngine)
-        assert runner.run(8, lambda wanted: min(wanted, wanted_for_target(study, 4))) == 1
+        engines = []
+        runner = TrialRunner(study, config, data, torch.device("cpu"),
+                             Parent(parent.info.run_id, parent.info.experiment_id, mlflow.get_tracking_uri()), [],
+                             make_engine=lambda *args, **kwargs: engines.append(InstantEngine(*args)) or engines[-1])
+        grant = lambda wanted: min(wanted, wanted_for_target(study, 4))  # noqa: E731
+        assert runner.run(8, grant) == 1 and runner.run(8, grant) == 0
         runner.close()
+    assert len(engines) == 1  # the second run was granted nothing, so it built no engine
     assert len(study.trials) == 4 and wanted_for_target(study, 4) == 0
 
 
