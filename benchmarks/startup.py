@@ -82,7 +82,7 @@ def first_step_ends_the_run(table_class, out: str | None) -> None:
 
     original = table_class.train_epoch
 
-    def train_epoch(self, plan, data, forward, bf16, on_step):
+    def train_epoch(self, on_step):
         stamp("first epoch: start")
 
         def after(step, losses):
@@ -91,7 +91,7 @@ def first_step_ends_the_run(table_class, out: str | None) -> None:
             stamp("first step: done")
             report_and_exit(out)
 
-        return original(self, plan, data, forward, bf16, after)
+        return original(self, after)
 
     table_class.train_epoch = train_epoch
 
@@ -133,8 +133,9 @@ def main(argv: list[str]) -> int:
     timed(tune, "load_or_prepare", "data loaded")
     timed(report, "log_study_settings", "parent run open, settings logged")
     timed(slots.Resident, "of", "data on the device")
-    timed(slots.Table, "_graph", "first step captured")
-    first_step_ends_the_run(slots.Table, out)
+    timed(slots.CapturedTable, "_graph", "first step captured")
+    for table_class in (slots.CapturedTable, slots.EagerTable):
+        first_step_ends_the_run(table_class, out)
     return cli.main(["tune", *argv])
 
 
