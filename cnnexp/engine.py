@@ -132,7 +132,9 @@ class Engine:
 
     def epochs(self, on_step: StepCallback | None = None) -> Iterator[dict[int, MemberResult]]:
         """One epoch for every member per iteration, until none is left; members join and leave in between.
-        A member whose train loss is not finite has left when its NonFiniteLoss is yielded."""
+        A member whose train loss is not finite is reported as a NonFiniteLoss and stays: the caller decides
+        (fit raises it, the trial runner fails the trial and frees its slot). Its rows are its own, so its
+        NaNs reach no other member."""
         while self.slots:
             yield self.epoch(on_step)
 
@@ -162,7 +164,6 @@ class Engine:
             slot.epoch += 1
             if not math.isfinite(train_loss):
                 results[slot_id] = NonFiniteLoss(slot.epoch, train_loss)
-                self.leave(slot_id)
                 continue
             results[slot_id] = {"epoch": slot.epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                                 "val_loss": val_loss, "val_accuracy": val_accuracy, "epoch_time_s": seconds}

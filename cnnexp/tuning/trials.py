@@ -172,7 +172,7 @@ class TrialRunner:
                 self._fill(engine)
                 for results in engine.epochs():
                     for slot, result in results.items():
-                        if self._epoch_end(slot, result, engine) and slot in engine.slots:
+                        if self._epoch_end(slot, result, engine):
                             engine.leave(slot)
                     self.tracker.check()  # a tracking store that failed stops the call before more are asked
                     self._fill(engine)

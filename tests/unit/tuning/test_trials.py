@@ -25,7 +25,6 @@ def _diverging_at_batch_16(monkeypatch):
             for slot, result in results.items():
                 if sizes[slot] == 16 and not isinstance(result, NonFiniteLoss):
                     results[slot] = NonFiniteLoss(result["epoch"], float("nan"))
-                    self.leave(slot)
             return results
 
     monkeypatch.setattr(trials, "Engine", Diverging)
