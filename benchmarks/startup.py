@@ -85,7 +85,7 @@ def stamp_first_step(table_class, then=None) -> None:
 
     original = table_class.train_epoch
 
-    def train_epoch(self, plan, data, forward, bf16, on_step):
+    def train_epoch(self, on_step):
         first = not any(what == "first step: done" for what, _ in STAMPS)
         if first:
             stamp("first epoch: start")
@@ -100,7 +100,7 @@ def stamp_first_step(table_class, then=None) -> None:
             if on_step is not None:
                 on_step(step, losses)
 
-        return original(self, plan, data, forward, bf16, after)
+        return original(self, after)
 
     table_class.train_epoch = train_epoch
 
@@ -134,8 +134,9 @@ def stamp_tune(out: str | None) -> None:
     timed(tune, "load_or_prepare", "data loaded")
     timed(report, "log_study_settings", "parent run open, settings logged")
     timed(slots.Resident, "of", "data on the device")
-    timed(slots.Table, "_graph", "first step captured")
-    stamp_first_step(slots.Table, then=lambda: report_and_exit(out))
+    timed(slots.CapturedTable, "_graph", "first step captured")
+    for table_class in (slots.CapturedTable, slots.EagerTable):
+        stamp_first_step(table_class, then=lambda: report_and_exit(out))
 
 
 def stamp_train() -> None:
@@ -149,7 +150,8 @@ def stamp_train() -> None:
     timed(store, "open_store", "store opened")
     timed(log, "log_config", "run started, params logged")
     timed(slots.Resident, "of", "data on the device")
-    stamp_first_step(slots.Table)
+    for table_class in (slots.CapturedTable, slots.EagerTable):
+        stamp_first_step(table_class)
     timed(log, "log_epoch", "epoch 1 logged")
     timed(log, "log_learning_curves", "learning curves")
     timed(train, "log_results", "model and curves logged")

@@ -23,7 +23,7 @@ from cnnexp.data import Split
 from cnnexp.fused import flatten, fused_forward, parameter_count, unflatten
 from cnnexp.model import Network
 from cnnexp.schedule import epoch_orders
-from cnnexp.slots import Resident, StepCallback, Table
+from cnnexp.slots import CapturedTable, Computation, EagerTable, Resident, StepCallback, Table
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -55,23 +55,23 @@ class Engine:
 
     def __init__(self, capacity: int, train: Split, val: Split, device: torch.device, *, bf16: bool = False,
                  torch_compile: bool = False, graphs: bool | None = None, streams: bool = False):
-        self.capacity, self.device, self.bf16 = capacity, device, bf16
+        self.capacity, self.device = capacity, device
         # On CUDA, each batch-size table's steps on a stream of its own, side by side with the others'.
         self.streams = streams and device.type == "cuda"
         # Captured graphs and torch.compile do not nest; a compiled step runs eagerly.
         self.graphs = (device.type == "cuda" and not torch_compile) if graphs is None else graphs
-        self.forward = torch.compile(fused_forward) if torch_compile else fused_forward
-        self.data = Resident.of(train, val, device)
+        forward = torch.compile(fused_forward) if torch_compile else fused_forward
+        self.computation = Computation(Resident.of(train, val, device), forward, bf16)
         self.n = len(train.labels)
         self.tables: dict[int, Table] = {}
         self.slots: dict[int, Slot] = {}
         self._next_id = 0
-        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._streams: dict[int, torch.cuda.Stream] = {}  # by table key, made with the table, kept for the engine's life
 
-    def _stream(self, table: Table) -> contextlib.AbstractContextManager:
+    def _stream(self, key: int) -> contextlib.AbstractContextManager:
         if not self.streams:
             return contextlib.nullcontext()
-        stream = self._streams.setdefault(id(table), torch.cuda.Stream(self.device))
+        stream = self._streams[key]
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the schedule and any joins first
         return torch.cuda.stream(stream)
 
@@ -94,7 +94,10 @@ class Engine:
             raise ValueError(f"all {self.capacity} slots are taken")
         key = self._table_key(member)
         if key not in self.tables:
-            self.tables[key] = Table(self.capacity, self.n, self.device, key if self.graphs else None)
+            self.tables[key] = (CapturedTable(key, self.capacity, self.n, self.device, self.computation) if self.graphs
+                                else EagerTable(self.capacity, self.n, self.device, self.computation))
+            if self.streams:
+                self._streams[key] = torch.cuda.Stream(self.device)
         slot_id, self._next_id = self._next_id, self._next_id + 1
         self.tables[key].add(slot_id, member.batch_size, weights, exp_avg, exp_avg_sq, member.lr, steps)
         self.slots[slot_id] = Slot(member, generator, epoch)
@@ -129,23 +132,27 @@ class Engine:
 
     def epochs(self, on_step: StepCallback | None = None) -> Iterator[dict[int, MemberResult]]:
         """One epoch for every member per iteration, until none is left; members join and leave in between.
-        A member whose train loss is not finite has left when its NonFiniteLoss is yielded."""
+        A member whose train loss is not finite is reported as a NonFiniteLoss and stays: the caller decides
+        (fit raises it, the trial runner fails the trial and frees its slot). Its rows are its own, so its
+        NaNs reach no other member."""
         while self.slots:
             yield self.epoch(on_step)
 
     def epoch(self, on_step: StepCallback | None = None) -> dict[int, MemberResult]:
         started = time.perf_counter()
-        tables = [t for t in self.tables.values() if t.k]
+        keys = [key for key, t in self.tables.items() if t.k]
+        tables = [self.tables[key] for key in keys]
         # Every schedule is on its way before the first step, so no copy waits behind another table's steps.
-        plans = [t.load_schedule(epoch_orders([self.slots[i].generator for i in t.ids], self.n)) for t in tables]
-        for table, plan in zip(tables, plans):
-            with self._stream(table):
-                table.train_epoch(plan, self.data, self.forward, self.bf16, on_step if len(tables) == 1 else None)
+        for table in tables:
+            table.start_epoch(epoch_orders([self.slots[i].generator for i in table.ids], self.n))
+        for key, table in zip(keys, tables):
+            with self._stream(key):
+                table.train_epoch(on_step if len(tables) == 1 else None)
         for stream in self._streams.values():
             torch.cuda.current_stream(self.device).wait_stream(stream)
         numbers = torch.cat([
             torch.stack([t.loss_sum[: t.k].double() / self.n, t.correct[: t.k].double() / self.n,
-                         *(s.double() for s in t.evaluate(self.data, self.forward))])
+                         *(s.double() for s in t.evaluate())])
             for t in tables
         ], dim=1).tolist()  # the epoch's one wait on the device
         ids = [i for t in tables for i in t.ids]
@@ -157,7 +164,6 @@ class Engine:
             slot.epoch += 1
             if not math.isfinite(train_loss):
                 results[slot_id] = NonFiniteLoss(slot.epoch, train_loss)
-                self.leave(slot_id)
                 continue
             results[slot_id] = {"epoch": slot.epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                                 "val_loss": val_loss, "val_accuracy": val_accuracy, "epoch_time_s": seconds}

@@ -57,7 +57,7 @@ def unflatten(row: torch.Tensor) -> dict[str, torch.Tensor]:
 def fused_forward(stacked: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """x [B, 1, 28, 28] shared by all K members, or [B, K, 28, 28] one image per member -> logits [K, B, classes].
 
-    A module-level function so `torch.compile` can wrap it once for every cohort size.
+    A module-level function so `torch.compile` can wrap it once for every member count.
     """
     conv1_w, conv1_b, conv2_w, conv2_b, fc1_w, fc1_b, fc2_w, fc2_b, out_w, out_b = stacked
     k, batch = len(conv1_w), len(x)

@@ -86,7 +86,7 @@ class BestEpoch:
     """The epoch with the best val_accuracy so far and a CPU copy of its weights (Keras's
     ModelCheckpoint(save_best_only), in memory: the network is 33k parameters, 130 kB).
 
-    Feed it every epoch; a fused cohort keeps one per member. state_dict() goes into the checkpoint,
+    Feed it every epoch; the trial runner keeps one per trial. state_dict() goes into the checkpoint,
     so a resumed run still knows the best epoch from before the interruption.
     """
 
@@ -99,7 +99,7 @@ class BestEpoch:
         """Keeps this epoch if it beats the best so far; returns whether it did.
 
         A tie keeps the earlier epoch: it reached the same accuracy with less training. model may be
-        a module or its state dict (a cohort member's slice of the fused weights).
+        a module or its state dict (an engine member's weights, Engine.weights).
         """
         if not val_accuracy > self.val_accuracy:
             return False

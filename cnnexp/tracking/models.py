@@ -22,7 +22,7 @@ from cnnexp.checks import ConfigError, first_line
 from cnnexp.serving import OUTPUTS
 from cnnexp.tracking import mlflow_private, pyfunc, tags
 from cnnexp.tracking.log import log_input
-from cnnexp.tracking.runs import error_text, full_run_id
+from cnnexp.tracking.runs import end_child_run, error_text, full_run_id
 
 # Every logged model's name: MLflow 3 resolves runs:/<run_id>/<path> by searching the run's experiment for a
 # logged model *named* <path> whose source run is <run_id> (RunsArtifactRepository._get_logged_model_artifact_repo),
@@ -132,15 +132,18 @@ def log_kept_model(model: torch.nn.Module, example_inputs: torch.Tensor, classes
 
 def log_model_and_finish(run_id: str, model: torch.nn.Module, example_inputs: torch.Tensor, classes: list[str],
                          epoch: int, summary: dict[str, float], val: mlflow.data.Dataset) -> None:
-    """log_kept_model into an existing run (from any thread), then ends the run FINISHED either way.
+    """log_kept_model into an existing run (from any thread), then ends the run FINISHED.
 
-    A model that fails to log leaves a tag, not a FAILED run: the trial itself completed.
+    A model that fails to log ends the run FAILED with the reason as its error tag, and the error is raised:
+    a run without its model is not a finished trial, and the caller must not record one.
     """
     try:
         with mlflow.start_run(run_id=run_id):
             log_kept_model(model, example_inputs, classes, epoch, summary, val)
-    except Exception as err:  # noqa: BLE001 - recorded on the run, which must still end
-        MlflowClient().set_tag(run_id, tags.MODEL_ERROR, error_text(err))
+    except BaseException as err:
+        with contextlib.suppress(Exception):  # the store itself may be what failed: the error raised says why
+            end_child_run(run_id, "FAILED", {tags.ERROR: f"model not logged: {error_text(err)}"})
+        raise
     MlflowClient().set_terminated(run_id, "FINISHED")
 
 

@@ -2,7 +2,8 @@
 
 - study: storage, sampler, pruner, the study's settings and data digest
 - space: the search space (batch size through its exponent), and its params as cnnexp reads them
-- trials: trials run a cohort at a time, each its own MLflow child run, models logged off the training path
+- trials: a worker's trials side by side in one engine, each its own MLflow child run, models logged off the
+  training path
 - workers: the call's trial budget, devices and threads, worker processes
 - recovery: heartbeats, trials whose worker died, retries
 - report: the study's summary, trials table and figures on its parent run
@@ -11,5 +12,6 @@
 
 Every trial is an MLflow child run of the study's run; the run's final status is set before Optuna
 records the trial's state, from the same outcome: complete -> FINISHED (once its model is logged),
-pruned -> KILLED (tag pruned_at_epoch), exception or non-finite loss -> FAILED (tag error).
+pruned -> KILLED (tag pruned_at_epoch), exception, non-finite loss or a model that failed to log -> FAILED
+(tag error). A trial asked is told, whatever fails or interrupts the runner (Ctrl-C: FAIL, queued again).
 """

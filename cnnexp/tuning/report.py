@@ -62,7 +62,7 @@ def progress_text(study: optuna.Study, trial: FrozenTrial) -> str:
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Optuna's trials_dataframe() plus each trial's batch size (Optuna's params hold its exponent), MLflow
-    run id, and its cohort where trials ran in cohorts."""
+    run id, and its cohort where an earlier version recorded one."""
     frame = study.trials_dataframe()
     trials = study.get_trials(deepcopy=False)  # the frame's rows, in order
     attrs = [trial.user_attrs for trial in trials]

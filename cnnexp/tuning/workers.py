@@ -19,23 +19,24 @@ from cnnexp.devices import resolve_device
 from cnnexp.tracking.store import quiet_mlflow, use_tracking_uri
 from cnnexp.tuning.recovery import GRACE_PERIOD_S, recover_dead_trials
 from cnnexp.tuning.study import Parent, has_heartbeats, load_study, quiet_optuna
-from cnnexp.tuning.trials import CohortRunner, TrialCallback
+from cnnexp.tuning.trials import TrialCallback, TrialRunner
 
 WAIT_POLL_S = 5  # how often a worker with nothing to start checks the study again
 
 
 class TrialBudget:
-    """The trials this call may still start, shared by its local worker processes: each claims a cohort's
-    worth before starting it, so the call runs exactly n_trials. Every worker started has its first cohort
-    set aside for it: a spawned process imports for seconds, and without that the first worker, already
-    running, would take every cohort of a short study. After that, whoever is free claims the next one."""
+    """The trials this call may still start, shared by its local worker processes: a worker claims each trial
+    just before asking Optuna for it, so the call runs exactly n_trials. Every worker started has a cohort's
+    worth (enough to fill its engine) set aside for it: a spawned process imports for seconds, and without
+    that the first worker, already running, would take every trial of a short study. After its share, each
+    claims from what is left, trial by trial."""
 
     def __init__(self, context: multiprocessing.context.BaseContext, n_trials: int, first_cohorts: list[int]):
         self.remaining = context.Value("i", n_trials - sum(first_cohorts))
         self.reserved = context.Array("i", first_cohorts)
 
     def claim(self, worker: int, wanted: int = 1) -> int:
-        """Up to `wanted` trials for `worker` (its set-aside cohort first); 0 when the budget is spent."""
+        """Up to `wanted` trials for `worker` (its set-aside share first); 0 when the budget is spent."""
         with self.remaining.get_lock():
             if self.reserved[worker]:
                 granted = min(wanted, self.reserved[worker])
@@ -47,7 +48,7 @@ class TrialBudget:
 
 
 def first_cohorts(n_trials: int, size: int, processes: int) -> list[int]:
-    """The cohort set aside for each of `processes` workers, in order, from a budget of n_trials."""
+    """The share set aside for each of `processes` workers (up to a cohort, `size`), in order, from n_trials."""
     return [max(0, min(size, n_trials - i * size)) for i in range(processes)]
 
 
@@ -77,14 +78,14 @@ def threads_per_worker(workers: int) -> int:
 
 def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBudget, callbacks: list[TrialCallback],
                target: int | None = None, sampler_offset: int = 0, data: PreparedData | None = None) -> None:
-    """Cohorts while the call's budget lasts, or (with a target) until the study has `target` complete
+    """Trials while the call's budget lasts, or (with a target) until the study has `target` complete
     or pruned trials. Waits for its models to be logged. `data`: the caller's, if it has loaded it already."""
     torch.set_num_threads(threads_per_worker(config.workers))
     quiet_optuna()  # --verbose keeps Optuna's per-trial lines, in spawned workers too
     data = data or load_prepared(config.data_dir, config.dataset)
     study = load_study(config, worker + sampler_offset)
     device = worker_device(config.device, worker)
-    runner = CohortRunner(study, config, data, device, parent, callbacks)
+    runner = TrialRunner(study, config, data, device, parent, callbacks)
     size = cohort_size(config, device)
     try:
         if target is None:
@@ -93,6 +94,8 @@ def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBud
             def grant(wanted: int) -> int:
                 return budget.claim(worker, wanted) if time.monotonic() < deadline else 0
 
+            # A run ends when the budget or the time is spent, or when an error failed its trials (the study
+            # goes on, in a new engine); the last run finds nothing granted before it builds one.
             while runner.run(size, grant):
                 pass
         else:
@@ -101,8 +104,8 @@ def run_worker(config: TuneConfig, parent: Parent, worker: int, budget: TrialBud
         runner.close()
 
 
-def run_until(study: optuna.Study, runner: CohortRunner, target: int, size: int, config: TuneConfig) -> None:
-    """Cohorts until the study has `target` complete or pruned trials, however many machines take part.
+def run_until(study: optuna.Study, runner: TrialRunner, target: int, size: int, config: TuneConfig) -> None:
+    """Trials until the study has `target` complete or pruned trials, however many machines take part.
 
     A trial running elsewhere counts as on its way; the worker waits for it rather than leaving, since
     if that worker died, its trial is failed and re-queued (heartbeat or pid check) and someone must run

@@ -219,7 +219,7 @@ HANGS = {
     # After epoch 1 of 2: both trials have reported it, and the tracker has written their runs and epochs.
     "mid-training": """
 import time, cnnexp.tuning.trials as trials
-fill = trials.CohortRunner._fill
+fill = trials.TrialRunner._fill
 def _fill(self, engine):
     self.fills = getattr(self, "fills", 0) + 1
     if self.fills == 2:
@@ -227,7 +227,7 @@ def _fill(self, engine):
         print("HANGING", flush=True)
         time.sleep(600)
     return fill(self, engine)
-trials.CohortRunner._fill = _fill
+trials.TrialRunner._fill = _fill
 """,
     # The first model upload: training is over, and the trials are RUNNING until their models are in (the
     # window of a half-finished trial). The training thread is waiting for the tracker within the second.

@@ -6,7 +6,7 @@ from cnnexp.tuning.counts import call_number, earlier_text, plan, running_text, 
 
 
 def _interrupted_study(stopped: int = 3, complete: int = 1) -> optuna.Study:
-    """complete trials, then `stopped` trials failed by Ctrl-C and queued again (as CohortRunner does)."""
+    """complete trials, then `stopped` trials failed by Ctrl-C and queued again (as TrialRunner does)."""
     study = optuna.create_study(direction="maximize")
     for _ in range(complete):
         trial = study.ask()

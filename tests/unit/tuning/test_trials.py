@@ -1,5 +1,5 @@
-"""cnnexp.tuning.trials through tune: cohorts, divergence, pruning, models before completion, Ctrl-C."""
-import time
+"""cnnexp.tuning.trials through tune: cohorts, divergence, pruning, models before completion, faults, Ctrl-C."""
+import threading
 
 import mlflow
 import optuna
@@ -25,7 +25,6 @@ def _diverging_at_batch_16(monkeypatch):
             for slot, result in results.items():
                 if sizes[slot] == 16 and not isinstance(result, NonFiniteLoss):
                     results[slot] = NonFiniteLoss(result["epoch"], float("nan"))
-                    self.leave(slot)
             return results
 
     monkeypatch.setattr(trials, "Engine", Diverging)
@@ -46,7 +45,6 @@ def test_diverging_trials_fail_in_both_stores_and_the_study_goes_on(cohort, work
     assert_optuna_and_mlflow_agree(study, children[parent.info.run_id], client_of(workdir))
     failed = [r for r in children[parent.info.run_id] if r.info.status == "FAILED"]
     assert all("training loss became nan" in r.data.tags["error"] for r in failed)
-    assert {r.data.tags["cohort_size"] for r in children[parent.info.run_id]} == {str(cohort)}
     assert parent.data.metrics["trials_failed"] == states.count("FAIL")
     assert parent.info.status == "FINISHED"
     assert_study_table_and_figures(study, parent, children[parent.info.run_id])
@@ -69,7 +67,7 @@ def test_a_trial_is_pruned_before_its_last_epoch_never_after_it(workdir, tmp_pat
     assert [t.state.name for t in one.trials] == ["COMPLETE"] * 2
 
 
-def test_a_cohorts_trials_are_distinct_points_trained_together_and_tagged(workdir, tmp_path):
+def test_a_cohorts_trials_are_distinct_points_each_with_its_model_tagged_with_its_run(workdir, tmp_path):
     source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
     args = ["--n-trials", "5", "--epochs", "2", "--cohort", "3", "--sampler", "gp", "--pruner", "none",
             "--source", str(source)]
@@ -79,9 +77,7 @@ def test_a_cohorts_trials_are_distinct_points_trained_together_and_tagged(workdi
     (parent,), children = parent_and_children(workdir)
     runs = children[parent.info.run_id]
     assert_optuna_and_mlflow_agree(study, runs, client_of(workdir))
-    cohorts = sorted((r.data.tags["cohort"], r.data.tags["cohort_size"]) for r in runs)
-    assert cohorts == [("0", "3")] * 5  # the last 2 trials took the places of the first ones
-    run = next(r for r in runs if r.data.tags["cohort"] == "0")
+    run = runs[0]
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # MLflow's own address of a run's model
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     logged = client_of(workdir).get_logged_model(model_uri(run.info.run_id, client_of(workdir))[len("models:/"):])
@@ -101,7 +97,6 @@ def test_a_pruned_trials_place_is_taken_by_a_new_trial_while_the_others_train_on
     assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE", "COMPLETE"]
     (parent,), children = parent_and_children(workdir)
     runs = {int(r.data.tags["optuna.trial_number"]): r for r in children[parent.info.run_id]}
-    assert {r.data.tags["cohort"] for r in runs.values()} == {"0"}
     assert runs[2].info.start_time < runs[1].info.end_time  # joined while trial 1 was still training
     assert sorted(study.trials[2].intermediate_values) == [1, 2, 3]  # its own epochs, from its first
     assert_optuna_and_mlflow_agree(study, list(runs.values()), client_of(workdir))
@@ -166,19 +161,85 @@ def test_ctrl_c_ends_a_cohorts_trials_killed_and_queues_them_for_the_next_call(w
     assert retried.data.tags["retry_of_run_id"] == study.trials[0].user_attrs["mlflow_run_id"]
 
 
-@pytest.mark.parametrize("seen", ["at the next submit", "at the end"])
-def test_a_model_that_cannot_be_logged_fails_its_trial_and_stops_the_call_with_the_error(seen, workdir, tmp_path,
-                                                                                       monkeypatch, capsys):
-    def log_model_and_finish(*args, **kwargs):
-        if seen == "at the end":
-            time.sleep(0.5)  # training has finished meanwhile
-        raise OSError(28, "No space left on device")
+def _failing_once(monkeypatch, owner, name, error, when, before=lambda: None):
+    """MLflow's own owner.name raises `error` at the first call for which when(*args, **kwargs) holds."""
+    real, failed = getattr(owner, name), []
 
-    monkeypatch.setattr(trials, "log_model_and_finish", log_model_and_finish)
-    if seen == "at the next submit":  # every job done before the next is queued, as when tracking keeps up
-        submit = trials.Tracker.submit
-        monkeypatch.setattr(trials.Tracker, "submit", lambda self, *job: (self.jobs.join(), submit(self, *job)))
+    def failing(*args, **kwargs):
+        if not failed and when(*args, **kwargs):
+            failed.append(name)
+            before()
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def _second_call():
+    calls = []
+    return lambda *args, **kwargs: calls.append(1) or len(calls) == 2
+
+
+def _tracker_keeping_up(monkeypatch, method):
+    """Every tracking job done before the runner's next `method` call, as when the store keeps up."""
+    real = getattr(trials.Tracker, method)
+    monkeypatch.setattr(trials.Tracker, method, lambda self, *args: (self.jobs.join(), real(self, *args))[1])
+
+
+@pytest.mark.parametrize("seen", ["between epochs", "at the end"])
+def test_a_trial_whose_model_cannot_be_logged_fails_in_both_stores_and_stops_the_call(seen, workdir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    full_disk = OSError(28, "No space left on device")
+    if seen == "between epochs":  # the runner checks the tracker after trial 1's epoch, its job done
+        _tracker_keeping_up(monkeypatch, "check")
+        _failing_once(monkeypatch, mlflow.models.Model, "log", full_disk, _second_call())
+        args = ["--n-trials", "3", "--cohort", "1"]
+    else:  # trial 1's model fails only once training has ended and the runner waits for the tracker
+        drained = threading.Event()
+        drain = trials.Tracker.drain
+        monkeypatch.setattr(trials.Tracker, "drain", lambda self: (drained.set(), drain(self))[1])
+        _failing_once(monkeypatch, mlflow.models.Model, "log", full_disk, _second_call(), before=lambda: drained.wait(60))
+        args = ["--n-trials", "2", "--cohort", "2"]
     source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
-    assert tune.cli(["--n-trials", "2", "--epochs", "1", "--cohort", "2", "--source", str(source)]) != 0
+    assert tune.cli([*args, "--epochs", "1", "--pruner", "none", "--source", str(source)]) != 0
     assert "No space left on device" in capsys.readouterr().err
-    assert {t.state.name for t in study_of(workdir).trials} == {"FAIL"}  # none left RUNNING
+    study = study_of(workdir)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]  # trial 2 never asked: the call stopped
+    assert study.best_trial.number == 0  # the best has its model
+    failed = client_of(workdir).get_run(study.trials[1].user_attrs["mlflow_run_id"])
+    assert failed.info.status == "FAILED" and not failed.outputs.model_outputs
+    assert failed.data.tags["error"] == "model not logged: OSError: [Errno 28] No space left on device"
+
+
+def test_a_trial_is_told_when_the_tracker_s_error_surfaces_as_its_end_is_handed_over(workdir, tmp_path, monkeypatch):
+    # Trial 0's epoch fails to log; the error is pending as the runner hands its end to the tracker.
+    _tracker_keeping_up(monkeypatch, "submit")
+    _failing_once(monkeypatch, mlflow.tracking.MlflowClient, "log_batch", OSError(28, "No space left on device"),
+                  when=lambda self, run_id, metrics=(), **kwargs: any(m.key == "train_loss" for m in metrics))
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    assert tune.cli(["--n-trials", "2", "--epochs", "1", "--cohort", "1", "--pruner", "none",
+                     "--source", str(source)]) != 0
+    study = study_of(workdir)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]  # told (its model is in), and the call stopped
+    assert client_of(workdir).get_run(study.trials[0].user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+class _JoinFails(trials.Engine):
+    """An engine whose every join fails, after the trial was asked and suggested, with `error`."""
+    error: BaseException
+
+    def join(self, member, seed):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), KeyboardInterrupt()])
+def test_a_trial_asked_in_the_first_fill_is_told_whatever_stops_it(error, workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(_JoinFails, "error", error, raising=False)
+    monkeypatch.setattr(trials, "Engine", _JoinFails)
+    source = write_idx_dir(tmp_path / "idx", n_train=100, n_test=30)
+    code = tune.cli(["--n-trials", "2", "--epochs", "1", "--cohort", "2", "--source", str(source)])
+    states = [t.state.name for t in study_of(workdir).trials]
+    if isinstance(error, KeyboardInterrupt):
+        assert code == 130 and states == ["FAIL", "WAITING"]  # interrupted, and queued for the next call
+    else:
+        assert states == ["FAIL", "FAIL"]  # each failed; the study went on

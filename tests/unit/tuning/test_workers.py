@@ -1,5 +1,6 @@
 """cnnexp.tuning.workers: the call's trial budget, every started worker's first cohort, no overshoot of a
 study's target, and each worker's share of the cores."""
+import itertools
 import multiprocessing
 
 import mlflow
@@ -7,10 +8,38 @@ import torch
 
 from cnnexp.config import PrepareConfig, TuneConfig
 from cnnexp.data import prepare
+from cnnexp.model import Network
 from cnnexp.tuning import workers
 from cnnexp.tuning.study import Parent, load_study
-from cnnexp.tuning.trials import CohortRunner
+from cnnexp.tuning.trials import TrialRunner
 from cnnexp.tuning.workers import TrialBudget, first_cohorts, wanted_for_target
+
+
+class InstantEngine:
+    """The engine's interface, each member done with its one epoch as soon as it is asked for."""
+
+    def __init__(self, capacity, train, val, device, **options):
+        self.capacity, self.slots, self.ids = capacity, {}, itertools.count()
+
+    @property
+    def free(self):
+        return self.capacity - len(self.slots)
+
+    def join(self, member, seed):
+        slot = next(self.ids)
+        self.slots[slot] = member
+        return slot
+
+    def leave(self, slot):
+        del self.slots[slot]
+
+    def weights(self, slot):
+        return Network().state_dict()
+
+    def epochs(self):
+        while self.slots:
+            yield {slot: {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5,
+                          "epoch_time_s": 0.0} for slot in self.slots}
 
 
 def _claim_all(budget, worker, claimed):
@@ -36,19 +65,23 @@ def test_a_worker_started_late_still_gets_its_first_cohort():
     assert first_cohorts(5, 2, 3) == [2, 2, 1]
 
 
-def test_a_worker_asks_no_more_trials_than_the_target_lacks(workdir, idx_source):
-    config = TuneConfig(storage=str(workdir / "journal.log"), cohort=8)
+def test_a_worker_asks_no_more_trials_than_the_target_lacks_and_builds_no_engine_for_none(workdir, idx_source):
+    config = TuneConfig(storage=str(workdir / "journal.log"), cohort=8, epochs=1)
     study = load_study(config)
     for _ in range(3):
         study.ask()  # trials other workers are running
     assert wanted_for_target(study, 4) == 1
     data, _ = prepare(PrepareConfig(source=str(idx_source), data_dir=str(workdir / "data")))
     with mlflow.start_run() as parent:
-        runner = CohortRunner(study, config, data, torch.device("cpu"),
-                              Parent(parent.info.run_id, parent.info.experiment_id, mlflow.get_tracking_uri()), [])
-        runner._train = lambda: None  # what is tested is how many trials it asks for
-        assert runner.run(8, lambda wanted: min(wanted, wanted_for_target(study, 4))) == 1
+        # What is tested is how many trials it asks for: members finish their one epoch at once.
+        engines = []
+        runner = TrialRunner(study, config, data, torch.device("cpu"),
+                             Parent(parent.info.run_id, parent.info.experiment_id, mlflow.get_tracking_uri()), [],
+                             make_engine=lambda *args, **kwargs: engines.append(InstantEngine(*args)) or engines[-1])
+        grant = lambda wanted: min(wanted, wanted_for_target(study, 4))  # noqa: E731
+        assert runner.run(8, grant) == 1 and runner.run(8, grant) == 0
         runner.close()
+    assert len(engines) == 1  # the second run was granted nothing, so it built no engine
     assert len(study.trials) == 4 and wanted_for_target(study, 4) == 0
 
 
