@@ -53,9 +53,13 @@ def extend(config: TuneConfig, kept: str) -> Made[dict]:
         else:
             print(f"study {config.study_name!r}, call {call}: {counts.earlier_text(plan)}; {counts.running_text(plan)} "
                   f"{workers.plan_text(config, None)}")
-            report.import_figures_in_background()
+            callbacks = [print_trial]
+            if config.workers > 1:  # this process only waits for its workers: the import has a core to itself
+                report.import_figures_in_background()
+            else:
+                callbacks.append(report.import_figures_after_first_trial())
             with status.of_study(found, config.n_trials, config.epochs):
-                workers.run_workers(config, parent, [print_trial], data=data)
+                workers.run_workers(config, parent, callbacks, data=data)
             result = report.log_outcome(found)
             if config.retrain_best and "best_params" in result:
                 result["best_test_accuracy"] = retrain_best(config, result["best_params"], data)

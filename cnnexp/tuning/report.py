@@ -6,7 +6,7 @@ import dataclasses
 import importlib
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,6 +82,19 @@ def import_figures_in_background() -> threading.Thread:
                               name="figure-imports", daemon=True)
     thread.start()
     return thread
+
+
+def import_figures_after_first_trial() -> Callable[[optuna.Study, FrozenTrial], None]:
+    """A trial callback that starts import_figures_in_background once a trial has ended, for a study that
+    trains in this process: started before, the import holds the GIL while the engine is set up and takes
+    its first steps (0.6 s later to the first step, benchmarks/startup.py)."""
+    started: list[threading.Thread] = []
+
+    def on_trial_end(study: optuna.Study, trial: FrozenTrial) -> None:
+        if not started:
+            started.append(import_figures_in_background())
+
+    return on_trial_end
 
 
 def figures(study: optuna.Study) -> dict[str, Figure]:

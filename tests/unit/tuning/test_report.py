@@ -109,3 +109,14 @@ def test_figures_of_a_one_valued_parameter_bring_no_optuna_log_line_unless_verbo
             assert bool([m for m in said if "unique value length is less than 2" in m]) == bool(verbose), said
     finally:
         optuna.logging.disable_propagation()
+
+
+def test_a_study_in_this_process_starts_its_figure_imports_once_a_trial_ends_not_before(monkeypatch):
+    """Started before the first step, the import held the GIL while the engine was set up (benchmarks/startup.py)."""
+    started = []
+    monkeypatch.setattr(report, "import_figures_in_background", lambda: started.append("import"))
+    on_trial_end = report.import_figures_after_first_trial()
+    assert started == []
+    on_trial_end(None, None)
+    on_trial_end(None, None)
+    assert started == ["import"]
