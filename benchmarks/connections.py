@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,10 @@ POOLS = {
     "default": "import cnnexp.tuning.study as s; s.SERVER_ENGINE_KWARGS = {}\n",  # SQLAlchemy's 5 + 10 per engine
     "pool1": "import cnnexp.tuning.study as s; s.SERVER_ENGINE_KWARGS = {'pool_size': 1, 'max_overflow': 1}\n",
 }
+# On a small machine N workers take minutes to log their models, and a trial's heartbeat stops once it has
+# trained (cnnexp.tuning.trials: the model is logged after it leaves the cohort), so the others would fail it
+# after the 30 s grace period. Counting connections needs every trial to end, not that race: 10 minutes.
+LONG_GRACE = "import cnnexp.tuning.recovery as r, cnnexp.tuning.study as s; r.GRACE_PERIOD_S = s.GRACE_PERIOD_S = 600\n"
 COUNT = """SELECT datname, count(*) FROM pg_stat_activity
            WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY datname"""
 
@@ -53,7 +58,7 @@ def measure(env: dict, admin: str, work: Path, pool: str, n: int) -> dict:
     """N one-trial workers on a new study; the peak connections while they run."""
     hook = work / f"hook-{pool}"
     hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(POOLS[pool])
+    (hook / "sitecustomize.py").write_text(LONG_GRACE + POOLS[pool])
     env = {**env, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
     name = f"connections-{pool}-{n}-{int(time.time())}"
     common = ["--storage", env["OPTUNA_STORAGE"], "--study-name", name, "--data-dir", work / "data"]
@@ -64,16 +69,21 @@ def measure(env: dict, admin: str, work: Path, pool: str, n: int) -> dict:
     workers = [subprocess.Popen(cnnexp("worker", *common, "--n-trials", 1), env=env, cwd=work, stdout=log,
                                 stderr=subprocess.STDOUT) for log in logs]
     peak = {"optuna": 0, "mlflow": 0, "total": 0, "alive_at_peak": 0}
-    with psycopg.connect(admin, autocommit=True) as db:
-        while any(w.poll() is None for w in workers):
-            counts = dict(db.execute(COUNT).fetchall())
-            total = sum(counts.values())
-            peak["optuna"] = max(peak["optuna"], counts.get("optuna", 0))
-            peak["mlflow"] = max(peak["mlflow"], counts.get("mlflow", 0))
-            if total > peak["total"]:
-                peak.update(total=total, alive_at_peak=sum(w.poll() is None for w in workers))
-            time.sleep(0.2)
-        max_connections = int(db.execute("SHOW max_connections").fetchone()[0])
+    try:
+        with psycopg.connect(admin, autocommit=True) as db:
+            while any(w.poll() is None for w in workers):
+                counts = dict(db.execute(COUNT).fetchall())
+                total = sum(counts.values())
+                peak["optuna"] = max(peak["optuna"], counts.get("optuna", 0))
+                peak["mlflow"] = max(peak["mlflow"], counts.get("mlflow", 0))
+                if total > peak["total"]:
+                    peak.update(total=total, alive_at_peak=sum(w.poll() is None for w in workers))
+                time.sleep(0.2)
+            max_connections = int(db.execute("SHOW max_connections").fetchone()[0])
+    finally:  # stopped early (Ctrl-C, SIGTERM): no worker outlives the cluster it talks to
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
     outputs = []
     for log in logs:
         log.seek(0)
@@ -83,6 +93,7 @@ def measure(env: dict, admin: str, work: Path, pool: str, n: int) -> dict:
     return {"pool": pool, "workers": n, **peak, "max_connections": max_connections,
             "failed_workers": sum(w.returncode != 0 for w in workers),
             "too_many_clients": sum("too many clients" in o for o in outputs),
+            "first_error": next((o.strip().splitlines()[-1] for w, o in zip(workers, outputs) if w.returncode), ""),
             "trials_finished": sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials),
             "seconds": round(time.monotonic() - started, 1), "load_avg_1min": os.getloadavg()[0]}
 
@@ -93,6 +104,7 @@ def main() -> None:
     parser.add_argument("--pools", default="nullpool", help=f"comma-separated, of: {', '.join(POOLS)}")
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # so `finally` stops the workers and the cluster
     # Not under mktemp -d's 0700 directory: as root the cluster belongs to `postgres`, which must enter it.
     work = Path(tempfile.mkdtemp(prefix="cnnexp-connections-"))
     work.chmod(0o755)
