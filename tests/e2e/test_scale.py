@@ -34,6 +34,14 @@ recovery.HEARTBEAT_INTERVAL_S = study.HEARTBEAT_INTERVAL_S = 2
 recovery.GRACE_PERIOD_S = study.GRACE_PERIOD_S = 12
 """
 
+# A trial's heartbeat stops once it has trained, while its model is still being logged (cnnexp.tuning.trials):
+# 16 workers on 2 busy cores took longer than the 30 s grace period to log their models, and failed each
+# other's trials ("Cannot tell a FAIL trial"). The 16-worker test counts connections, so it waits longer.
+LONG_GRACE = """
+import cnnexp.tuning.recovery as recovery, cnnexp.tuning.study as study
+recovery.GRACE_PERIOD_S = study.GRACE_PERIOD_S = 600
+"""
+
 
 def hook_dir(work: Path, code: str) -> Path:
     """A directory whose sitecustomize runs code in every Python process started with it on PYTHONPATH."""
@@ -120,7 +128,8 @@ def test_sixteen_workers_share_a_study_on_one_postgres_and_an_mlflow_server(clus
     common, study = create_study(cluster, tmp_path, "sixteen-workers", n_trials=16, epochs=1, monkeypatch=monkeypatch)
     started = time.monotonic()
     with ConnectionPeak(cluster["PGPORT"]) as connections:
-        workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 1) for i in range(16)]
+        hook = hook_dir(tmp_path, LONG_GRACE)
+        workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 1, hook=hook) for i in range(16)]
         outputs = [w.communicate(timeout=500)[0] for w in workers]
     print(f"16 trials on 16 workers: {time.monotonic() - started:.1f} s, at most {connections.peak} of "
           f"{connections.max_connections} connections")
