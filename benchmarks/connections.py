@@ -54,8 +54,19 @@ def cnnexp(*args) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
 
 
+# What one worker process takes (proportional set size, torch and mlflow imported, training): measured 500 MB.
+WORKER_MB = 600
+
+
+def available_mb() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) // 1024 for line in meminfo if line.startswith("MemAvailable:"))
+
+
 def measure(env: dict, admin: str, work: Path, pool: str, n: int) -> dict:
     """N one-trial workers on a new study; the peak connections while they run."""
+    if available_mb() < n * WORKER_MB + 2048:  # on a shared machine, running out would kill others' processes
+        return {"pool": pool, "workers": n, "skipped": f"{available_mb()} MB available, {n} workers need ~{n * WORKER_MB}"}
     hook = work / f"hook-{pool}"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(LONG_GRACE + POOLS[pool])
