@@ -54,8 +54,8 @@ def cnnexp(*args) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
 
 
-# What one worker process takes (proportional set size, torch and mlflow imported, training): measured 500 MB.
-WORKER_MB = 600
+# What one worker process takes (proportional set size, torch and mlflow imported, training): 500 MB measured.
+WORKER_MB = 550
 
 
 def available_mb() -> int:
@@ -79,9 +79,10 @@ def measure(env: dict, admin: str, work: Path, pool: str, n: int) -> dict:
     logs = [open(work / f"{name}-{i}.log", "w+") for i in range(n)]
     workers = [subprocess.Popen(cnnexp("worker", *common, "--n-trials", 1), env=env, cwd=work, stdout=log,
                                 stderr=subprocess.STDOUT) for log in logs]
-    peak = {"optuna": 0, "mlflow": 0, "total": 0, "alive_at_peak": 0}
+    peak = {"optuna": 0, "mlflow": 0, "total": 0, "alive_at_peak": 0, "stopped_early": False}
     try:
         with psycopg.connect(admin, autocommit=True) as db:
+            max_connections = int(db.execute("SHOW max_connections").fetchone()[0])
             while any(w.poll() is None for w in workers):
                 counts = dict(db.execute(COUNT).fetchall())
                 total = sum(counts.values())
@@ -90,8 +91,9 @@ def measure(env: dict, admin: str, work: Path, pool: str, n: int) -> dict:
                 if total > peak["total"]:
                     peak.update(total=total, alive_at_peak=sum(w.poll() is None for w in workers))
                 time.sleep(0.2)
-            max_connections = int(db.execute("SHOW max_connections").fetchone()[0])
-    finally:  # stopped early (Ctrl-C, SIGTERM): no worker outlives the cluster it talks to
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (e.g. memory running out): the peaks so far still count
+        peak["stopped_early"] = True
+    finally:  # no worker outlives the cluster it talks to
         for w in workers:
             if w.poll() is None:
                 w.kill()
@@ -134,6 +136,10 @@ def main() -> None:
             for n in map(int, args.workers.split(",")):
                 rows.append(measure(env, admin, work, pool, n))
                 print(json.dumps(rows[-1]), flush=True)
+                if rows[-1].get("stopped_early"):
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        print("stopped early", file=sys.stderr)
     finally:
         subprocess.run(script + ["down", str(work / "cluster")], env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
