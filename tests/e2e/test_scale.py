@@ -126,14 +126,15 @@ def test_sixteen_workers_share_a_study_on_one_postgres_and_an_mlflow_server(clus
     """16 worker processes of one trial each on a default PostgreSQL (max_connections 100): each holds a
     connection only while it queries (NullPool), so none is refused with "too many clients"."""
     common, study = create_study(cluster, tmp_path, "sixteen-workers", n_trials=16, epochs=1, monkeypatch=monkeypatch)
+    hook = hook_dir(tmp_path, LONG_GRACE)
     started = time.monotonic()
     with ConnectionPeak(cluster["PGPORT"]) as connections:
-        hook = hook_dir(tmp_path, LONG_GRACE)
         workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 1, hook=hook) for i in range(16)]
         outputs = [w.communicate(timeout=500)[0] for w in workers]
     print(f"16 trials on 16 workers: {time.monotonic() - started:.1f} s, at most {connections.peak} of "
           f"{connections.max_connections} connections")
     assert not [o for o in outputs if "too many clients" in o]
+    assert connections.peak < connections.max_connections - 3  # 3 are kept for superusers
     assert [w.returncode for w in workers] == [0] * 16, "\n".join(o[-2000:] for o in outputs)
     assert all(o.count("\ntrial ") + o.startswith("trial ") == 1 for o in outputs)
 
