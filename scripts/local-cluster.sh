@@ -50,6 +50,11 @@ up() {
     psql -h 127.0.0.1 -p "$pg_port" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db'" | grep -q 1 \
       || createdb -h 127.0.0.1 -p "$pg_port" -U postgres "$db"
   done
+  # The server's 4 processes would each keep SQLAlchemy's default pool (5, overflowing to 15): up to 60 of
+  # PostgreSQL's 100 connections before any worker connects. 2 + 3 each caps the server at 20; a request
+  # beyond that waits for a connection instead of failing (docs/scale-out.md, Connections).
+  MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=${MLFLOW_SQLALCHEMYSTORE_POOL_SIZE:-2} \
+  MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=${MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW:-3} \
   nohup mlflow server --host 127.0.0.1 --port "$mlflow_port" \
     --backend-store-uri "$(pg_url mlflow)" --artifacts-destination "$dir/artifacts" \
     >"$dir/mlflow.log" 2>&1 &

@@ -5,10 +5,12 @@ Test modules import from here, never from each other; fixtures live in conftest.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import io
 import os
 import shutil
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -30,6 +32,7 @@ from cnnexp.tuning.study import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+INITDB = glob.glob("/usr/lib/postgresql/*/bin/initdb")  # the PostgreSQL server, where installed
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
@@ -305,3 +308,45 @@ def assert_study_table_and_figures(study, parent, child_runs):
 
 def points_of(study: optuna.Study) -> list[tuple[float, int]]:
     return [(round(t.params["lr"], 12), params_of(t)["batch_size"]) for t in study.trials]
+
+
+# --- a study on PostgreSQL and an `mlflow server` (the `cluster` fixture, tests/e2e/conftest.py) ------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cnnexp(*args) -> list[str]:
+    """The `cnnexp` command line, run by this interpreter from this checkout."""
+    return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
+
+
+def cluster_env(cluster: dict, work: Path, hook: Path | None = None) -> dict:
+    env = subprocess_env(work)
+    env["MLFLOW_TRACKING_URI"] = cluster["MLFLOW_TRACKING_URI"]
+    env["PYTHONPATH"] = os.pathsep.join([*([str(hook)] if hook else []), str(REPO)])
+    return env
+
+
+def create_study(cluster, work, name, n_trials, epochs, monkeypatch) -> tuple[list[str], optuna.Study]:
+    """`tune --workers 0` (in this process: only the workers need processes of their own): the study, its
+    settings and its parent run; returns the flags workers share."""
+    from pipelines import tune
+
+    monkeypatch.chdir(work)  # `runs:/` model URIs resolve through the default tracking URI too
+    use_tracking_uri(monkeypatch, cluster["MLFLOW_TRACKING_URI"])
+    source = write_idx_dir(work / "idx", n_train=200, n_test=50)
+    common = ["--storage", cluster["OPTUNA_STORAGE"], "--study-name", name]
+    assert tune.cli([*common, "--workers", "0", "--n-trials", str(n_trials), "--epochs", str(epochs), "--batch-min", "16",
+                     "--batch-max", "64", "--source", str(source), "--data-dir", str(work / "data")]) == 0
+    return [*common, "--source", str(source)], optuna.load_study(study_name=name, storage=cluster["OPTUNA_STORAGE"])
+
+
+def children(client: MlflowClient, study: optuna.Study):
+    """The study's parent run and its child runs (one a trial), from the tracking server."""
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000)
+    return parent, runs

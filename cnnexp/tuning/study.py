@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy.pool import NullPool
 
 from cnnexp.checks import first_line
 from cnnexp.config import ConfigError, TuneConfig, WorkerConfig
@@ -27,6 +28,11 @@ from cnnexp.tuning.space import search_space
 
 OBJECTIVE = JUDGED_BY  # a trial's value is its model's, as compare and the champion rule judge it
 # What `tune` fixes for the whole study; a joining worker takes these from the study, so no machine drifts.
+# A database server's connections are the scarce thing when many workers share it (PostgreSQL allows 100 by
+# default, SQLAlchemy's default pool keeps up to 5 idle per engine, and a worker process makes several
+# engines). NullPool closes each connection when its query is done: a worker holds one only while it talks
+# to the database (docs/scale-out.md has the counts for 8-32 workers, benchmarks/connections.py measures them).
+SERVER_ENGINE_KWARGS = {"poolclass": NullPool}
 STUDY_SETTINGS = ("epochs", "lr_min", "lr_max", "batch_min", "batch_max", "sampler", "pruner", "objective", "seed",
                   "dataset", "bf16", "torch_compile")
 
@@ -63,14 +69,14 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
             raise ConfigError("storage", f"{storage}: directory {os.path.dirname(storage)} does not exist; "
                                          "create it or choose a path in an existing one")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
-    heartbeat = {}
+    server = {}
     if has_heartbeats(storage):
-        heartbeat = dict(heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-                         heartbeat_stale_trial_callback=FailStaleRunAndRetry())
+        server = dict(heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+                      heartbeat_stale_trial_callback=FailStaleRunAndRetry(), engine_kwargs=dict(SERVER_ENGINE_KWARGS))
     try:
         with warnings.catch_warnings(), sqlite_creation_lock(storage):  # two first calls would both make its tables
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            return optuna.storages.RDBStorage(storage, **heartbeat)
+            return optuna.storages.RDBStorage(storage, **server)
     except Exception as err:  # SQLAlchemy and drivers raise many kinds; the user needs the first line
         raise ConfigError("storage", f"cannot open {redact_url(storage)}: {first_line(err)}") from None
 

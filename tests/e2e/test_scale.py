@@ -1,68 +1,28 @@
 """Scale out for real: worker processes on PostgreSQL Optuna storage and an `mlflow server` on loopback
 (marked postgres), and a SIGKILLed worker on the default local stores."""
-import glob
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import mlflow
 import optuna
+import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import REPO, assert_optuna_and_mlflow_agree, model_uri, subprocess_env, use_tracking_uri, write_idx_dir
+from helpers import (INITDB, REPO, assert_optuna_and_mlflow_agree, children, cluster_env, cnnexp, create_study,
+                     model_uri, subprocess_env, write_idx_dir)
 from cnnexp.tuning.study import open_storage
 from pipelines import tune, worker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-INITDB = glob.glob("/usr/lib/postgresql/*/bin/initdb")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def cluster():
-    """PostgreSQL + `mlflow server` (PostgreSQL backend, proxied artifacts) by scripts/local-cluster.sh, once."""
-    if not INITDB:
-        pytest.skip("PostgreSQL server binaries absent (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
-    # Not under pytest's tmp_path: as root the cluster belongs to `postgres`, which cannot enter root's 0700 dirs.
-    directory = Path(tempfile.mkdtemp(prefix="cnnexp-cluster-"))
-    directory.chmod(0o755)
-    env = {**os.environ, "PGPORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    script = [str(REPO / "scripts" / "local-cluster.sh")]
-    up = subprocess.run(script + ["up", str(directory)], env=env, capture_output=True, text=True, timeout=400)
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
-                       if line.startswith("export "))
-        yield exports
-    finally:
-        subprocess.run(script + ["down", str(directory)], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def cnnexp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
-
-
-def cluster_env(cluster: dict, work: Path, hook: Path | None = None) -> dict:
-    env = subprocess_env(work)
-    env["MLFLOW_TRACKING_URI"] = cluster["MLFLOW_TRACKING_URI"]
-    env["PYTHONPATH"] = os.pathsep.join([*([str(hook)] if hook else []), str(REPO)])
-    return env
 
 
 # The heartbeat's timing, shortened for the workers of a test that waits for a dead worker's trial to go
@@ -74,6 +34,14 @@ recovery.HEARTBEAT_INTERVAL_S = study.HEARTBEAT_INTERVAL_S = 2
 recovery.GRACE_PERIOD_S = study.GRACE_PERIOD_S = 12
 """
 
+# A trial's heartbeat stops once it has trained, while its model is still being logged (cnnexp.tuning.trials):
+# 16 workers on 2 busy cores took longer than the 30 s grace period to log their models, and failed each
+# other's trials ("Cannot tell a FAIL trial"). The 16-worker test counts connections, so it waits longer.
+LONG_GRACE = """
+import cnnexp.tuning.recovery as recovery, cnnexp.tuning.study as study
+recovery.GRACE_PERIOD_S = study.GRACE_PERIOD_S = 600
+"""
+
 
 def hook_dir(work: Path, code: str) -> Path:
     """A directory whose sitecustomize runs code in every Python process started with it on PYTHONPATH."""
@@ -83,30 +51,11 @@ def hook_dir(work: Path, code: str) -> Path:
     return hook
 
 
-def create_study(cluster, work, name, n_trials, epochs, monkeypatch) -> tuple[list[str], optuna.Study]:
-    """`tune --workers 0` (in this process: only the workers need processes of their own): the study, its
-    settings and its parent run; returns the flags workers share."""
-    monkeypatch.chdir(work)  # `runs:/` model URIs resolve through the default tracking URI too
-    use_tracking_uri(monkeypatch, cluster["MLFLOW_TRACKING_URI"])
-    source = write_idx_dir(work / "idx", n_train=200, n_test=50)
-    common = ["--storage", cluster["OPTUNA_STORAGE"], "--study-name", name]
-    assert tune.cli([*common, "--workers", "0", "--n-trials", str(n_trials), "--epochs", str(epochs), "--batch-min", "16",
-                     "--batch-max", "64", "--source", str(source), "--data-dir", str(work / "data")]) == 0
-    return [*common, "--source", str(source)], optuna.load_study(study_name=name, storage=cluster["OPTUNA_STORAGE"])
-
-
 def start_worker(cluster, work, common, index, *args, hook: Path | None = None) -> subprocess.Popen:
     # Each worker prepares its own copy of the data, as a separate machine would.
     return subprocess.Popen(cnnexp("worker", *common, "--data-dir", work / f"data-{index}", *args), cwd=work,
                             env=cluster_env(cluster, work, hook), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-
-
-def children(client: MlflowClient, study: optuna.Study):
-    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000)
-    return parent, runs
 
 
 # --- fast: joining on the default local stores ------------------------------------------------
@@ -147,25 +96,57 @@ def test_a_worker_joins_the_study_tune_created_and_runs_until_its_trial_count(wo
 
 # --- slow: PostgreSQL and an mlflow server ----------------------------------------------------
 
+class ConnectionPeak(threading.Thread):
+    """The most client connections PostgreSQL held at once (pg_stat_activity, every 0.2 s) while the block ran."""
+
+    def __init__(self, port: str):
+        super().__init__(daemon=True)
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        self.peak, self.max_connections, self.done = 0, None, threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as db:
+            self.max_connections = int(db.execute("SHOW max_connections").fetchone()[0])
+            while not self.done.wait(0.2):
+                (count,) = db.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                                      " AND pid <> pg_backend_pid()").fetchone()
+                self.peak = max(self.peak, count)
+
+    def __enter__(self) -> "ConnectionPeak":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+
+
 @pytest.mark.postgres
-def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(cluster, tmp_path, monkeypatch):
-    common, study = create_study(cluster, tmp_path, "three-workers", n_trials=6, epochs=1, monkeypatch=monkeypatch)
+def test_sixteen_workers_share_a_study_on_one_postgres_and_an_mlflow_server(cluster, tmp_path, monkeypatch):
+    """16 worker processes of one trial each on a default PostgreSQL (max_connections 100): each holds a
+    connection only while it queries (NullPool), so none is refused with "too many clients"."""
+    common, study = create_study(cluster, tmp_path, "sixteen-workers", n_trials=16, epochs=1, monkeypatch=monkeypatch)
+    hook = hook_dir(tmp_path, LONG_GRACE)
     started = time.monotonic()
-    workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 2) for i in range(3)]
-    outputs = [w.communicate(timeout=400)[0] for w in workers]
-    print(f"6 trials on 3 workers: {time.monotonic() - started:.1f} s")
-    assert [w.returncode for w in workers] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
-    assert all(o.count("\ntrial ") + o.startswith("trial ") == 2 for o in outputs)
+    with ConnectionPeak(cluster["PGPORT"]) as connections:
+        workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 1, hook=hook) for i in range(16)]
+        outputs = [w.communicate(timeout=500)[0] for w in workers]
+    print(f"16 trials on 16 workers: {time.monotonic() - started:.1f} s, at most {connections.peak} of "
+          f"{connections.max_connections} connections")
+    assert not [o for o in outputs if "too many clients" in o]
+    assert connections.peak < connections.max_connections - 3  # 3 are kept for superusers
+    assert [w.returncode for w in workers] == [0] * 16, "\n".join(o[-2000:] for o in outputs)
+    assert all(o.count("\ntrial ") + o.startswith("trial ") == 1 for o in outputs)
 
     trials = study.get_trials()
-    assert len(trials) == 6 and all(t.state in FINISHED for t in trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 3
+    assert len(trials) == 16 and all(t.state in FINISHED for t in trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 16
     client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
     parent, runs = children(client, study)
     assert_optuna_and_mlflow_agree(study, runs, client)
     # Artifacts go through the server: the parent's settings file and a trial's model come back over HTTP.
     settings = client.download_artifacts(parent.info.run_id, "study.json", str(tmp_path))
-    assert json.loads(Path(settings).read_text())["study_name"] == "three-workers"
+    assert json.loads(Path(settings).read_text())["study_name"] == "sixteen-workers"
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(best_run, client), dst_path=str(tmp_path / "model"),
                                                 tracking_uri=cluster["MLFLOW_TRACKING_URI"])
