@@ -72,6 +72,10 @@ class Tracker:
     def __init__(self, study: optuna.Study, callbacks: list[TrialCallback], val) -> None:
         self.study, self.callbacks, self.val = study, callbacks, val
         self.jobs: queue.Queue = queue.Queue()
+        # Trials whose end is queued but not yet told: still RUNNING in Optuna, so their heartbeats go on (a
+        # model's upload can outlast the grace period on a busy machine, and another worker would fail it).
+        self._telling: dict[int, TrialRun] = {}
+        self._lock = threading.Lock()
         self.error: BaseException | None = None
         self.raised: BaseException | None = None  # the last error handed over: the runner tells it from training's
         self.thread = threading.Thread(target=self._work, name="tracker", daemon=True)
@@ -79,6 +83,24 @@ class Tracker:
 
     def submit(self, job: Callable[..., None], *args) -> None:
         self.jobs.put((job, args))
+
+    def telling(self) -> list[TrialRun]:
+        """The trials handed over whose tell has not happened yet."""
+        with self._lock:
+            return list(self._telling.values())
+
+    def _tell(self, run: TrialRun, **outcome) -> None:
+        try:
+            told = self.study.tell(run.trial, **outcome)
+        finally:
+            with self._lock:
+                self._telling.pop(id(run), None)
+        report(self.study, self.callbacks, told)
+
+    def _hand_over(self, run: TrialRun, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._telling[id(run)] = run
+        self.submit(job)
 
     def drain(self) -> None:
         """Waits until every job so far is done."""
@@ -119,8 +141,8 @@ class Tracker:
                 if run.run_id:  # a trial that failed before its run was created has no run to end
                     end_child_run(run.run_id, status, run_tags)
             finally:  # the trial's fate is decided whether or not MLflow took it
-                report(self.study, self.callbacks, self.study.tell(run.trial, state=state))
-        self.submit(end_and_tell)
+                self._tell(run, state=state)
+        self._hand_over(run, end_and_tell)
 
     def complete(self, run: TrialRun, model: torch.nn.Module, example: torch.Tensor, classes: list[str]) -> None:
         """The trial's model (already its kept epoch's weights, a copy that no training touches), then the tell."""
@@ -130,10 +152,10 @@ class Tracker:
                                      self.val)
             except BaseException:
                 # Not complete without its model, and not left RUNNING for a live worker to wait on.
-                report(self.study, self.callbacks, self.study.tell(run.trial, state=TrialState.FAIL))
+                self._tell(run, state=TrialState.FAIL)
                 raise
-            report(self.study, self.callbacks, self.study.tell(run.trial, run.value))
-        self.submit(log_and_tell)
+            self._tell(run, values=run.value)
+        self._hand_over(run, log_and_tell)
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -167,7 +189,7 @@ class TrialRunner:
         # other (docs/performance.md).
         engine = self.make_engine(size, splits["train"], splits["val"], self.device, streams=True, **speed_options(self.config))
         try:  # from the first ask on: every trial asked is told, whatever fails or interrupts
-            with Heartbeat(self.study, lambda: [r.trial for r in self._unfinished()]) \
+            with Heartbeat(self.study, lambda: [r.trial for r in (*self._unfinished(), *self.tracker.telling())]) \
                     if has_heartbeats(self.config.storage) else contextlib.nullcontext():
                 self._fill(engine)
                 for results in engine.epochs():
@@ -176,6 +198,7 @@ class TrialRunner:
                             engine.leave(slot)
                     self.tracker.check()  # a tracking store that failed stops the call before more are asked
                     self._fill(engine)
+                self.tracker.drain()  # with the heartbeats on: the last trials are told only once their models are in
         except KeyboardInterrupt:
             with contextlib.suppress(Exception):  # the runs must exist before they can be ended
                 self.tracker.drain()

@@ -243,3 +243,25 @@ def test_a_trial_asked_in_the_first_fill_is_told_whatever_stops_it(error, workdi
         assert code == 130 and states == ["FAIL", "WAITING"]  # interrupted, and queued for the next call
     else:
         assert states == ["FAIL", "FAIL"]  # each failed; the study went on
+
+
+def test_a_trial_whose_end_is_queued_keeps_its_heartbeat_until_optuna_is_told():
+    """On a database storage another worker fails a trial silent for the grace period; a model's upload on a busy
+    machine outlasted it (16 workers on 2 cores), so a trial handed to the tracker stays among those beaten for."""
+    release, telling = threading.Event(), threading.Event()
+
+    class SlowToTell:
+        def tell(self, trial, **outcome):
+            telling.set()
+            release.wait(10)
+            return trial
+
+    tracker = trials.Tracker(SlowToTell(), [], val=None)
+    run = trials.TrialRun(trial="trial 7")
+    tracker.end(run, "KILLED", optuna.trial.TrialState.PRUNED, {})
+    assert telling.wait(10)
+    assert tracker.telling() == [run]
+    release.set()
+    tracker.drain()
+    assert tracker.telling() == []
+    tracker.close()
