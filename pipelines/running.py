@@ -132,9 +132,10 @@ def exit_at_once(code: int) -> NoReturn:
     still happens, in its order: other threads finish, atexit handlers run (temporary directories,
     multiprocessing's children, MLflow's queues), and the output is flushed.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's own exit does first: the threading module's exit hooks (which tell idle
+    # concurrent.futures workers, MLflow's downloads', to stop), then a join of every non-daemon thread.
+    # Joined without those hooks, such a worker waits for work forever (a hung `cnnexp evaluate`).
+    threading._shutdown()  # noqa: SLF001
     atexit._run_exitfuncs()  # noqa: SLF001 - the handlers os._exit would skip
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a reader gone (a closed pipe) loses nothing of ours

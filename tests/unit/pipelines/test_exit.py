@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 CODE = """
-import atexit, threading, time
+import atexit, concurrent.futures, threading, time
 from pipelines.running import exit_at_once
+pool = concurrent.futures.ThreadPoolExecutor(2)  # kept, as MLflow keeps its downloads' pool: idle workers
+pool.submit(time.sleep, 0.01).result()
 def late_write():
     time.sleep(0.3)
     open(PATH, "w").write("written")
@@ -16,10 +18,10 @@ print("never")
 """
 
 
-def test_exit_at_once_waits_for_threads_runs_atexit_flushes_and_keeps_the_code(tmp_path):
+def test_exit_at_once_waits_for_threads_stops_idle_pools_runs_atexit_flushes_and_keeps_the_code(tmp_path):
     path = tmp_path / "thread.txt"
     done = subprocess.run([sys.executable, "-c", f"PATH = {str(path)!r}\n{CODE}"], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=30)
     assert done.returncode == 3, done.stderr
     assert done.stdout == "the command's last lineatexit handler ran\n"
     assert path.read_text() == "written"
