@@ -53,9 +53,22 @@ class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own messages name the flag already
         unknown = message.removeprefix("unrecognized arguments: ").split()
         if message.startswith("unrecognized arguments: ") and unknown:
-            raise ConfigError("arguments", f"unknown parameter {unknown[0]} (not one of {self.prog}'s; "
-                                           f"`{self.prog} --help` lists them)")
+            raise ConfigError("arguments", f"unknown parameter {self._as_given(unknown[0])} (not one of "
+                                           f"{self.prog}'s; `{self._command()} --help` lists them)")
         raise ConfigError("arguments", message)
+
+    def _entry_point(self) -> bool:
+        """An MLproject entry point's parser (prog `train`), not cnnexp's (prog `cnnexp train`)."""
+        return not self.prog.startswith("cnnexp ")
+
+    def _as_given(self, flag_text: str) -> str:
+        """The parameter as the user wrote it: `mlflow run` passes -P epoch=1 on as --epoch 1."""
+        if self._entry_point() and flag_text.startswith("--"):
+            return f"-P {flag_text[2:].split('=')[0]}"
+        return flag_text
+
+    def _command(self) -> str:
+        return f"cnnexp {self.prog}" if self._entry_point() else self.prog
 
 
 def make_parser(prog: str, description: str, config_class: type) -> argparse.ArgumentParser:

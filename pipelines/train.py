@@ -104,7 +104,8 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             resume.clear_stale_error(run_id)
     shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run is not resumed; its model is logged
     print(f"run {run_id}{run_address(run)}")
-    print(f"model: {model.model_uri}  epoch {kept['epoch']} ({config.keep}), val_accuracy {kept['val_accuracy']:.4f}")
+    print(f"model: runs:/{run_id}/{models.MODEL_NAME} ({model.model_uri})  epoch {kept['epoch']} ({config.keep}), "
+          f"val_accuracy {kept['val_accuracy']:.4f}")
     return Made(run_id, history)
 
 

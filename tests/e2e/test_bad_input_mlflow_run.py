@@ -14,7 +14,7 @@ from helpers import mlflow_run_command, subprocess_env
 MLFLOW_RUN_CASES = {
     "prepare val_fraction text": ("prepare", {"val_fraction": "abc"}, "val_fraction: invalid float value: 'abc'"),
     # MLflow passes an unknown -P name on as `--epoch 1`: refused, not read as --epochs.
-    "train mistyped -P name": ("train", {"epoch": "1"}, "unknown parameter --epoch"),
+    "train mistyped -P name": ("train", {"epoch": "1"}, "unknown parameter -P epoch"),
 }
 
 

@@ -27,7 +27,7 @@ RUNS = [
 STUDY = {"n_trials": 4, "cohort": 2, "workers": 2, "epochs": 1, "storage": "journal.log"}
 # What a normal run prints: cnnexp's lines, and `mlflow run`'s own "=== ... ===" lines about the command.
 OURS = [r"epoch +\d+/\d+  loss ", r"run [0-9a-f]{32} at http://127\.0\.0\.1:\d+/#/experiments/",
-        r"model: models:/m-[0-9a-f]+  epoch ", r"fashion-mnist is not prepared in .*; preparing it first",
+        r"model: runs:/[0-9a-f]{32}/model \(models:/m-[0-9a-f]+\)  epoch ", r"fashion-mnist is not prepared in .*; preparing it first",
         r"registered served-cnn version \d+", r"study 'cnnexp-tune', call 1: 0 earlier trials; running 4 more in cohorts ",
         r"trial +\d+  lr=", r"done: \d+ complete", r"tune: \d+ s, \d+( of \d+)? trials done, ",
         r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\.projects[.\w]*: === .* ===\s*$"]

@@ -68,7 +68,7 @@ FLAGS = {
     "prepare flag abbreviated": (PrepareConfig, ["--val-frac", "0.2"], "arguments: unknown parameter --val-frac"),
     "prepare val_fraction text": (PrepareConfig, ["--val-fraction", "abc"], "val_fraction: invalid float value: 'abc'"),
     "prepare seed text": (PrepareConfig, ["--seed", "abc"], "seed: invalid int value: 'abc'"),
-    "train flag abbreviated": (TrainConfig, ["--epoch", "1"], "arguments: unknown parameter --epoch (not one of train's"),
+    "train flag abbreviated": (TrainConfig, ["--epoch", "1"], "arguments: unknown parameter --epoch (not one of cnnexp train's"),
     "train flag unknown": (TrainConfig, ["--epochs", "1", "--learning-rate", "0.1"], "unknown parameter --learning-rate"),
     "train lr text": (TrainConfig, ["--lr", "abc"], "lr: invalid float value: 'abc'"),
     "train batch_size fraction": (TrainConfig, ["--batch-size", "1.5"], "batch_size: invalid int value: '1.5'"),
@@ -83,10 +83,18 @@ FLAGS = {
 @pytest.mark.parametrize("case", FLAGS)
 def test_a_bad_flag_is_refused_by_the_parser_naming_it(case):
     config_class, flags, message = FLAGS[case]
-    prog = config_class.__name__.removesuffix("Config").lower()
+    prog = "cnnexp " + config_class.__name__.removesuffix("Config").lower()
     with pytest.raises(ConfigError) as refused:
         make_parser(prog, "", config_class).parse_args(flags)
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_under_mlflow_run_an_unknown_parameter_is_named_as_its_p_and_the_help_as_a_command():
+    """`mlflow run -P epoch=1` reaches the entry point as `--epoch 1`; `train --help` is no command of the user's."""
+    with pytest.raises(ConfigError) as refused:
+        make_parser("train", "", TrainConfig).parse_args(["--epoch", "1"])
+    assert str(refused.value) == ("arguments: unknown parameter -P epoch (not one of train's; `cnnexp train --help` "
+                                  "lists them)")
 
 
 def test_config_holds_configs_not_helpers():
