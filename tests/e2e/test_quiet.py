@@ -24,7 +24,8 @@ assert tune.cli(["--workers", "0", "--n-trials", "1", "--source", sys.argv[1], *
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_normal_run_is_quiet_and_verbose_shows_all(verbose, tmp_path):
     source = write_idx_dir(tmp_path / "idx", n_train=200, n_test=50)
-    env = subprocess_env(tmp_path) | {"PYTHONPATH": str(REPO)}
+    # A cache of its own: the new store's migrations (MLflow's INFO lines) run once more, to be shown or not.
+    env = subprocess_env(tmp_path) | {"PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("CNNEXP_VERBOSE", None)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(source), *(["--verbose"] if verbose else [])],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
