@@ -51,7 +51,8 @@ def log_tail(directory: Path) -> str:
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    """A one-node SLURM on loopback, its own munge key and socket; yields the environment its commands need."""
+    """A one-node SLURM on loopback, its own munge key and socket; yields what its commands need in their
+    environment (only that: this process's own environment holds other tests' MLFLOW_TRACKING_URI by then)."""
     if os.geteuid() != 0:
         pytest.skip("SLURM's daemons run as root here, and this is not root")
     missing = [d for d in (*DAEMONS, shutil.which("sbatch") or "sbatch") if not os.path.exists(d)]
@@ -78,7 +79,7 @@ def slurm(tmp_path_factory):
             started.append(directory / f"{Path(daemon).name}.pid")
         if not node_idle(env):
             pytest.skip(f"SLURM did not start here (munged exit {munged.returncode}; {log_tail(directory)})")
-        yield env
+        yield {"SLURM_CONF": str(conf)}
     finally:
         for pid_file in reversed(started):
             stop(pid_file)
