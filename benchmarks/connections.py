@@ -36,9 +36,9 @@ POOLS = {
     "default": "import cnnexp.tuning.study as s; s.SERVER_ENGINE_KWARGS = {}\n",  # SQLAlchemy's 5 + 10 per engine
     "pool1": "import cnnexp.tuning.study as s; s.SERVER_ENGINE_KWARGS = {'pool_size': 1, 'max_overflow': 1}\n",
 }
-# On a small machine N workers take minutes to log their models, and a trial's heartbeat stops once it has
-# trained (cnnexp.tuning.trials: the model is logged after it leaves the cohort), so the others would fail it
-# after the 30 s grace period. Counting connections needs every trial to end, not that race: 10 minutes.
+# N workers on a small machine starve each other's heartbeat threads of the CPU for long stretches (the
+# figures in docs/scale-out.md were taken while a trial's heartbeat still stopped before its model was
+# logged, a gap since closed). Counting connections needs every trial to end, not that race: 10 minutes.
 LONG_GRACE = "import cnnexp.tuning.recovery as r, cnnexp.tuning.study as s; r.GRACE_PERIOD_S = s.GRACE_PERIOD_S = 600\n"
 COUNT = """SELECT datname, count(*) FROM pg_stat_activity
            WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY datname"""
