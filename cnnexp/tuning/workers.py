@@ -109,7 +109,8 @@ def run_until(study: optuna.Study, runner: TrialRunner, target: int, size: int, 
 
     A trial running elsewhere counts as on its way; the worker waits for it rather than leaving, since
     if that worker died, its trial is failed and re-queued (heartbeat or pid check) and someone must run
-    the retry, even when the others have reached the target meanwhile: nothing is left WAITING.
+    the retry, even when the others have reached the target meanwhile: nothing is left WAITING, and on a
+    storage with heartbeats nothing RUNNING.
     A worker never starts more than `target` trials itself (a study that only fails must end).
     """
     deadline = time.monotonic() + config.timeout if config.timeout else math.inf
@@ -127,7 +128,9 @@ def run_until(study: optuna.Study, runner: TrialRunner, target: int, size: int, 
         if wanted_for_target(study, target):
             started += runner.run(size, grant)
             continue
-        if finished >= target:
+        # On a storage with heartbeats a trial still RUNNING ends or goes stale within the grace period: wait
+        # for it, or a dead worker's trial is left RUNNING once the others have reached the target meanwhile.
+        if finished >= target and not (has_heartbeats(config.storage) and states[TrialState.RUNNING]):
             return
         if has_heartbeats(config.storage):
             optuna.storages.fail_stale_trials(study)

@@ -129,7 +129,8 @@ def test_a_slurm_array_of_workers_runs_the_study_to_its_trial_count(slurm, clust
         assert log.startswith(f"task {i} on ") and "joined study 'slurm-array'" in log and "study now:" in log
 
     trials = study.get_trials()
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    # Two workers that count at once may both start the last trial the study lacks: one more than asked, not fewer.
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) in (4, 5)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     client = MlflowClient(tracking_uri=cluster["MLFLOW_TRACKING_URI"])
     parent, runs = children(client, study)
