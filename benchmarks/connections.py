@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,9 @@ import optuna
 import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from mlflow_server import free_port  # noqa: E402
+
 SAMPLE = REPO / "cnnexp" / "sample_data"
 # Each pool variant is set in every worker through a sitecustomize on PYTHONPATH, as the tests set heartbeats.
 POOLS = {
@@ -42,12 +44,6 @@ POOLS = {
 LONG_GRACE = "import cnnexp.tuning.recovery as r, cnnexp.tuning.study as s; r.GRACE_PERIOD_S = s.GRACE_PERIOD_S = 600\n"
 COUNT = """SELECT datname, count(*) FROM pg_stat_activity
            WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY datname"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cnnexp(*args) -> list[str]:

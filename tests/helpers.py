@@ -10,7 +10,6 @@ import gzip
 import io
 import os
 import shutil
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -31,6 +30,8 @@ from cnnexp.tuning.space import params_of
 from cnnexp.tuning.study import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # the throwaway servers' helpers (scripts/mlflow_server.py)
+from mlflow_server import free_port  # noqa: E402,F401 - the cluster fixtures and tests take it from here
 CPU = torch.device("cpu")
 INITDB = glob.glob("/usr/lib/postgresql/*/bin/initdb")  # the PostgreSQL server, where installed
 
@@ -311,12 +312,6 @@ def points_of(study: optuna.Study) -> list[tuple[float, int]]:
 
 
 # --- a study on PostgreSQL and an `mlflow server` (the `cluster` fixture, tests/e2e/conftest.py) ------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def cnnexp(*args) -> list[str]:
     """The `cnnexp` command line, run by this interpreter from this checkout."""

@@ -2,7 +2,6 @@
 and loads with MLflow's pickle loading switched off."""
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cnnexp.data import load_prepared
-from helpers import own_store, subprocess_env, write_idx_dir
+from helpers import free_port, own_store, subprocess_env, write_idx_dir
 from pipelines import evaluate, train
 
 
@@ -32,12 +31,6 @@ def trained(tmp_path_factory, migrated_store):
         yield SimpleNamespace(work=work, run_id=run.info.run_id, evaluation_id=scored.info.run_id)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, payload: dict) -> list[dict]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
@@ -49,7 +42,7 @@ def _post(port: int, payload: dict) -> list[dict]:
 
 def test_served_model_answers_as_evaluate_predicted(trained):
     run_id = trained.run_id
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
