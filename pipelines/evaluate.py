@@ -14,7 +14,7 @@ from cnnexp.devices import resolve_device
 from cnnexp.model import to_inputs
 from cnnexp.tracking import log, tags
 from cnnexp.tracking.models import load_network, resolve_model
-from cnnexp.tracking.runs import run_tags, set_tags, tracked_run
+from cnnexp.tracking.runs import epoch_history, run_tags, set_tags, tracked_run
 from pipelines import cli as commands
 from pipelines.outcomes import register_model
 from pipelines.running import Made
@@ -89,6 +89,8 @@ def main(config: EvaluateConfig, data: PreparedData | None = None) -> Made[dict[
         # Linked to the scored model and the split, so the model's record holds its test score.
         log.log_metrics(metrics, model_id=model_id, dataset=log.split_dataset(data, config.split))
         log_report(result, split.images, data.classes)
+        if history := epoch_history(training_run_id):  # the model's training, beside how it scores
+            log.log_figure(plots.learning_curves(history), "learning_curves.png")
         if config.split == "test":  # val_* on the training run already holds its per-epoch history
             log.log_metrics(metrics, run_id=training_run_id)
         if config.register:

@@ -110,8 +110,8 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
 
 
 def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
-    """Learning curves and the kept epoch's model; returns the ModelInfo and that epoch's metrics."""
-    log.log_learning_curves(history)
+    """The kept epoch's model; returns the ModelInfo and that epoch's metrics. (The learning curves are the
+    run's per-epoch metrics, which the MLflow UI charts; `cnnexp evaluate` draws them with its figures.)"""
     kept = kept_epoch(history, best, keep)
     if keep == "best":
         best.restore(state.model)
@@ -158,7 +158,7 @@ def store_lost_error(err: Exception, checkpoints: Path, run_id: str, epoch: int)
     (checkpoints / STORE_LOST).write_text(f"{problem}\n")
     return RuntimeError(
         f"MLFLOW_TRACKING_URI: the tracking server {store.redact_url(store.tracking_uri())} stopped answering "
-        f"({problem}); not logged: the model, its learning curves and any epoch metrics the server missed. "
+        f"({problem}); not logged: the model and any epoch metrics the server missed. "
         f"{checkpoints} keeps all {epoch} epochs: once the server answers, `cnnexp train --resume {run_id}` logs them"
     )
 

@@ -129,12 +129,6 @@ def log_figure(fig, artifact_file: str) -> None:
     plots.close(fig)
 
 
-def log_learning_curves(history: list[dict]) -> None:
-    from cnnexp import plots
-
-    log_figure(plots.learning_curves(history), "learning_curves.png")
-
-
 def log_dict(data: dict, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
 

@@ -144,6 +144,18 @@ def metric_by_step(run_id: str, metric: str, client: MlflowClient | None = None)
     return {m.step: m.value for m in (client or MlflowClient()).get_metric_history(run_id, metric)}
 
 
+CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+
+
+def epoch_history(run_id: str) -> list[dict]:
+    """A training run's (or trial's) learning curves as one dict per epoch, from its per-epoch metrics;
+    empty for a run that logged none."""
+    client = MlflowClient()
+    curves = {name: metric_by_step(run_id, name, client) for name in CURVES}
+    epochs = sorted(set.intersection(*(set(values) for values in curves.values())))
+    return [{"epoch": epoch, **{name: curves[name][epoch] for name in CURVES}} for epoch in epochs]
+
+
 def run_exists(run_id: str) -> bool:
     try:
         MlflowClient().get_run(run_id)

@@ -13,6 +13,7 @@ from cnnexp.evaluate import confident_mistakes
 from cnnexp.ranking import JUDGED_BY, RANKING_METRIC
 from cnnexp.tracking.pyfunc import ServedClassifier
 from cnnexp.tracking.registry import judged_value, register_and_promote
+from cnnexp.tracking.runs import epoch_history
 from cnnexp.config import CompareConfig
 from cnnexp.data import load_prepared
 from cnnexp.model import Network
@@ -108,7 +109,13 @@ def test_evaluation_artifacts_agree_with_test_accuracy(trained):
         run_id = evaluation.info.run_id
         artifacts = {a.path for a in trained.client.list_artifacts(run_id)}
         assert {"confusion_matrix.png", "confusion_matrix.csv", "per_class_metrics.csv", "per_class_metrics.json",
-                "misclassified.png", "predictions.csv"} <= artifacts
+                "misclassified.png", "predictions.csv", "learning_curves.png"} <= artifacts
+        # The curves drawn are the scored model's training: its two epochs, as its run logged them.
+        training = trained.client.get_run(trained.runs[lr])
+        history = epoch_history(trained.runs[lr])
+        assert [m["epoch"] for m in history] == [1, 2]
+        assert history[-1]["val_loss"] == training.data.metrics["val_loss"]
+        assert history[-1]["train_accuracy"] == training.data.metrics["train_accuracy"]
         confusion = _csv(run_id, "confusion_matrix.csv", index_col=0).to_numpy()
         per_class = _csv(run_id, "per_class_metrics.csv")
         predictions = _csv(run_id, "predictions.csv")

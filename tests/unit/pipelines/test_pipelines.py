@@ -50,7 +50,6 @@ def test_train_records_params_epochs_tags_and_a_loadable_model(workdir, idx_sour
     assert logits.shape == (3, 10)
     answer = mlflow.pyfunc.load_model(uri).predict(images.numpy())  # the pyfunc face answers with classes
     assert answer.tolist() == logits.argmax(dim=1).tolist()
-    assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def _logged_model(run):

@@ -8,7 +8,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cnnexp.tracking import log, store
+from cnnexp.tracking import models, store
 from helpers import use_tracking_uri
 from pipelines import train
 
@@ -56,12 +56,12 @@ def test_http_waits_are_bounded_for_this_process_but_a_users_own_setting_wins(mo
 
 def test_a_server_lost_after_training_keeps_the_checkpoint_says_what_is_missing_and_resume_logs_it(
         workdir, idx_source, monkeypatch, capsys):
-    real_curves = log.log_learning_curves
+    real_log = models.log_kept_model
 
-    def server_gone(history):
+    def server_gone(*args):
         raise MlflowException("API request to http://db-host:5000/api failed with exception [Errno 111] Connection refused")
 
-    monkeypatch.setattr(log, "log_learning_curves", server_gone)
+    monkeypatch.setattr(models, "log_kept_model", server_gone)
     answers = iter([None])  # the check up front still finds the server; afterwards it is gone
     monkeypatch.setattr(store, "store_problem", lambda: next(answers, "[Errno 111] Connection refused"))
     assert train.cli(["--epochs", "2", "--batch-size", "50", "--source", str(idx_source)]) == 1
@@ -76,7 +76,7 @@ def test_a_server_lost_after_training_keeps_the_checkpoint_says_what_is_missing_
 
     # The server could not be told the run stopped: it is still RUNNING there, and resumable all the same.
     MlflowClient().update_run(run_id, status="RUNNING")
-    monkeypatch.setattr(log, "log_learning_curves", real_curves)
+    monkeypatch.setattr(models, "log_kept_model", real_log)
     monkeypatch.setattr(store, "store_problem", lambda: None)
     assert train.cli(["--resume", run_id]) == 0
     done = MlflowClient().get_run(run_id)
