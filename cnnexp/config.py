@@ -5,8 +5,8 @@ import dataclasses
 import re
 from dataclasses import dataclass, field, replace
 
-from cnnexp.checks import (ConfigError, check_choice, check_cohort, check_device, check_nonempty, check_positive,
-                           check_seed, check_timeout)
+from cnnexp.checks import (ConfigError, check_choice, check_cohort, check_device, check_directory, check_nonempty,
+                           check_positive, check_seed, check_timeout, check_writable_dir)
 from cnnexp.ranking import RANKING_METRIC
 # fashion-mnist-sample: 4,443 real Fashion-MNIST images shipped inside the package (cnnexp/sample_data),
 # so the main job runs offline too; prepare falls back to it when the fashion-mnist download fails.
@@ -32,7 +32,7 @@ class PrepareConfig:
 
     def validate(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
-        check_nonempty("data_dir", self.data_dir)
+        check_directory("data_dir", self.data_dir)
         if not (0.0 < self.val_fraction < 1.0):
             raise ConfigError("val_fraction", f"must be between 0 and 1 (exclusive), got {self.val_fraction}")
         check_seed(self.seed)
@@ -83,8 +83,10 @@ class TrainConfig:
         check_seed(self.seed)
         check_device(self.device)
         check_choice("dataset", self.dataset, DATASETS)
-        check_nonempty("data_dir", self.data_dir)
-        check_nonempty("checkpoint_dir", self.checkpoint_dir)
+        check_directory("data_dir", self.data_dir)
+        check_directory("checkpoint_dir", self.checkpoint_dir)
+        # Here, not at the first checkpoint, after an epoch's work.
+        check_writable_dir("checkpoint_dir", self.checkpoint_dir)
         # The id names a checkpoint directory, so it must not be able to climb out of it.
         if self.resume and not re.fullmatch(r"[A-Za-z0-9][\w-]{0,255}", self.resume):
             raise ConfigError("resume", f"{self.resume!r} is not a run id (letters, digits, _ and -)")
@@ -130,7 +132,7 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         check_nonempty("model_uri", self.model_uri)
-        check_nonempty("data_dir", self.data_dir)
+        check_directory("data_dir", self.data_dir)
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("split", self.split, SPLITS_TO_SCORE)
         check_device(self.device)
@@ -253,7 +255,7 @@ class TuneConfig:
         check_device(self.device)
         check_seed(self.seed)
         check_choice("dataset", self.dataset, DATASETS)
-        check_nonempty("data_dir", self.data_dir)
+        check_directory("data_dir", self.data_dir)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -287,7 +289,7 @@ class WorkerConfig:
             raise ConfigError("workers", f"must be at least 1, got {self.workers}")
         check_cohort(self.cohort)
         check_device(self.device)
-        check_nonempty("data_dir", self.data_dir)
+        check_directory("data_dir", self.data_dir)
 
 
 @dataclass(frozen=True)

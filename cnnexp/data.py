@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cnnexp.config import PrepareConfig
-from cnnexp.checks import DataError
+from cnnexp.checks import DataError, check_directory
 from cnnexp.errors import unwritable_dir_advice, write_failure
 from cnnexp.idx import NUM_CLASSES, SAMPLE, DownloadFailed, Split, class_names, download, read_source, sha256_file
 from cnnexp.locks import file_lock
@@ -102,20 +102,9 @@ def prepare(config: PrepareConfig) -> tuple[PreparedData, bool]:
         return sample
 
 
-def check_data_dir(data_dir: str | Path) -> None:
-    """Refuses a data_dir that is a file, or lies under one, saying so (mkdir would only say "File exists")."""
-    data_dir = Path(data_dir)
-    existing = next((path for path in (data_dir, *data_dir.parents) if path.exists()), None)
-    if existing is None or existing.is_dir():
-        return
-    if existing == data_dir:
-        raise DataError(f"data_dir: {data_dir} is a file, not a directory; name a directory (a missing one is created)")
-    raise DataError(f"data_dir: cannot create {data_dir}: {existing} is a file, not a directory")
-
-
 def _prepare_dir(config: PrepareConfig) -> tuple[PreparedData, bool]:
     target = prepared_path(config.data_dir, config.dataset)
-    check_data_dir(target.parent)
+    check_directory("data_dir", str(target.parent))
     created = _first_missing(target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

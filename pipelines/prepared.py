@@ -11,9 +11,8 @@ if TYPE_CHECKING:
 
 def load_or_prepare(config) -> PreparedData:
     """The prepared data a train or tune config names, prepared first where it is not (said in one line)."""
-    from cnnexp.data import check_data_dir, is_prepared, load_prepared, prepare
+    from cnnexp.data import is_prepared, load_prepared, prepare
 
-    check_data_dir(config.data_dir)  # before "not prepared ...; preparing it first" about a file
     real = is_prepared(config.data_dir, config.dataset, follow_stand_in=False)
     standing_in = not real and is_prepared(config.data_dir, config.dataset)
     # A named source outranks the bundled sample standing in since a failed download: the stand-in line

@@ -8,7 +8,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from cnnexp.checks import check_writable_dir
 from cnnexp.checkpoint import capture, has_checkpoint, load_checkpoint, restore, save_checkpoint
 from cnnexp.errors import write_failure
 from cnnexp.config import ConfigError, TrainConfig
@@ -43,7 +42,6 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
                   if config.resume else None)
     if checkpoint is not None:
         config = config.resumed_with(checkpoint["config"])
-    check_writable_dir("checkpoint_dir", config.checkpoint_dir)  # not after an epoch's work, at its first checkpoint
     # Data that is missing or mistyped is refused before the run starts: no FAILED run is left for bad input.
     data = data or load_or_prepare(config)
     config = naming_held(config, data)  # params and the model's params name the sample where it stood in

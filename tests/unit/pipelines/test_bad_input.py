@@ -99,8 +99,8 @@ CASES = {
     "prepare source missing dir": ("prepare", lambda t: ["--source", str(t / "nowhere")], IN_RUN, "source: "),
     "prepare source empty dir": ("prepare", lambda t: ["--source", str((t / "empty").mkdir() or t / "empty")], IN_RUN, "missing (expected train-images-idx3-ubyte"),
     **{f"prepare source {case}": ("prepare", _bad_source(case), IN_RUN, EXPECTED_FILE[case]) for case in BAD_FILES},
-    "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "data_dir: cannot create"),
-    "prepare data_dir is a file": ("prepare", lambda t: ["--data-dir", _a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], IN_RUN, "afile is a file, not a directory"),
+    "prepare data_dir under a file": ("prepare", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], BAD, "data_dir: cannot create"),
+    "prepare data_dir is a file": ("prepare", lambda t: ["--data-dir", _a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], BAD, "afile is a file, not a directory"),
     # train
     "train lr zero": ("train", ["--lr", "0"], BAD, "lr: must be a finite positive number"),
     "train data_dir under a file": ("train", lambda t: ["--data-dir", _file_under_a_regular_file(t), "--source", str(write_idx_dir(t / "idx"))], BAD, "data_dir: cannot create"),

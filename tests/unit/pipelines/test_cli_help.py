@@ -80,12 +80,15 @@ def test_an_abbreviated_or_unknown_flag_is_refused_naming_it(command, capsys, mo
 
 
 HEAVY = ("torch", "mlflow", "optuna")
+FILE = __file__  # a path that exists and is a file
 
 
 @pytest.mark.parametrize("args", [["train", "--lr", "-1"], ["tune", "--n-trials", "0"], ["train", "--epoch", "1"],
-                                  ["train", "--help"], ["evaluate", "--model-uri", " "]])
+                                  ["train", "--help"], ["evaluate", "--model-uri", " "], ["prepare", "--data-dir", FILE],
+                                  ["train", "--checkpoint-dir", f"{FILE}/checkpoints"]])
 def test_a_refusal_or_help_is_answered_before_torch_mlflow_or_optuna_load(args):
     # In a fresh interpreter: this process has them loaded already. Seconds of imports on a small machine.
+    # A path that is a file (this test's own) is refused as a flag is, before any of them loads.
     code = ("import sys; from pipelines import cli\n"
             f"try:\n    code = cli.main({args!r})\nexcept SystemExit as done:\n    code = done.code\n"
             f"print(code, *sorted(m for m in {HEAVY!r} if m in sys.modules))")
