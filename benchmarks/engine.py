@@ -25,6 +25,7 @@ from harness import DEFAULT_SOURCE, LR, SEED, load_data  # noqa: E402
 
 from cnnexp.data import Split  # noqa: E402
 from cnnexp.engine import Engine, Member  # noqa: E402
+from cnnexp.train import new_training_state  # noqa: E402
 
 TUNE_BATCHES = (16, 32, 64, 128, 256, 512, 1024)  # tune's default search space
 
@@ -47,7 +48,7 @@ def engine_epochs(train: Split, val: Split, device: torch.device, group: list[Me
     started = time.perf_counter()
     engine = Engine(len(group), train, val, device, **options)
     for i, member in enumerate(group):
-        engine.join(member, SEED + i if refilled else SEED)
+        engine.join(new_training_state(member.lr, SEED + i if refilled else SEED, device), member.batch_size)
     times = []
     for _ in engine.epochs():
         sync(device)

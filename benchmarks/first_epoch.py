@@ -43,7 +43,7 @@ def measure(batch_size: int, epochs: int) -> list[dict]:
         steps[-1].append(now - marks["step"])
         marks["step"] = now
 
-    def on_epoch_end(metrics: dict) -> None:
+    def on_epoch_end(metrics: dict, _state) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         epoch_steps = steps[len(epochs_seen)]
         epochs_seen.append({

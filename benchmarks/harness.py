@@ -80,7 +80,7 @@ def fit_epochs(b: Bench, batch_size: int, epochs: int = 1, on_epoch_end=None) ->
     """The whole fit call, input conversion and validation included: what a user waits for."""
     state = new_training_state(LR, SEED, b.device)
     started = time.perf_counter()
-    history = fit(state, b.train, b.val, batch_size=batch_size, epochs=epochs, on_epoch_end=on_epoch_end)
+    _, history = fit(state, b.train, b.val, batch_size=batch_size, epochs=epochs, on_epoch_end=on_epoch_end)
     return {"seconds": (time.perf_counter() - started) / epochs, "train_loss": history[0]["train_loss"]}
 
 

@@ -41,7 +41,7 @@ def learning_curves(data: PreparedData, config: TuneConfig, sampler_seed: int) -
         trial = study.ask()
         params = suggest(trial, config)
         state = new_training_state(params["lr"], config.seed, torch.device("cpu"))
-        history = fit(state, data.splits["train"], data.splits["val"], batch_size=params["batch_size"],
+        _, history = fit(state, data.splits["train"], data.splits["val"], batch_size=params["batch_size"],
                       epochs=config.epochs)
         curves.append([epoch[OBJECTIVE] for epoch in history])
         study.tell(trial, curves[-1][-1])

@@ -77,7 +77,8 @@ def fit_two_epochs(b: Bench, **options) -> dict:
     """Batch 100: the second epoch's time (steady state) and how much longer the first took (compilation,
     cuDNN autotuning). fit's own per-epoch clock, validation included."""
     state = new_training_state(LR, SEED, b.device)
-    first, second = (epoch["epoch_time_s"] for epoch in fit(state, b.train, b.val, batch_size=100, epochs=2, **options))
+    _, history = fit(state, b.train, b.val, batch_size=100, epochs=2, **options)
+    first, second = (epoch["epoch_time_s"] for epoch in history)
     return {"seconds": second, "first_epoch_extra_s": first - second}
 
 
@@ -134,7 +135,7 @@ def bench_tracking(b: Bench) -> dict:
         def tracked() -> dict:
             spent = []  # seconds inside each log_epoch call
 
-            def timed_log_epoch(metrics: dict) -> None:
+            def timed_log_epoch(metrics: dict, _state) -> None:
                 started = time.perf_counter()
                 log.log_epoch(metrics)
                 spent.append(time.perf_counter() - started)
@@ -166,7 +167,7 @@ def bench_tracking(b: Bench) -> dict:
 def bench_eval(b: Bench) -> dict:
     """3. Evaluation throughput on the test split: tutorial-style DataLoader prediction vs predict()."""
     dataset = tutorial_dataset(b.tutorial_root, train=False)
-    model = new_training_state(LR, SEED, b.device).model
+    model = new_training_state(LR, SEED, b.device).network()
 
     @torch.no_grad()
     def tutorial() -> dict:  # the tutorial's get_all_preds over a batch-10000 loader
@@ -196,7 +197,8 @@ def _init_worker(train: Split, val: Split, device: str, threads: int) -> None:
 def _one_trial(seed: int) -> float:
     """A short trial as a tuning study runs it: fresh state, one epoch, validation; returns val accuracy."""
     state = new_training_state(LR, seed, _worker["device"])
-    return fit(state, _worker["train"], _worker["val"], batch_size=100, epochs=1)[-1]["val_accuracy"]
+    _, history = fit(state, _worker["train"], _worker["val"], batch_size=100, epochs=1)
+    return history[-1]["val_accuracy"]
 
 
 def threads_per_worker(b: Bench, k: int) -> int:

@@ -96,10 +96,10 @@ def test_accuracy(data_dir: Path, params: dict, epochs: int, seed: int, images_k
 
 def retrain(data_dir: Path, params: dict, epochs: int, seed: int) -> float:
     data = load_prepared(str(data_dir), "fashion-mnist")
-    state = new_training_state(params["lr"], seed, torch.device("cpu"))
-    fit(state, data.splits["train"], data.splits["val"], batch_size=params["batch_size"], epochs=epochs)
+    state, _ = fit(new_training_state(params["lr"], seed, torch.device("cpu")), data.splits["train"],
+                   data.splits["val"], batch_size=params["batch_size"], epochs=epochs)
     test = data.splits["test"]
-    return score(predict(state.model, to_inputs(test.images)), test.labels)["accuracy"]
+    return score(predict(state.network(), to_inputs(test.images)), test.labels)["accuracy"]
 
 
 def cache_key(size: str, source: Path, seed: int) -> str:

@@ -1,4 +1,8 @@
-"""Atomic, verified checkpoints: the last completed epoch survives Ctrl-C, a crash or a kill."""
+"""Atomic, verified checkpoints: the last completed epoch survives Ctrl-C, a crash or a kill.
+
+A checkpoint holds a TrainingState in torch's own layout (the Network's state dict and torch.optim.Adam's), so
+checkpoints written before the engine, by torch's Adam, still resume, and new ones load into torch's Adam.
+"""
 from __future__ import annotations
 
 import json
@@ -11,7 +15,9 @@ from pathlib import Path
 import torch
 
 from cnnexp.data import sha256_file
-from cnnexp.train import TrainingState
+from cnnexp.engine import TrainingState
+from cnnexp.fused import flatten, parameter_names, unflatten
+from cnnexp.slots import BETA1, BETA2, EPS
 
 POINTER = "checkpoint.json"
 
@@ -25,14 +31,43 @@ def capture(state: TrainingState, **extra) -> dict:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"training": state.state_dict(), "rng": rng, **extra}
+    return {"training": to_state_dict(state), "rng": rng, **extra}
 
 
-def restore(state: TrainingState, payload: dict) -> None:
-    state.load_state_dict(payload["training"])
+def restore(payload: dict, device: torch.device) -> TrainingState:
+    """The checkpoint's training state, on device; the global RNG states are set back as they were."""
     torch.set_rng_state(payload["rng"]["torch"])
     if "cuda" in payload["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+    return from_state_dict(payload["training"], device)
+
+
+def to_state_dict(state: TrainingState) -> dict:
+    """The state as {"model", "optimizer", "generator", "epoch"}: a Network's and a torch.optim.Adam's state dicts."""
+    params = unflatten(state.weights)
+    moments = {}
+    if state.steps:  # torch's Adam holds no per-parameter state before its first step
+        for i, (m, v) in enumerate(zip(unflatten(state.exp_avg).values(), unflatten(state.exp_avg_sq).values())):
+            moments[i] = {"step": torch.tensor(float(state.steps)), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+    group = {"lr": state.lr, "betas": (BETA1, BETA2), "eps": EPS, "weight_decay": 0.0, "amsgrad": False,
+             "maximize": False, "params": list(range(len(params)))}
+    return {"model": {name: p.clone() for name, p in params.items()},
+            "optimizer": {"state": moments, "param_groups": [group]},
+            "generator": state.generator.get_state(), "epoch": state.epoch}
+
+
+def from_state_dict(saved: dict, device: torch.device) -> TrainingState:
+    """to_state_dict's inverse, on device; a torch.optim.Adam's state dict reads the same."""
+    model, adam = saved["model"], saved["optimizer"]
+    names = parameter_names()
+    weights = flatten([model[name] for name in names]).to(device)
+    moments = [adam["state"][i] for i in range(len(names))] if adam["state"] else []
+    exp_avg, exp_avg_sq = ((flatten([m[key] for m in moments]).to(device) if moments else torch.zeros_like(weights))
+                           for key in ("exp_avg", "exp_avg_sq"))
+    generator = torch.Generator()
+    generator.set_state(saved["generator"])
+    return TrainingState(weights, exp_avg, exp_avg_sq, int(moments[0]["step"]) if moments else 0, generator,
+                         saved["epoch"], adam["param_groups"][0]["lr"])
 
 
 def save_checkpoint(directory: Path, payload: dict, epoch: int) -> Path:

@@ -1,13 +1,17 @@
 """The one training engine: members in the slots of a fixed capacity on the device, trained an epoch at a time.
 
-A slot is one member (a trial, or `fit`'s one run); its weights, Adam moments, lr and step count are a
-row of the table of its batch size (cnnexp.slots). Every member computes what it would alone: its own
-init and shuffling generator (seeded as `fit` seeds them), its own batches, the gradient of its own
-batch's mean loss and its own Adam update. Each epoch is data made once (cnnexp.schedule), so every step
-has one shape; on CUDA each table's step is a captured graph, replayed: the host launches one graph per
-step instead of ~60 kernels, and nothing waits on the device until the epoch's metrics are read.
+A slot is one member (a trial, or `fit`'s one run). The engine owns its whole state: its weights, Adam
+moments, lr and step count are a row of the table of its batch size (cnnexp.slots), its shuffling
+generator and epoch count are the engine's own. The state goes in and comes out as one value, a
+TrainingState: `join(state, batch_size)`, `state(slot)`, `leave(slot)`; a caller holds no other copy.
+Every member computes what it would alone: its own init and shuffling generator, its own batches, the
+gradient of its own batch's mean loss and its own Adam update. Each epoch is data made once
+(cnnexp.schedule), so every step has one shape; on CUDA each table's step is a captured graph, replayed:
+the host launches one graph per step instead of ~60 kernels, and nothing waits on the device until the
+epoch's metrics are read.
 
-The caller drives: `for results in engine.epochs(): ...`, with joins and leaves between epochs only.
+The caller drives: `for results in engine.epochs(): ...`, with joins and leaves between epochs only. A
+member whose loss diverged is reported, never removed: only the caller's `leave` frees a slot.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cnnexp.data import Split
-from cnnexp.fused import flatten, fused_forward, parameter_count, unflatten
+from cnnexp.fused import fused_forward, unflatten
 from cnnexp.model import Network
 from cnnexp.schedule import epoch_orders
 from cnnexp.slots import CapturedTable, Computation, EagerTable, Resident, StepCallback, Table
@@ -39,15 +43,49 @@ MemberResult = dict | NonFiniteLoss
 
 @dataclass(frozen=True)
 class Member:
+    """A slot's hyperparameters: its state's lr, and the batch size, which picks its table."""
+
     lr: float
     batch_size: int
 
 
+@dataclass(frozen=True)
+class TrainingState:
+    """A member's whole state between epochs: everything that determines the rest of its run, so a run
+    resumed from it goes on exactly. weights and Adam's moments are rows [P] in Network's parameter order
+    (cnnexp.fused), on the device they were made on; generator draws each epoch's order. The engine copies it
+    in and out, so a value never changes under its holder (cnnexp.checkpoint writes it in torch's layout)."""
+
+    weights: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    steps: int  # Adam steps taken
+    generator: torch.Generator
+    epoch: int  # epochs completed
+    lr: float
+
+    def network(self) -> Network:
+        """The weights as a plain Network (a copy) on their device: what is logged, served and scored."""
+        with torch.device("meta"):  # no init: it would draw from the global RNG, and load_state_dict overwrites it
+            network = Network()
+        network = network.to_empty(device=self.weights.device)
+        network.load_state_dict(unflatten(self.weights))
+        return network
+
+
+def _copied(generator: torch.Generator) -> torch.Generator:
+    twin = torch.Generator(generator.device)
+    twin.set_state(generator.get_state())
+    return twin
+
+
 @dataclass
 class Slot:
+    """What the engine keeps of a member beside its table row."""
+
     member: Member
     generator: torch.Generator
-    epoch: int = 0  # epochs completed
+    epoch: int  # epochs completed
 
 
 class Engine:
@@ -79,19 +117,12 @@ class Engine:
     def free(self) -> int:
         return self.capacity - len(self.slots)
 
-    def join(self, member: Member, seed: int) -> int:
-        """A new member at its epoch 0, initialised and shuffled as `new_training_state(lr, seed)`; its slot id."""
-        torch.manual_seed(seed)  # weight init
-        network = Network()
-        zeros = torch.zeros(parameter_count())
-        return self.join_state(member, flatten(list(network.parameters())), zeros, zeros, 0,
-                               torch.Generator().manual_seed(seed), 0)
-
-    def join_state(self, member: Member, weights: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                   steps: int, generator: torch.Generator, epoch: int) -> int:
-        """A member that has trained before (a resumed run): rows [P] of weights and Adam moments."""
+    def join(self, state: TrainingState, batch_size: int) -> int:
+        """A member that goes on from `state` (a new one: cnnexp.train.new_training_state), trained at
+        batch_size; its slot id. The state is copied in: the caller's value stays as it was."""
         if not self.free:
             raise ValueError(f"all {self.capacity} slots are taken")
+        member = Member(state.lr, batch_size)
         key = self._table_key(member)
         if key not in self.tables:
             self.tables[key] = (CapturedTable(key, self.capacity, self.n, self.device, self.computation) if self.graphs
@@ -99,36 +130,27 @@ class Engine:
             if self.streams:
                 self._streams[key] = torch.cuda.Stream(self.device)
         slot_id, self._next_id = self._next_id, self._next_id + 1
-        self.tables[key].add(slot_id, member.batch_size, weights, exp_avg, exp_avg_sq, member.lr, steps)
-        self.slots[slot_id] = Slot(member, generator, epoch)
+        self.tables[key].add(slot_id, batch_size, state.weights, state.exp_avg, state.exp_avg_sq, state.lr, state.steps)
+        self.slots[slot_id] = Slot(member, _copied(state.generator), state.epoch)
         return slot_id
 
     def _table_key(self, member: Member) -> int:
         """A captured step has one shape, so a table per batch size; eager steps share one table (0)."""
         return member.batch_size if self.graphs else 0
 
-    def leave(self, slot_id: int) -> None:
+    def state(self, slot_id: int) -> TrainingState:
+        """The member's state after its last epoch: a copy on the engine's device, which later epochs leave alone."""
+        slot = self.slots[slot_id]
+        table = self.tables[self._table_key(slot.member)]
+        row = table.row(slot_id)
+        return TrainingState(table.flat[row].clone(), table.exp_avg[row].clone(), table.exp_avg_sq[row].clone(),
+                             int(table.steps[row]), _copied(slot.generator), slot.epoch, slot.member.lr)
+
+    def leave(self, slot_id: int) -> TrainingState:
+        """The member's state as it leaves; its slot is free for the next one to join."""
+        state = self.state(slot_id)
         self.tables[self._table_key(self.slots.pop(slot_id).member)].remove(slot_id)
-
-    def _where(self, slot_id: int) -> tuple[Table, int]:
-        table = self.tables[self._table_key(self.slots[slot_id].member)]
-        return table, table.row(slot_id)
-
-    def weights(self, slot_id: int) -> dict[str, torch.Tensor]:
-        """The member's weights by Network's parameter names (views: copy what must outlive the next epoch)."""
-        table, row = self._where(slot_id)
-        return unflatten(table.flat[row])
-
-    def adam_state(self, slot_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The member's Adam moments (row views) and step count."""
-        table, row = self._where(slot_id)
-        return table.exp_avg[row], table.exp_avg_sq[row], int(table.steps[row])
-
-    def network(self, slot_id: int) -> Network:
-        """The member as a plain Network (a copy of its weights), on the engine's device."""
-        network = Network().to(self.device)
-        network.load_state_dict(self.weights(slot_id))
-        return network
+        return state
 
     def epochs(self, on_step: StepCallback | None = None) -> Iterator[dict[int, MemberResult]]:
         """One epoch for every member per iteration, until none is left; members join and leave in between.

@@ -8,15 +8,17 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from cnnexp.checkpoint import capture, has_checkpoint, load_checkpoint, restore, save_checkpoint
 from cnnexp.errors import write_failure
 from cnnexp.config import ConfigError, TrainConfig
 from cnnexp.data import PreparedData, naming_held
 from cnnexp.devices import resolve_device
-from cnnexp.model import to_inputs
+from cnnexp.model import Network, to_inputs
 from cnnexp.tracking import log, models, owners, resume, store, tags
 from cnnexp.tracking.runs import full_run_id, run_address, tracked_run
-from cnnexp.train import BestEpoch, fit, new_training_state, speed_options
+from cnnexp.train import BestEpoch, TrainingState, fit, new_training_state, speed_options
 from pipelines import cli as commands
 from pipelines.outcomes import register_model
 from pipelines.prepared import load_or_prepare
@@ -58,27 +60,28 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             print(f"batch_size {config.batch_size} is more than the {len(train)} training images: "
                   f"each epoch is a single batch of {len(train)}")
         progress = EpochProgress(config.epochs, math.ceil(len(train) / config.batch_size), config.batch_size)
-        state, best = new_training_state(config.lr, config.seed, device), BestEpoch()
-        history = resume_into(state, best, checkpoint, run_id, data.digest) if checkpoint is not None else []
+        best = BestEpoch()
+        state, history = (resume_into(best, checkpoint, run_id, data.digest, device) if checkpoint is not None
+                          else (new_training_state(config.lr, config.seed, device), []))
         extras = {"config": dataclasses.asdict(config), "data_digest": data.digest}
 
-        def on_epoch_end(metrics: dict) -> None:
+        def on_epoch_end(metrics: dict, trained: TrainingState) -> None:
             history.append(metrics)
-            best.update(metrics["epoch"], metrics["val_accuracy"], state.model)
+            best.update(metrics["epoch"], metrics["val_accuracy"], trained)
             # Checkpoint before logging: a kill in between loses no metric, resume logs it from the checkpoint.
             try:
-                save_checkpoint(checkpoints, capture(state, history=history, best=best.state_dict(), **extras),
-                                state.epoch)
+                save_checkpoint(checkpoints, capture(trained, history=history, best=best.state_dict(), **extras),
+                                trained.epoch)
             except (OSError, RuntimeError) as err:  # a full disk: the previous epoch's checkpoint is still whole
                 if (reason := write_failure(err)) is None:
                     raise
-                raise unwritable_checkpoint(reason, checkpoints, run_id, state.epoch) from None
+                raise unwritable_checkpoint(reason, checkpoints, run_id, trained.epoch) from None
             log.log_epoch(metrics)
             owners.beat()
             progress.on_epoch_end(metrics)
 
         try:
-            fit(
+            state, _ = fit(
                 state, train, val, batch_size=config.batch_size, epochs=config.epochs,
                 on_epoch_end=on_epoch_end, on_batch_end=progress.batch_callback, **speed_options(config),
             )
@@ -87,7 +90,7 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
             with contextlib.suppress(Exception):  # never hide why training stopped
                 resume.log_checkpoint(checkpoints)
             if isinstance(stop, KeyboardInterrupt) and not isinstance(stop, Interrupted):
-                raise Interrupted(interrupted_line(run_id, checkpoints, state.epoch)) from None
+                raise Interrupted(interrupted_line(run_id, checkpoints, epochs_done(history))) from None
             raise
         try:
             model, kept = log_results(state, best, history, data, config.keep)
@@ -107,21 +110,25 @@ def main(config: TrainConfig, data: PreparedData | None = None) -> Made[list[dic
     return Made(run_id, history)
 
 
-def log_results(state, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
+def log_results(state: TrainingState, best: BestEpoch, history: list[dict], data: PreparedData, keep: str):
     """The kept epoch's model; returns the ModelInfo and that epoch's metrics. (The learning curves are the
     run's per-epoch metrics, which the MLflow UI charts; `cnnexp evaluate` draws them with its figures.)"""
     kept = kept_epoch(history, best, keep)
-    if keep == "best":
-        best.restore(state.model)
-    model = models.log_kept_model(state.model, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
+    network = best.restore(Network(num_classes=len(data.classes))) if keep == "best" else state.network()
+    model = models.log_kept_model(network, to_inputs(data.splits["val"].images[:4]), data.classes, kept["epoch"],
                                   best.summary(), log.split_dataset(data, "val"))
     log.flush()
     return model, kept
 
 
+def epochs_done(history: list[dict]) -> int:
+    """The last epoch completed (history holds every epoch of the run, resumed ones included)."""
+    return history[-1]["epoch"] if history else 0
+
+
 def kept_epoch(history: list[dict], best: BestEpoch, keep: str) -> dict:
     """The metrics of the epoch whose weights become the model: the best one, or the last."""
-    epoch = best.epoch if keep == "best" else history[-1]["epoch"]
+    epoch = best.epoch if keep == "best" else epochs_done(history)
     return next(m for m in history if m["epoch"] == epoch)
 
 
@@ -161,15 +168,16 @@ def store_lost_error(err: Exception, checkpoints: Path, run_id: str, epoch: int)
     )
 
 
-def resume_into(state, best: BestEpoch, checkpoint: dict, run_id: str, data_digest: str) -> list[dict]:
+def resume_into(best: BestEpoch, checkpoint: dict, run_id: str, data_digest: str,
+                device: torch.device) -> tuple[TrainingState, list[dict]]:
     """Restores the checkpoint (best-so-far included); logs epochs it holds that the store missed;
-    returns the history so far."""
+    returns the training state and the history so far."""
     if data_digest != checkpoint["data_digest"]:
         raise ConfigError(
             "data_dir", f"the prepared data (digest {data_digest}) is not what run {run_id} trained on "
             f"({checkpoint['data_digest']}); prepare the same data again",
         )
-    restore(state, checkpoint)
+    state = restore(checkpoint, device)
     best.load_state_dict(checkpoint["best"])
     history = checkpoint["history"]
     logged = resume.logged_steps(run_id, "train_loss")
@@ -178,7 +186,7 @@ def resume_into(state, best: BestEpoch, checkpoint: dict, run_id: str, data_dige
             log.log_epoch(metrics)
     resume.link_resumed_run(run_id, state.epoch)
     print(f"resuming run {run_id} after epoch {state.epoch}")
-    return history
+    return state, history
 
 
 def cli(argv: list[str] | None = None, prog: str = "train") -> int:

@@ -218,8 +218,8 @@ def worst_last_epoch(real_fit):
     weights differ from the final ones (real accuracies on the synthetic bars only rise)."""
 
     def fit(state, train, val, *, epochs, on_epoch_end, **options):
-        def report(metrics):
-            on_epoch_end({**metrics, "val_accuracy": 0.0} if metrics["epoch"] == epochs else metrics)
+        def report(metrics, state):
+            on_epoch_end({**metrics, "val_accuracy": 0.0} if metrics["epoch"] == epochs else metrics, state)
 
         return real_fit(state, train, val, epochs=epochs, on_epoch_end=report, **options)
 

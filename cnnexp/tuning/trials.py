@@ -20,14 +20,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cnnexp.config import TuneConfig
 from cnnexp.data import PreparedData
-from cnnexp.engine import Engine, Member, MemberResult, NonFiniteLoss
+from cnnexp.engine import Engine, MemberResult, NonFiniteLoss
 from cnnexp.model import Network, to_inputs
 from cnnexp.processes import owner
 from cnnexp.tracking import tags
 from cnnexp.tracking.log import data_tags, log_child_epoch, split_dataset
 from cnnexp.tracking.models import log_model_and_finish
 from cnnexp.tracking.runs import end_child_run, error_text, start_child_run
-from cnnexp.train import BestEpoch, speed_options
+from cnnexp.train import BestEpoch, new_training_state, speed_options
 from cnnexp.tuning.optuna_private import record_heartbeat
 from cnnexp.tuning.recovery import Heartbeat, queue_retry, retry_tags
 from cnnexp.tuning.space import suggest
@@ -44,7 +44,8 @@ def run_name(number: int, params: dict) -> str:
 
 @dataclass
 class TrialRun:
-    """A trial in flight: Optuna's handle, its params, its MLflow child run and its best epoch so far."""
+    """A trial in flight: Optuna's handle, its params, its MLflow child run and its best epoch so far. Its
+    training state is the engine's alone (Engine.state)."""
 
     trial: optuna.Trial
     params: dict = field(default_factory=dict)  # set once suggested
@@ -238,7 +239,8 @@ class TrialRunner:
                 # lost its worker before the next would stay RUNNING for good, and workers wait for it.
                 record_heartbeat(self.study, run.trial)
             run.params = suggest(run.trial, self.config)
-            slot = engine.join(Member(run.params["lr"], run.params["batch_size"]), self.config.seed)
+            state = new_training_state(run.params["lr"], self.config.seed, self.device)
+            slot = engine.join(state, run.params["batch_size"])
             self.active[slot], self.asked = run, None
             self._start(run)
 
@@ -268,7 +270,7 @@ class TrialRunner:
             self._end(self.active.pop(slot), "FAILED", TrialState.FAIL, {tags.ERROR: error_text(result)})
             return True
         run, epoch = self.active[slot], result["epoch"]
-        run.best.update(epoch, result[OBJECTIVE], engine.weights(slot))
+        run.best.update(epoch, result[OBJECTIVE], engine.state(slot))
         self.tracker.epoch(run, result)
         run.trial.report(result[OBJECTIVE], epoch)
         if epoch == self.config.epochs:

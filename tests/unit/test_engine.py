@@ -25,9 +25,13 @@ def data():
 
 
 def own_fit(data, member, seed=0, device=CPU, epochs=EPOCHS):
-    state = new_training_state(member.lr, seed=seed, device=device)
-    history = fit(state, *data, batch_size=member.batch_size, epochs=epochs)
-    return history, {name: t.cpu() for name, t in state.model.state_dict().items()}
+    state, history = fit(new_training_state(member.lr, seed, device), *data, batch_size=member.batch_size, epochs=epochs)
+    return history, {name: t.cpu() for name, t in state.network().state_dict().items()}
+
+
+def join(engine, member, seed):
+    """A new member, initialised and shuffled as its own fit's."""
+    return engine.join(new_training_state(member.lr, seed, engine.device), member.batch_size)
 
 
 def train(engine, epochs=EPOCHS, between=lambda results: None):
@@ -37,8 +41,7 @@ def train(engine, epochs=EPOCHS, between=lambda results: None):
             histories.setdefault(slot, []).append(result)
         between(results)
         for slot in [s for s, h in histories.items() if s in engine.slots and len(h) == epochs]:
-            histories[slot].append(engine.network(slot))  # its final weights, then it leaves
-            engine.leave(slot)
+            histories[slot].append(engine.leave(slot).network())  # its final weights, as it leaves
     return histories
 
 
@@ -57,7 +60,7 @@ def assert_same_training(got, expected, metrics_abs=1e-4, weights_rel=1e-4):
 
 def test_members_trained_together_each_compute_their_own_fit(data):
     engine = Engine(8, *data, CPU)
-    slots = [engine.join(m, seed=0) for m in MEMBERS]
+    slots = [join(engine, m, 0) for m in MEMBERS]
     histories = train(engine)
     for slot, member in zip(slots, MEMBERS):
         assert_same_training(histories[slot], own_fit(data, member))
@@ -65,7 +68,7 @@ def test_members_trained_together_each_compute_their_own_fit(data):
 
 def test_members_whose_orders_differ_each_compute_their_own_fit(data):
     engine = Engine(8, *data, CPU)
-    slots = [engine.join(m, seed=seed) for seed, m in enumerate(MEMBERS)]
+    slots = [join(engine, m, seed) for seed, m in enumerate(MEMBERS)]
     histories = train(engine)
     for seed, (slot, member) in enumerate(zip(slots, MEMBERS)):
         # A member whose batch spans micro-batches (gcd 8 here) sums their gradients: other rounding than
@@ -75,14 +78,14 @@ def test_members_whose_orders_differ_each_compute_their_own_fit(data):
 
 def test_leaving_and_joining_between_epochs_changes_no_one_elses_numbers(data):
     engine = Engine(3, *data, CPU)
-    first, second, third = (engine.join(m, seed=0) for m in MEMBERS[:3])  # 16, 32, 16: first and third share a table
+    first, second, third = (join(engine, m, 0) for m in MEMBERS[:3])  # 16, 32, 16: first and third share a table
     joined = []
 
     def after(results):
         if first in results and results[first]["epoch"] == 1:
             engine.leave(first)  # its row is cleared and third's moves into it
             assert engine.free == 1
-            joined.append(engine.join(MEMBERS[3], seed=7))  # at its epoch 0 while the others are at 1
+            joined.append(join(engine, MEMBERS[3], 7))  # at its epoch 0 while the others are at 1
 
     histories = train(engine, between=after)
     assert len(histories[first]) == 1
@@ -91,16 +94,38 @@ def test_leaving_and_joining_between_epochs_changes_no_one_elses_numbers(data):
     assert_same_training(histories[joined[0]], own_fit(data, MEMBERS[3], seed=7))
 
 
+def test_a_state_taken_out_and_joined_again_trains_on_exactly_and_is_a_copy_both_ways(data):
+    """A slot's state comes out as one value that is all of it: joined into another engine it goes on as if it
+    had never left. Taken out, later epochs leave it alone; joined, the caller's value stays as it was."""
+    member, start = MEMBERS[0], new_training_state(MEMBERS[0].lr, 0, CPU)
+    engine = Engine(2, *data, CPU)
+    slot = engine.join(start, member.batch_size)
+    next(engine.epochs())
+    after_one = engine.state(slot)
+    straight = next(engine.epochs())[slot]
+    assert (start.epoch, start.steps, after_one.epoch, engine.state(slot).epoch) == (0, 0, 1, 2)
+    assert torch.equal(start.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    other = Engine(1, *data, CPU)
+    again = other.join(after_one, member.batch_size)
+    resumed = next(other.epochs())[again]
+    assert {**resumed, "epoch_time_s": 0} == {**straight, "epoch_time_s": 0}
+    left, kept = other.leave(again), engine.state(slot)
+    assert not other.slots and left.steps == kept.steps and left.epoch == kept.epoch == 2
+    for name in ("weights", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(getattr(left, name), getattr(kept, name)), name
+    assert torch.equal(left.generator.get_state(), kept.generator.get_state())
+
+
 def test_a_full_engine_refuses_another_member(data):
     engine = Engine(1, *data, CPU)
-    engine.join(MEMBERS[0], seed=0)
+    join(engine, MEMBERS[0], 0)
     with pytest.raises(ValueError, match="all 1 slots are taken"):
-        engine.join(MEMBERS[1], seed=0)
+        join(engine, MEMBERS[1], 0)
 
 
 def test_a_diverging_member_is_reported_and_while_its_caller_keeps_it_harms_no_one(data):
     engine = Engine(3, *data, CPU)
-    slots = [engine.join(m, seed=0) for m in (MEMBERS[0], Member(1e30, 16), MEMBERS[1])]
+    slots = [join(engine, m, 0) for m in (MEMBERS[0], Member(1e30, 16), MEMBERS[1])]
     first = next(engine.epochs())
     assert isinstance(first[slots[1]], NonFiniteLoss) and first[slots[1]].epoch == 1
     assert slots[1] in engine.slots  # the caller decides: here it trains on beside the others
@@ -108,7 +133,7 @@ def test_a_diverging_member_is_reported_and_while_its_caller_keeps_it_harms_no_o
     second = next(engine.epochs())
     assert isinstance(second[slots[1]], NonFiniteLoss) and second[slots[1]].epoch == 2
     for slot, member in ((slots[0], MEMBERS[0]), (slots[2], MEMBERS[1])):
-        assert_same_training([*histories[slot], second[slot], engine.network(slot)], own_fit(data, member))
+        assert_same_training([*histories[slot], second[slot], engine.state(slot).network()], own_fit(data, member))
 
 
 def test_each_members_epoch_time_is_its_share_of_the_epoch(data, monkeypatch):
@@ -118,7 +143,7 @@ def test_each_members_epoch_time_is_its_share_of_the_epoch(data, monkeypatch):
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     engine = Engine(4, *data, CPU)
     for m in MEMBERS[:4]:
-        engine.join(m, seed=0)
+        join(engine, m, 0)
     results = next(engine.epochs())
     assert [r["epoch_time_s"] for r in results.values()] == [2.0] * 4
 
@@ -130,11 +155,11 @@ def test_the_captured_paths_steps_compute_what_the_eager_ones_do(data):
     runs = []
     for graphs in (True, False):
         engine = Engine(4, *data, CPU, graphs=graphs)
-        slots = [engine.join(m, seed=seed) for seed, m in enumerate(members)]
+        slots = [join(engine, m, seed) for seed, m in enumerate(members)]
         first = next(engine.epochs())
         engine.leave(slots[0])  # three rows of batch 16 left: a fourth, cleared, is computed and steps by 0
         second = next(engine.epochs())
-        runs.append((first, second, {s: engine.network(s) for s in engine.slots}))
+        runs.append((first, second, {s: engine.state(s).network() for s in engine.slots}))
     (first, second, networks), (want_first, want_second, want_networks) = runs
     for slot in networks:
         expected = ([want_first[slot], want_second[slot]], want_networks[slot].state_dict())
@@ -157,7 +182,7 @@ def exact_cuda():
 @needs_cuda
 def test_members_on_cuda_each_compute_their_own_fit_there(data, exact_cuda):
     engine = Engine(8, *data, exact_cuda)
-    slots = [engine.join(m, seed=seed) for seed, m in enumerate(MEMBERS)]
+    slots = [join(engine, m, seed) for seed, m in enumerate(MEMBERS)]
     histories = train(engine)
     for seed, (slot, member) in enumerate(zip(slots, MEMBERS)):
         # Float rounding only (cuDNN's kernels for a grouped and a single convolution differ): metrics within
@@ -170,7 +195,7 @@ def test_an_epoch_of_one_padded_step_is_captured_and_replayed(data, exact_cuda):
     """A batch larger than the split: one step an epoch, captured after warm-up steps that must not read
     past the schedule (a device-side assert would poison the process)."""
     engine = Engine(2, *data, exact_cuda)
-    slots = [engine.join(Member(0.01, 512), seed=s) for s in (0, 1)]
+    slots = [join(engine, Member(0.01, 512), s) for s in (0, 1)]
     for _ in range(2):
         results = next(engine.epochs())
     for slot, seed in zip(slots, (0, 1)):
@@ -183,7 +208,7 @@ def test_the_captured_step_computes_what_the_eager_step_does(data, exact_cuda):
     runs = []
     for graphs in (True, False):
         engine = Engine(8, *data, exact_cuda, graphs=graphs)
-        slots = [engine.join(m, seed=seed) for seed, m in enumerate(MEMBERS)]
+        slots = [join(engine, m, seed) for seed, m in enumerate(MEMBERS)]
         runs.append((slots, train(engine)))
     (slots, captured), (_, eager) = runs
     for slot in slots:

@@ -51,16 +51,15 @@ def expected(data):
 
 def engine_weights(data) -> list[dict[str, torch.Tensor]]:
     engine = Engine(len(MEMBERS), *data, CPU)
-    slot_ids = [engine.join(member, seed) for member, seed in MEMBERS]
+    slot_ids = [engine.join(new_training_state(member.lr, seed, CPU), member.batch_size) for member, seed in MEMBERS]
     for _ in range(EPOCHS):
         next(engine.epochs())
-    return [engine.network(slot).state_dict() for slot in slot_ids]
+    return [engine.state(slot).network().state_dict() for slot in slot_ids]
 
 
 def fit_weights(data, member: Member, seed: int) -> dict[str, torch.Tensor]:
-    state = new_training_state(member.lr, seed, CPU)
-    fit(state, *data, batch_size=member.batch_size, epochs=EPOCHS)
-    return state.model.state_dict()
+    state, _ = fit(new_training_state(member.lr, seed, CPU), *data, batch_size=member.batch_size, epochs=EPOCHS)
+    return state.network().state_dict()
 
 
 def farthest(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:

@@ -23,7 +23,7 @@ def _train_with_progress(epochs: int = 2) -> list[str]:
     bar = EpochProgress(epochs, batches_per_epoch=4, batch_size=50, print_line=lines.append)
     state = new_training_state(0.01, 0, torch.device("cpu"))
     fit(state, _split(200, 1), _split(50, 2), batch_size=50, epochs=epochs,
-        on_epoch_end=bar.on_epoch_end, on_batch_end=bar.batch_callback)
+        on_epoch_end=lambda metrics, _: bar.on_epoch_end(metrics), on_batch_end=bar.batch_callback)
     return lines
 
 

@@ -228,7 +228,7 @@ class _JoinFails(trials.Engine):
     """An engine whose every join fails, after the trial was asked and suggested, with `error`."""
     error: BaseException
 
-    def join(self, member, seed):
+    def join(self, state, batch_size):
         raise self.error
 
 

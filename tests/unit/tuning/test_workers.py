@@ -8,7 +8,6 @@ import torch
 
 from cnnexp.config import PrepareConfig, TuneConfig
 from cnnexp.data import prepare
-from cnnexp.model import Network
 from cnnexp.tuning import workers
 from cnnexp.tuning.study import Parent, load_study
 from cnnexp.tuning.trials import TrialRunner
@@ -25,16 +24,16 @@ class InstantEngine:
     def free(self):
         return self.capacity - len(self.slots)
 
-    def join(self, member, seed):
+    def join(self, state, batch_size):
         slot = next(self.ids)
-        self.slots[slot] = member
+        self.slots[slot] = state
         return slot
 
-    def leave(self, slot):
-        del self.slots[slot]
+    def state(self, slot):
+        return self.slots[slot]
 
-    def weights(self, slot):
-        return Network().state_dict()
+    def leave(self, slot):
+        return self.slots.pop(slot)
 
     def epochs(self):
         while self.slots:
