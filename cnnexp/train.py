@@ -102,7 +102,7 @@ def fit(
     for results in engine.epochs(on_batch_end):  # until the member leaves
         result = results[slot]
         if isinstance(result, NonFiniteLoss):
-            raise result  # fit's one member: nothing is worth training on
+            raise result  # fit decides for its one member: training stops there
         history.append(result)
         state = engine.leave(slot) if result["epoch"] >= epochs else engine.state(slot)
         if on_epoch_end is not None:

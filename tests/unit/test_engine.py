@@ -25,7 +25,8 @@ def data():
 
 
 def own_fit(data, member, seed=0, device=CPU, epochs=EPOCHS):
-    state, history = fit(new_training_state(member.lr, seed, device), *data, batch_size=member.batch_size, epochs=epochs)
+    state, history = fit(new_training_state(member.lr, seed, device), *data, batch_size=member.batch_size,
+                         epochs=epochs)
     return history, {name: t.cpu() for name, t in state.network().state_dict().items()}
 
 
