@@ -117,6 +117,7 @@ def test_startup_stamps_each_phase_of_tune_in_order_up_to_its_first_step(tmp_pat
     assert not {"optuna-journal.log", "mlruns"} & {p.name for p in tmp_path.iterdir()}
 
 
+@pytest.mark.slow
 def test_overlap_benchmark_times_the_import_beside_training_steps():
     """benchmarks/overlap.py, the evidence for importing MLflow before the first step: its child measures."""
     sys.path.insert(0, str(REPO / "benchmarks"))
