@@ -122,10 +122,13 @@ def log_prepared_data(data: PreparedData) -> None:
     mlflow.set_tags(data_tags(data))
 
 
-def log_figure(fig, artifact_file: str) -> None:
+def log_figure(fig, artifact_file: str, also_on: str | None = None) -> None:
+    """The figure into the active run, and also into run `also_on` when given (a finished run: MLflow allows it)."""
     from cnnexp import plots
 
     mlflow.log_figure(fig, artifact_file)
+    if also_on:
+        MlflowClient().log_figure(also_on, fig, artifact_file)
     plots.close(fig)
 
 

@@ -116,6 +116,7 @@ def test_evaluation_artifacts_agree_with_test_accuracy(trained):
         assert [m["epoch"] for m in history] == [1, 2]
         assert history[-1]["val_loss"] == training.data.metrics["val_loss"]
         assert history[-1]["train_accuracy"] == training.data.metrics["train_accuracy"]
+        assert "learning_curves.png" in {a.path for a in trained.client.list_artifacts(trained.runs[lr])}
         confusion = _csv(run_id, "confusion_matrix.csv", index_col=0).to_numpy()
         per_class = _csv(run_id, "per_class_metrics.csv")
         predictions = _csv(run_id, "predictions.csv")
