@@ -27,39 +27,57 @@ def _final_status(run_id, wait_s=60):
 
 
 def test_ctrl_c_under_mlflow_run_then_resume_equals_an_uninterrupted_run(tmp_path):
-    work, env = tmp_path, {**subprocess_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    work, env = tmp_path / "work", {**subprocess_env(tmp_path / "work"), "PYTHONUNBUFFERED": "1"}
     source = write_idx_dir(tmp_path / "idx", n_train=1500)
-    paths = {"data_dir": tmp_path / "data", "checkpoint_dir": tmp_path / "checkpoints"}
-    params = {"epochs": 4, "batch_size": 50, "device": "cpu", "source": source, **paths}
-    straight = subprocess.run(mlflow_run_command("train", **params), cwd=work, env=env, capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    paths = {"data_dir": work / "data", "checkpoint_dir": work / "checkpoints"}
+    params = {"epochs": 4, "batch_size": 50, "device": "cpu", "source": source}
+    # The uninterrupted run, in a directory and store of its own, trains while the interrupted one and its
+    # resume run (each mostly one core's worth of imports): what it logs is the reference, not when.
+    alone = tmp_path / "straight"
+    alone.mkdir()
+    work.mkdir()
+    straight_log = alone / "output.log"
+    with straight_log.open("w") as log:
+        straight = subprocess.Popen(mlflow_run_command("train", **params, data_dir=alone / "data",
+                                                       checkpoint_dir=alone / "checkpoints"),
+                                    cwd=alone, env=subprocess_env(alone), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    params |= paths
+    try:
+        # Ctrl-C in a terminal signals the whole foreground process group: mlflow run, bash and python.
+        proc = subprocess.Popen(
+            mlflow_run_command("train", **params), cwd=work, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        for line in proc.stdout:
+            if line.startswith("epoch"):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        output = line + proc.communicate(timeout=300)[0]
+        assert proc.returncode != 0
+        (stopped,) = _runs(work)
+        assert _final_status(stopped.info.run_id) == "KILLED", output[-3000:]
+        pointer = json.loads((work / "checkpoints" / stopped.info.run_id / "checkpoint.json").read_text())
+        assert 1 <= pointer["epoch"] < 4, "the interrupt should land mid-training"
 
-    # Ctrl-C in a terminal signals the whole foreground process group: mlflow run, bash and python.
-    proc = subprocess.Popen(
-        mlflow_run_command("train", **params), cwd=work, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    for line in proc.stdout:
-        if line.startswith("epoch"):
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-    output = line + proc.communicate(timeout=300)[0]
-    assert proc.returncode != 0
-    first, stopped = _runs(work)
-    assert _final_status(stopped.info.run_id) == "KILLED", output[-3000:]
-    pointer = json.loads((work / "checkpoints" / stopped.info.run_id / "checkpoint.json").read_text())
-    assert 1 <= pointer["epoch"] < 4, "the interrupt should land mid-training"
-
-    done = subprocess.run(
-        mlflow_run_command("train", resume=stopped.info.run_id, device="cpu", **paths),
-        cwd=work, env=env, capture_output=True, text=True,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    _, resumed, record = _runs(work)
-    assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
-    assert record.data.tags["resumed_into"] == stopped.info.run_id and record.info.status == "FINISHED"
-    assert metric_histories(resumed.info.run_id) == metric_histories(first.info.run_id)  # exact, step by step
-    assert MlflowClient().get_run(resumed.info.run_id).outputs.model_outputs  # the resumed run logged its model
+        done = subprocess.run(
+            mlflow_run_command("train", resume=stopped.info.run_id, device="cpu", **paths),
+            cwd=work, env=env, capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        resumed, record = _runs(work)
+        assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
+        assert record.data.tags["resumed_into"] == stopped.info.run_id and record.info.status == "FINISHED"
+        assert MlflowClient().get_run(resumed.info.run_id).outputs.model_outputs  # the resumed run logged its model
+        got = metric_histories(resumed.info.run_id)
+        assert straight.wait(timeout=300) == 0, straight_log.read_text()[-2000:]
+        (first,) = _runs(alone)
+        assert first.info.status == "FINISHED"
+        assert got == metric_histories(first.info.run_id)  # exact, step by step
+    finally:
+        if straight.poll() is None:  # the test failed before it ended: nothing it started outlives it
+            os.killpg(straight.pid, signal.SIGKILL)
+            straight.wait()
 
 
 def test_a_train_run_killed_with_sigkill_stays_running_and_resumes_as_its_process_is_gone(tmp_path):

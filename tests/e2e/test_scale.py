@@ -50,11 +50,15 @@ def hook_dir(work: Path, code: str) -> Path:
     return hook
 
 
-def start_worker(cluster, work, common, index, *args, hook: Path | None = None) -> subprocess.Popen:
-    # Each worker prepares its own copy of the data, as a separate machine would.
-    return subprocess.Popen(cnnexp("worker", *common, "--data-dir", work / f"data-{index}", *args), cwd=work,
-                            env=cluster_env(cluster, work, hook), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+def start_worker(cluster, work, common, index, *args, hook: Path | None = None, shared_data: bool = False,
+                 threads: int | None = None) -> subprocess.Popen:
+    """A `cnnexp worker` process. By default it prepares its own copy of the data, as a separate machine would;
+    shared_data: it loads the copy create_study prepared in work/data, as workers on one host (or on a shared
+    disk) do. threads: its OMP_NUM_THREADS, its share of this host's cores (scripts/local-cluster.sh's rule)."""
+    env = cluster_env(cluster, work, hook) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    data = work / ("data" if shared_data else f"data-{index}")
+    return subprocess.Popen(cnnexp("worker", *common, "--data-dir", data, *args), cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 # --- fast: joining on the default local stores ------------------------------------------------
@@ -128,7 +132,11 @@ def test_sixteen_workers_share_a_study_on_one_postgres_and_an_mlflow_server(clus
     hook = hook_dir(tmp_path, LONG_GRACE)
     started = time.monotonic()
     with ConnectionPeak(cluster["PGPORT"]) as connections:
-        workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 1, hook=hook) for i in range(16)]
+        # One host's 16 workers: one prepared copy of the data and one thread each (what scripts/local-cluster.sh's
+        # `workers` does), not 16 torchvision imports to prepare it and 32 threads on 2 cores. The connections,
+        # the server and the trials are what this test is about.
+        workers = [start_worker(cluster, tmp_path, common, i, "--n-trials", 1, hook=hook, shared_data=True, threads=1)
+                   for i in range(16)]
         outputs = [w.communicate(timeout=500)[0] for w in workers]
     print(f"16 trials on 16 workers: {time.monotonic() - started:.1f} s, at most {connections.peak} of "
           f"{connections.max_connections} connections")
@@ -167,7 +175,8 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_retried(cluster, tmp
     common, study = create_study(cluster, tmp_path, "killed-worker", n_trials=8, epochs=4, monkeypatch=monkeypatch)
     # Until the study has 8; one trial at a time each, so the victim holds exactly one when it dies.
     hook = hook_dir(tmp_path, FAST_HEARTBEAT)
-    workers = [start_worker(cluster, tmp_path, common, i, "--cohort", "1", hook=hook) for i in range(3)]
+    workers = [start_worker(cluster, tmp_path, common, i, "--cohort", "1", hook=hook, shared_data=True, threads=1)
+               for i in range(3)]
     victim = workers[0]
     killed = wait_for_trial_mid_training(study, victim.pid)
     victim.send_signal(signal.SIGKILL)

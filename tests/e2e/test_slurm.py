@@ -40,6 +40,10 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+# `sbatch --wait` sleeps 2 s, then 8, then 32 between its looks at the job while that sleep is under half of
+# MinJobAge (default 300): a 20 s job was seen done only at 42 s. At 4 it looks every 2 s, and a finished
+# job's record stays at least 4 s, so no look can miss it (sbatch's own rule for how fast it may poll).
+MinJobAge=4
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
