@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +36,26 @@ class Split:
 
 
 
+# torchvision's names for each dataset's classes (tests/unit/test_idx.py holds them to torchvision's own), so that
+# reading local IDX files never imports torchvision: it pulls in torch._dynamo, about 2 s of every prepare.
+CLASS_NAMES = {
+    "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"],
+    "MNIST": ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+              "8 - eight", "9 - nine"],
+    "KMNIST": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
+
+
 def torchvision_class(dataset: str) -> type:
-    # Imported only to read or download IDX files: torchvision pulls in torch._dynamo, seconds of start-up
-    # that every tuning worker and `train` (which read the prepared tensors) would otherwise pay.
+    """The torchvision dataset that downloads it (imported only to download)."""
     import torchvision.datasets
 
     return getattr(torchvision.datasets, TORCHVISION_CLASSES[dataset])
 
 
 def class_names(dataset: str) -> list[str]:
-    return list(torchvision_class(dataset).classes)
+    return list(CLASS_NAMES[TORCHVISION_CLASSES[dataset]])
 
 
 def sha256_file(path: Path) -> str:
@@ -103,27 +112,24 @@ def check_idx_header(path: Path, data: bytes, kind: str) -> int:
 
 
 def read_source(dataset: str, source: Path) -> tuple[dict[str, Split], dict[str, str]]:
-    """Reads train and test through torchvision after checking each file; returns splits and sha256s."""
+    """Reads train and test after checking each file's header, count and labels; returns splits and sha256s."""
     files = find_source_files(source)
-    dataset_class = torchvision_class(dataset)
-    with tempfile.TemporaryDirectory(prefix="cnnexp-idx-") as root:
-        raw_dir = Path(root) / dataset_class.__name__ / "raw"
-        raw_dir.mkdir(parents=True)
-        counts = {}
-        for (split, kind), path in files.items():
-            data = read_idx_bytes(path)
-            counts[(split, kind)] = check_idx_header(path, data, kind)
-            (raw_dir / IDX_FILES[(split, kind)]).write_bytes(data)
-        splits = {}
-        for split in ("train", "test"):
-            if counts[(split, "images")] != counts[(split, "labels")]:
-                raise DataError(
-                    f"{files[(split, 'labels')]}: {counts[(split, 'labels')]} labels for "
-                    f"{counts[(split, 'images')]} images in {files[(split, 'images')].name}"
-                )
-            ds = dataset_class(root, train=split == "train", download=False)
-            splits[split] = Split(ds.data.to(torch.uint8).contiguous(), ds.targets.to(torch.int64))
-            check_labels(files[(split, "labels")], splits[split].labels)
+    pixels = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+    arrays, counts = {}, {}
+    for (split, kind), path in files.items():
+        data = read_idx_bytes(path)
+        counts[(split, kind)] = count = check_idx_header(path, data, kind)
+        body = data[len(data) - count * (pixels if kind == "images" else 1):]  # past the header it checked
+        arrays[(split, kind)] = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+    splits = {}
+    for split in ("train", "test"):
+        if counts[(split, "images")] != counts[(split, "labels")]:
+            raise DataError(
+                f"{files[(split, 'labels')]}: {counts[(split, 'labels')]} labels for "
+                f"{counts[(split, 'images')]} images in {files[(split, 'images')].name}"
+            )
+        splits[split] = Split(arrays[(split, "images")].view(-1, *IMAGE_SHAPE), arrays[(split, "labels")].to(torch.int64))
+        check_labels(files[(split, "labels")], splits[split].labels)
     sha256s = {path.name: sha256_file(path) for path in files.values()}
     return splits, sha256s
 

@@ -1,5 +1,7 @@
 """cnnexp.idx: the four IDX files found, read (gzipped or not), checked file by file, and downloaded."""
 import gzip
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 from cnnexp.checks import DataError
 from cnnexp.idx import (DownloadFailed, check_idx_header, class_names, download, find_source_files, read_idx_bytes,
-                        read_source)
+                        read_source, torchvision_class)
 from helpers import BAD_FILES, EXPECTED_FILE, downloads_fail_halfway, idx_bytes, synthetic_split, write_idx_dir
 
 
@@ -65,6 +67,21 @@ def test_a_source_that_is_not_a_directory_is_named(tmp_path):
 def test_each_dataset_has_its_own_class_names():
     assert class_names("fashion-mnist")[0] == "T-shirt/top" and class_names("fashion-mnist-sample")[9] == "Ankle boot"
     assert class_names("mnist")[0].startswith("0") and len(class_names("kmnist")) == 10
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist", "kmnist", "fashion-mnist-sample"])
+def test_class_names_are_torchvisions(dataset):
+    assert class_names(dataset) == list(torchvision_class(dataset).classes)
+
+
+def test_reading_a_source_does_not_import_torchvision(tmp_path):
+    # In a fresh interpreter: torchvision (and the torch._dynamo it imports) is seconds of every prepare.
+    source = write_idx_dir(tmp_path / "idx", n_train=30, n_test=10)
+    code = (f"import sys; from pathlib import Path; from cnnexp.idx import read_source\n"
+            f"splits, _ = read_source('mnist', Path({str(source)!r}))\n"
+            f"print(len(splits['train']), len(splits['test']), 'torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["30", "10", "False"], done.stderr[-2000:]
 
 
 def test_failed_download_says_so_and_shows_source(tmp_path, monkeypatch):
