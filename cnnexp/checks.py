@@ -65,29 +65,27 @@ def check_directory(param: str, directory: str) -> None:
     """Refuses an empty name, and a directory that is a file or lies under one, saying so (mkdir, much later,
     would only say "File exists"); a missing one is fine: it is made when first written."""
     check_nonempty(param, directory)
-    existing = next((path for path in (directory, *parents(directory)) if os.path.exists(path)), None)
-    if existing is None or os.path.isdir(existing):
+    existing = nearest_existing(directory)
+    if os.path.isdir(existing):
         return
-    if existing == directory:
+    if existing == os.path.abspath(directory):
         raise ConfigError(param, f"{directory} is a file, not a directory; name a directory (a missing one is created)")
     raise ConfigError(param, f"cannot create {directory}: {existing} is a file, not a directory")
 
 
-def parents(path: str) -> list[str]:
-    """path's parent directories, nearest first (os.path's, so checking a flag never needs pathlib's import)."""
-    found, current = [], os.path.dirname(os.path.abspath(path))
-    while found[-1:] != [current]:
-        found.append(current)
-        current = os.path.dirname(current)
-    return found
+def nearest_existing(path: str) -> str:
+    """path, made absolute, if it exists, else its nearest parent that does (os.path's: checking a flag never
+    needs pathlib's import)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
 
 
 def check_writable_dir(param: str, directory: str) -> None:
     """Refuses a directory this user cannot write (read-only, another user's, under a file) before any work is
     done in it, by writing a file in it or in the nearest parent that exists (a missing one is made later)."""
-    existing = os.path.abspath(directory)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(directory)
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
