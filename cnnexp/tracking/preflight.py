@@ -7,7 +7,7 @@ to a tracking server (mlflow.utils.rest_utils.http_request, MLflow 3.17.2) and a
 before the request is sent. This provider adds no header; its first call is the check, and it acts only in the
 `mlflow run` command line itself (its click context is active), running a local project whose MLproject is
 named cnnexp, against an http(s) tracking URI. There, before MLflow looks up the experiment or creates the run:
-- it asks the server once (one try, store.STORE_CHECK_TIMEOUT_S); without an answer it prints one line naming
+- it asks the server as store.store_problem does (a silent one twice); without an answer it prints one line naming
   MLFLOW_TRACKING_URI and exits 2 (SystemExit passes MLflow's `except Exception` around providers);
 - otherwise it sets store.HTTP_BOUNDS as defaults for that command and the entry point it starts (a user's own
   values win), the bounds every cnnexp process uses anyway, and (unless CNNEXP_VERBOSE) hides the command's

@@ -24,6 +24,9 @@ from cnnexp.tracking import empty_store
 HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 STORE_CHECK_TIMEOUT_S = 3
+# A server that took the connection but has not answered within STORE_CHECK_TIMEOUT_S may only be busy (16 workers
+# starting at once on 2 cores made one wait past 3 s): it is asked once more, this long, before it is refused.
+BUSY_SERVER_WAIT_S = 5
 
 
 def tracking_uri() -> str:
@@ -106,7 +109,8 @@ def _env(**values: str) -> Iterator[None]:
 
 
 def store_problem(uri: str | None = None) -> str | None:
-    """Why the tracking server does not answer one quick request (one try, STORE_CHECK_TIMEOUT_S), or None.
+    """Why the tracking server does not answer a quick request (STORE_CHECK_TIMEOUT_S; one that took the connection
+    and stayed silent is asked once more, for BUSY_SERVER_WAIT_S), or None.
 
     Servers (http, https) are asked; a database's port (postgresql, mysql, ...) is only connected to, since
     MLflow retries building its engine for about two minutes before it says the database is down. A local
@@ -118,12 +122,16 @@ def store_problem(uri: str | None = None) -> str | None:
         return _port_problem(address)
     if not is_server(uri):
         return None
-    try:
-        with _env(MLFLOW_HTTP_REQUEST_TIMEOUT=str(STORE_CHECK_TIMEOUT_S), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"):
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - connection refused, timeout, HTTP errors: all mean no store
-        return _network_reason(err)
-    return None
+    for timeout in (STORE_CHECK_TIMEOUT_S, BUSY_SERVER_WAIT_S):
+        try:
+            with _env(MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"):
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            return None
+        except Exception as err:  # noqa: BLE001 - connection refused, timeout, HTTP errors: all mean no store
+            problem = _network_reason(err)
+            if problem != "Read timed out":  # refused, unreachable, an HTTP error: asking again would say the same
+                return problem
+    return problem
 
 
 def _port_problem(address: tuple[str, int]) -> str | None:

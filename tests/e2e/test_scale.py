@@ -164,7 +164,9 @@ def wait_for_trial_mid_training(study: optuna.Study, pid: int, timeout: float = 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for trial in study.get_trials(states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get("worker", {}).get("pid") == pid and trial.intermediate_values:
+            # Its MLflow run made too (the tracker creates it beside training; a slow server can lag an epoch).
+            if (trial.user_attrs.get("worker", {}).get("pid") == pid and trial.intermediate_values
+                    and "mlflow_run_id" in trial.user_attrs):
                 return trial
         time.sleep(0.2)
     raise AssertionError(f"no trial of process {pid} got past its first epoch in {timeout} s")

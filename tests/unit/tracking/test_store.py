@@ -1,7 +1,9 @@
 """A tracking server that is not there, or goes away mid-run: refused within seconds, or one line saying
 what was not logged and how to get it in; never minutes of silence per call."""
+import http.server
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -34,6 +36,26 @@ def test_an_unreachable_server_is_refused_within_seconds_naming_the_variable(ser
     assert line.startswith("train: error: MLFLOW_TRACKING_URI: the tracking server http://127.0.0.1:")
     assert ("Connection refused" if server == "refused" else "timed out") in line
     assert not any(tmp_path.iterdir())
+
+
+def test_a_busy_server_that_answers_after_the_first_wait_is_not_refused():
+    """A server slower than STORE_CHECK_TIMEOUT_S (16 workers starting at once on 2 cores) is asked once more."""
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # MLflow's search_experiments
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(store.STORE_CHECK_TIMEOUT_S + 1)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        assert store.store_problem(f"http://127.0.0.1:{server.server_port}") is None
+        server.shutdown()
 
 
 def test_ctrl_c_while_checking_the_store_claims_no_run(workdir, monkeypatch, capsys):
