@@ -2,7 +2,13 @@
 per session (creating a sqlite store's tables takes seconds; copying the file, milliseconds)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Two test processes side by side on a 2-core machine (pytest-xdist): a torch thread each, in them and in the
+# processes they start, rather than four threads spinning for two cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,11 +18,41 @@ from helpers import work_in_copied_store, write_idx_dir
 E2E = Path(__file__).resolve().parent / "e2e"
 
 
+# The test files that use the session's PostgreSQL + MLflow server (tests/e2e/conftest.py's cluster): one
+# pytest-xdist worker runs them all, so the cluster starts once. pytest_collection_modifyitems holds this to the
+# fixture's users.
+CLUSTER_FILES = {"tests/e2e/test_scale.py", "tests/e2e/test_slurm.py"}
+
+
 def pytest_collection_modifyitems(items):
     """Everything under tests/e2e/ runs real processes (mlflow run, servers, PostgreSQL): slow by folder."""
     for item in items:
         if E2E in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+        if "cluster" in getattr(item, "fixturenames", ()) and _test_file(item.nodeid) not in CLUSTER_FILES:
+            raise pytest.UsageError(f"{item.nodeid} uses the cluster fixture: add its file to CLUSTER_FILES")
+
+
+def _test_file(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (`-n 2`, pyproject.toml) hands a worker one test file at a time, so that its module
+    fixtures (a server, trained models) are made once, and the cluster's files as one. Files go out in
+    collection order, tests/e2e/ (the longest) first, not xdist's default of the most tests first: that left
+    the cluster's minutes for the end, with the other worker idle."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = _test_file(nodeid)
+            return "cluster" if path in CLUSTER_FILES else path
+
+    return ByFile(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -93,7 +93,9 @@ def test_options_benchmark_compares_bf16_and_compile_with_plain_fit(tmp_path):
     result = json.loads(out.read_text())["benchmarks"]["options"]
     assert [row["contender"] for row in result["rows"]] == ["fit", "fit bf16", "fit compile", "fit bf16+compile"]
     assert all(row["median"] > 0 for row in result["rows"])
-    assert result["first_epoch_extra_s"]["fit compile"] > result["first_epoch_extra_s"]["fit"]  # compiling
+    # Each contender's first-epoch extra is reported; not compared, since it is a timing (inductor's on-disk
+    # cache and a busy machine both move it) and timings are the benchmark's to measure, not a test's to assert.
+    assert set(result["first_epoch_extra_s"]) == {row["contender"] for row in result["rows"]}
 
 
 def test_startup_stamps_each_phase_of_tune_in_order_up_to_its_first_step(tmp_path):
