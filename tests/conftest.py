@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Two test processes side by side on a 2-core machine (pytest-xdist): a torch thread each, in them and in the
+# Two test processes side by side on a 2-core machine (pytest-xdist, pytest_xdist_auto_num_workers below): a torch thread each, in them and in the
 # processes they start, rather than four threads spinning for two cores.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,8 +38,18 @@ def _test_file(nodeid: str) -> str:
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): two test processes for the suite, a folder or a selection of it; named test
+    files run in this one, where a second process would only double their few seconds (and `--pdb` always
+    does, xdist's rule). PYTEST_XDIST_AUTO_NUM_WORKERS, where set, decides instead, as xdist documents."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return 0 if all(Path(arg.split("::")[0]).is_file() for arg in config.args) else 2
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist (`-n 2`, pyproject.toml) hands a worker one test file at a time, so that its module
+    """pytest-xdist hands a worker one test file at a time, so that its module
     fixtures (a server, trained models) are made once, and the cluster's files as one. Files go out in
     collection order, tests/e2e/ (the longest) first, not xdist's default of the most tests first: that left
     the cluster's minutes for the end, with the other worker idle."""
@@ -47,12 +57,12 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False
 
-    class ByFile(LoadScopeScheduling):
+    class FileByFile(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = _test_file(nodeid)
             return "cluster" if path in CLUSTER_FILES else path
 
-    return ByFile(config, log)
+    return FileByFile(config, log)
 
 
 @pytest.fixture(autouse=True)
