@@ -119,8 +119,8 @@ def read_source(dataset: str, source: Path) -> tuple[dict[str, Split], dict[str,
     for (split, kind), path in files.items():
         data = read_idx_bytes(path)
         counts[(split, kind)] = count = check_idx_header(path, data, kind)
-        body = data[len(data) - count * (pixels if kind == "images" else 1):]  # past the header it checked
-        arrays[(split, kind)] = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+        body = memoryview(data)[len(data) - count * (pixels if kind == "images" else 1):]  # past the checked header
+        arrays[(split, kind)] = torch.frombuffer(bytearray(body), dtype=torch.uint8)  # one copy, writable
     splits = {}
     for split in ("train", "test"):
         if counts[(split, "images")] != counts[(split, "labels")]:
@@ -128,7 +128,8 @@ def read_source(dataset: str, source: Path) -> tuple[dict[str, Split], dict[str,
                 f"{files[(split, 'labels')]}: {counts[(split, 'labels')]} labels for "
                 f"{counts[(split, 'images')]} images in {files[(split, 'images')].name}"
             )
-        splits[split] = Split(arrays[(split, "images")].view(-1, *IMAGE_SHAPE), arrays[(split, "labels")].to(torch.int64))
+        images, labels = arrays[(split, "images")], arrays[(split, "labels")]
+        splits[split] = Split(images.view(-1, *IMAGE_SHAPE), labels.to(torch.int64))
         check_labels(files[(split, "labels")], splits[split].labels)
     sha256s = {path.name: sha256_file(path) for path in files.values()}
     return splits, sha256s

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Two test processes side by side on a 2-core machine (pytest-xdist, pytest_xdist_auto_num_workers below): a torch thread each, in them and in the
-# processes they start, rather than four threads spinning for two cores.
+# Two test processes side by side on a 2-core machine (pytest-xdist; pytest_xdist_auto_num_workers below): a
+# torch thread each, in them and in the processes they start, rather than four threads spinning for two cores.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -49,8 +49,8 @@ def pytest_xdist_auto_num_workers(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist hands a worker one test file at a time, so that its module
-    fixtures (a server, trained models) are made once, and the cluster's files as one. Files go out in
+    """pytest-xdist hands a worker one test file at a time, so that its module fixtures (a server, trained
+    models) are made once, and the cluster's files as one. Files go out in
     collection order, tests/e2e/ (the longest) first, not xdist's default of the most tests first: that left
     the cluster's minutes for the end, with the other worker idle."""
     from xdist.scheduler import LoadScopeScheduling

@@ -57,7 +57,7 @@ def start_worker(cluster, work, common, index, *args, hook: Path | None = None, 
     disk) do. threads: its OMP_NUM_THREADS, its share of this host's cores (scripts/local-cluster.sh's rule).
 
     At nice 10: with up to 16 of them on 2 cores, the MLflow server and PostgreSQL that every worker waits on,
-    and the test process beside this one (pytest -n 2), keep their share of the CPU."""
+    and pytest's other test process beside this one, keep their share of the CPU."""
     env = cluster_env(cluster, work, hook) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     data = work / ("data" if shared_data else f"data-{index}")
     return subprocess.Popen(["nice", "-n", "10", *cnnexp("worker", *common, "--data-dir", data, *args)], cwd=work,
